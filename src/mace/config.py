@@ -1,0 +1,125 @@
+"""Typed configuration: one frozen model per component, combined into `MaceConfig`.
+
+Values come from a TOML file (configs/*.toml), then `MACE_<SECTION>__<KEY>` environment variables,
+then command-line flags. `MACE_CACHE_DIR` and `MACE_DATA_DIR` name the two directories.
+A bad key or value fails at start with a message naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "MACE_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Section):
+    name: str = "builtin:smollm2"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int = Field(2048, ge=16)
+    num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
+    seed: int = 0
+
+
+class EngineConfig(_Section):
+    max_num_seqs: int = Field(64, ge=1, description="requests running at once")
+    max_num_batched_tokens: int = Field(512, ge=16, description="prompt + decode tokens per step")
+    kv_block_size: int = Field(16, ge=1)
+    kv_budget_bytes: int = Field(2 * 1024**3, ge=1024**2, description="memory for the KV cache")
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    served_model_name: str = ""
+    max_body_bytes: int = Field(1024**2, ge=1024)
+    default_max_tokens: int = Field(256, ge=1)
+    max_waiting_requests: int = Field(256, ge=1)
+    ws_max_frame_bytes: int = Field(256 * 1024, ge=1024)
+
+
+class SloConfig(_Section):
+    ttft_s: float = Field(1.0, gt=0)
+    tpot_s: float = Field(0.35, gt=0)
+
+
+class MaceConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
+    server: ServerConfig = ServerConfig()
+    slo: SloConfig = SloConfig()
+    cache_dir: Path = Path("~/.cache/mace")
+    data_dir: Path = Path("~/.local/share/mace")
+
+    @field_validator("cache_dir", "data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key in ("cache_dir", "data_dir"):
+            overrides[key] = value
+        elif "__" in key:
+            section, field = key.split("__", 1)
+            overrides.setdefault(section, {})[field] = value
+    return overrides
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        env = ENV_PREFIX + "__".join(str(part) for part in item["loc"]).upper()
+        lines.append(f"{key} (env {env}): {item['msg']}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> MaceConfig:
+    """File, then environment, then `overrides` (from flags), validated as one."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    data = _merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
+    data = _merge(data, overrides or {})
+    try:
+        return MaceConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None

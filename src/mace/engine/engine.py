@@ -1,0 +1,241 @@
+"""The engine: an async front on the event loop and one thread that owns the model.
+
+    add: Engine.generate() -> inbox -> engine thread
+    step: scheduler.schedule() -> runner.run(plan) -> scheduler.update(plan, output)
+    out: call_soon_threadsafe -> per-request asyncio.Queue -> detokenizer -> caller
+
+Cancelling the `generate()` iterator (the client went away) aborts the request at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from mace.config import MaceConfig
+from mace.engine.detokenizer import IncrementalDetokenizer
+from mace.engine.kv_blocks import BlockPool
+from mace.engine.plan import IterationPlan, RunnerOutput
+from mace.engine.request import Request, RequestOutput, SamplingParams
+from mace.engine.runner import ModelRunner
+from mace.engine.scheduler import Scheduler
+from mace.model.loader import ModelBundle
+
+log = structlog.get_logger(__name__)
+
+
+class RequestRejected(ValueError):
+    """The request can never be served as asked (too long for the context or the KV budget)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """Text-level output of one step for one request; the last one carries `finish_reason`."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_output_tokens: int
+    adapter_version: int
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_block_size: int
+    kv_bytes_per_token: int
+    kv_bytes_allocated: int
+    num_preemptions: int
+    num_steps: int
+
+
+class Engine:
+    def __init__(self, bundle: ModelBundle, config: MaceConfig) -> None:
+        self.bundle = bundle
+        self.config = config
+        self.runner = ModelRunner(bundle.causal_lm, config.model.max_model_len, bundle.device)
+        block_size = config.engine.kv_block_size
+        num_blocks = config.engine.kv_budget_bytes // (self.runner.kv_bytes_per_token() * block_size)
+        self.blocks = BlockPool(num_blocks, block_size)
+        # A request that fits alone must always be servable, so the context never exceeds the budget.
+        self.max_model_len = min(config.model.max_model_len, bundle.max_position, self.blocks.capacity_tokens)
+        self.runner.kv.max_model_len = self.max_model_len
+        self.scheduler = Scheduler(config.engine, self.blocks)
+        self.adapter_version = 0
+        self.num_steps = 0
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+
+    # ---- lifecycle (event loop side) ----
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="mace-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        self._stopping.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_used=self.blocks.num_used_blocks,
+            kv_block_size=self.blocks.block_size,
+            kv_bytes_per_token=self.runner.kv_bytes_per_token(),
+            kv_bytes_allocated=self.runner.kv.nbytes(),
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.num_steps,
+        )
+
+    # ---- requests (event loop side) ----
+
+    def check_request(self, num_prompt_tokens: int) -> None:
+        if num_prompt_tokens < 1:
+            raise RequestRejected("the prompt is empty", param="prompt")
+        if num_prompt_tokens >= self.max_model_len:
+            raise RequestRejected(
+                f"the prompt has {num_prompt_tokens} tokens; this model's context is {self.max_model_len} "
+                "tokens including the completion",
+                param="messages",
+            )
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[GenerationDelta]:
+        """Yields text deltas until the request finishes; closing the iterator early aborts it."""
+        self.check_request(len(prompt_token_ids))
+        request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        if request_id in self._streams:
+            raise RequestRejected(f"request id {request_id!r} is already in flight", param="request_id")
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling_params=params,
+            eos_token_ids=self.bundle.eos_token_ids,
+            max_model_len=self.max_model_len,
+            arrival_time_s=time.monotonic(),
+            adapter_version=self.adapter_version,
+        )
+        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[request_id] = stream
+        detokenizer = IncrementalDetokenizer(self.bundle.tokenizer, params.stop)
+        finished = False
+        self._submit(lambda: self.scheduler.add_request(request))
+        try:
+            while not finished:
+                output = await stream.get()
+                text = detokenizer.add(output.new_token_ids)
+                finish_reason = output.finish_reason
+                if detokenizer.stopped_by is not None and finish_reason is None:
+                    finish_reason = "stop"
+                    self.abort(request_id)
+                if finish_reason is not None:
+                    text += detokenizer.finish()
+                    finished = True
+                yield GenerationDelta(
+                    request_id=request_id,
+                    text=text,
+                    token_ids=output.new_token_ids,
+                    num_prompt_tokens=output.num_prompt_tokens,
+                    num_output_tokens=output.num_output_tokens,
+                    adapter_version=output.adapter_version,
+                    finish_reason=finish_reason,
+                    error=output.error,
+                )
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._submit(lambda: self._abort_now(request_id))
+
+    def _submit(self, action: Callable[[], None]) -> None:
+        self._inbox.put(action)
+        self._wakeup.set()
+
+    # ---- engine thread ----
+
+    def _run_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._drain_inbox()
+            if not self.scheduler.has_work:
+                self._release_idle()
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            self._publish(self.step())
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        output = self._run_guarded(plan)
+        outputs = self.scheduler.update(plan, output)
+        self.num_steps += 1
+        return outputs
+
+    def _run_guarded(self, plan: IterationPlan) -> RunnerOutput:
+        try:
+            return self.runner.run(plan)
+        except Exception as exc:  # one bad step fails its own requests, not the engine
+            log.exception("engine step failed", num_requests=len(plan.chunks))
+            message = f"the engine step failed: {type(exc).__name__}: {exc}"
+            self.runner.release([chunk.request.request_id for chunk in plan.chunks])
+            failed = {chunk.request.request_id: message for chunk in plan.chunks}
+            return RunnerOutput(sampled_token_ids={}, forward_time_s=0.0, failed_request_ids=failed)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                action = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            action()
+
+    def _abort_now(self, request_id: str) -> None:
+        output = self.scheduler.abort_request(request_id)
+        if output is not None:
+            self._publish([output])
+
+    def _release_idle(self) -> None:
+        plan = self.scheduler.schedule()  # empty: only hands back KV slots released since the last step
+        self.runner.run(plan)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        if outputs and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.put_nowait(output)

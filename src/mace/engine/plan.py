@@ -1,0 +1,65 @@
+"""The typed seams of one engine iteration: what the scheduler plans and what the runner returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mace.engine.request import Request
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """`num_new_tokens` of one request run through the model this step, from `start_position`.
+
+    A chunk that reaches the end of the request's known tokens samples the next token.
+    """
+
+    request: Request
+    start_position: int
+    num_new_tokens: int
+
+    @property
+    def end_position(self) -> int:
+        return self.start_position + self.num_new_tokens
+
+    @property
+    def samples_token(self) -> bool:
+        return self.end_position == self.request.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_new_tokens == 1 and self.request.num_output_tokens > 0
+
+
+@dataclass(frozen=True)
+class IterationPlan:
+    """Everything one step does. `released_request_ids` lost their KV since the previous plan."""
+
+    chunks: list[ScheduledChunk]
+    released_request_ids: list[str] = field(default_factory=list)
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(chunk.num_new_tokens for chunk in self.chunks)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(1 for chunk in self.chunks if chunk.is_decode)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self.num_batched_tokens - self.num_decode_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    """Tokens sampled this step, by request id, and how long the model work took."""
+
+    sampled_token_ids: dict[str, int]
+    forward_time_s: float
+    failed_request_ids: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,191 @@
+"""Executes an IterationPlan on a Llama-architecture model: one flat, batched forward pass.
+
+All tokens of the step (decode tokens and prefill chunks of any length) run through the linear
+layers together as one [num_tokens, hidden] batch; only attention is split: single-token chunks
+attend together over the slot KV cache, longer chunks attend one request at a time. The model's
+own modules are called (LoRA layers included), so adapters apply as in `model.forward`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from mace.engine.kv_cache import SlotKVCache
+from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk
+from mace.engine.sampler import Sampler
+
+
+@dataclass(frozen=True)
+class _StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slots: torch.Tensor  # [T] slot of each token's request
+    singles: list[ScheduledChunk]  # one-token chunks, laid out first
+    multis: list[ScheduledChunk]  # longer chunks, after the singles
+    single_slots: torch.Tensor  # [num_singles]
+    slot_lengths: torch.Tensor  # [num_used_slots] attended length of each slot (1 if unused this step)
+    max_single_length: int
+
+
+class ModelRunner:
+    def __init__(self, causal_lm: nn.Module, max_model_len: int, device: torch.device) -> None:
+        decoder = causal_lm.model
+        config = causal_lm.config
+        self.causal_lm = causal_lm
+        self.decoder = decoder
+        self.device = device
+        self.num_heads: int = config.num_attention_heads
+        self.num_kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scaling: float = self.head_dim**-0.5
+        dtype = next(causal_lm.parameters()).dtype
+        with torch.inference_mode():
+            self.kv = SlotKVCache(
+                len(decoder.layers), self.num_kv_heads, self.head_dim, max_model_len, dtype, device
+            )
+        self.sampler = Sampler()
+
+    def kv_bytes_per_token(self) -> int:
+        element_size = self.kv.keys[0].element_size()
+        return 2 * self.kv.num_layers * self.num_kv_heads * self.head_dim * element_size
+
+    def release(self, request_ids: list[str]) -> None:
+        with torch.inference_mode():
+            for request_id in request_ids:
+                self.kv.release(request_id)
+                self.sampler.release(request_id)
+
+    def run(self, plan: IterationPlan) -> RunnerOutput:
+        self.release(plan.released_request_ids)
+        if plan.is_empty:
+            return RunnerOutput(sampled_token_ids={}, forward_time_s=0.0)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            inputs = self._prepare(plan)
+            hidden = self._forward(inputs)  # [T, hidden]
+            sampled = self._sample(inputs, hidden)
+        return RunnerOutput(sampled_token_ids=sampled, forward_time_s=time.perf_counter() - start)
+
+    def _prepare(self, plan: IterationPlan) -> _StepInputs:
+        singles = [chunk for chunk in plan.chunks if chunk.num_new_tokens == 1]
+        multis = [chunk for chunk in plan.chunks if chunk.num_new_tokens > 1]
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for chunk in singles + multis:
+            slot = self.kv.ensure(chunk.request.request_id, chunk.end_position)
+            ids.extend(chunk.request.token_ids_slice(chunk.start_position, chunk.end_position))
+            positions.extend(range(chunk.start_position, chunk.end_position))
+            slots.extend([slot] * chunk.num_new_tokens)
+        single_slots = [self.kv.slot(chunk.request.request_id) for chunk in singles]
+        lengths = [1] * self.kv.num_used_slots
+        for chunk, slot in zip(singles, single_slots, strict=True):
+            lengths[slot] = chunk.end_position
+        as_long = {"dtype": torch.long, "device": self.device}
+        return _StepInputs(
+            input_ids=torch.tensor(ids, **as_long),
+            positions=torch.tensor(positions, **as_long),
+            slots=torch.tensor(slots, **as_long),
+            singles=singles,
+            multis=multis,
+            single_slots=torch.tensor(single_slots, **as_long),
+            slot_lengths=torch.tensor(lengths, **as_long),
+            max_single_length=max((chunk.end_position for chunk in singles), default=0),
+        )
+
+    def _forward(self, inputs: _StepInputs) -> torch.Tensor:
+        decoder = self.decoder
+        hidden = decoder.embed_tokens(inputs.input_ids)  # [T, hidden]
+        cos, sin = decoder.rotary_emb(hidden, inputs.positions[None])  # [1, T, head_dim] each
+        for layer_index, layer in enumerate(decoder.layers):
+            residual = hidden
+            attn_out = self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, layer_index, inputs)
+            hidden = residual + layer.self_attn.o_proj(attn_out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        normed: torch.Tensor = decoder.norm(hidden)
+        return normed
+
+    def _attention(
+        self,
+        attn: nn.Module,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer_index: int,
+        inputs: _StepInputs,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q = attn.q_proj(x).view(num_tokens, self.num_heads, self.head_dim).transpose(0, 1)[None]
+        k = attn.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim).transpose(0, 1)[None]
+        v = attn.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)  # q: [1, H, T, D], k: [1, KVH, T, D]
+        keys, values = self.kv.keys[layer_index], self.kv.values[layer_index]
+        keys[inputs.slots, :, inputs.positions] = k[0].transpose(0, 1)
+        values[inputs.slots, :, inputs.positions] = v
+        queries = q[0].transpose(0, 1)  # [T, H, D]
+        out = torch.empty_like(queries)
+        num_singles = len(inputs.singles)
+        if num_singles:
+            out[:num_singles] = self._single_token_attention(queries[:num_singles], keys, values, inputs)
+        offset = num_singles
+        for chunk in inputs.multis:
+            span = slice(offset, offset + chunk.num_new_tokens)
+            out[span] = self._chunk_attention(queries[span], keys, values, chunk)
+            offset += chunk.num_new_tokens
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def _single_token_attention(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: _StepInputs
+    ) -> torch.Tensor:
+        """queries: [S, H, D] for S one-token chunks -> [S, H, D], reading all used slots as one view."""
+        num_slots, length = self.kv.num_used_slots, inputs.max_single_length
+        group = self.num_heads // self.num_kv_heads
+        slot_queries = queries.new_zeros(num_slots, self.num_kv_heads, group, self.head_dim)
+        slot_queries[inputs.single_slots] = queries.view(-1, self.num_kv_heads, group, self.head_dim)
+        k = keys[:num_slots, :, :length]  # [N, KVH, L, D], a view
+        v = values[:num_slots, :, :length]
+        scores = torch.matmul(slot_queries, k.transpose(-1, -2)) * self.scaling  # [N, KVH, G, L]
+        visible = torch.arange(length, device=self.device)[None, :] < inputs.slot_lengths[:, None]  # [N, L]
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(v.dtype)
+        out = torch.matmul(probs, v)  # [N, KVH, G, D]
+        return out[inputs.single_slots].view(-1, self.num_heads, self.head_dim)
+
+    def _chunk_attention(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: ScheduledChunk
+    ) -> torch.Tensor:
+        """queries: [C, H, D] of one request's chunk -> [C, H, D], causal over its cached prefix."""
+        slot, start, end = self.kv.slot(chunk.request.request_id), chunk.start_position, chunk.end_position
+        q = queries.transpose(0, 1)[None]  # [1, H, C, D]
+        k = keys[slot : slot + 1, :, :end]  # [1, KVH, end, D]
+        v = values[slot : slot + 1, :, :end]
+        if start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
+        else:
+            rows = torch.arange(start, end, device=self.device)[:, None]
+            mask = torch.arange(end, device=self.device)[None, :] <= rows  # [C, end]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+    def _sample(self, inputs: _StepInputs, hidden: torch.Tensor) -> dict[str, int]:
+        rows: list[int] = []
+        sampling: list[ScheduledChunk] = []
+        offset = 0
+        for chunk in inputs.singles + inputs.multis:
+            offset += chunk.num_new_tokens
+            if chunk.samples_token:
+                rows.append(offset - 1)
+                sampling.append(chunk)
+        if not rows:
+            return {}
+        logits = self.causal_lm.lm_head(hidden[torch.tensor(rows, device=self.device)])  # [S, vocab]
+        request_ids = [chunk.request.request_id for chunk in sampling]
+        params = [chunk.request.sampling_params for chunk in sampling]
+        tokens = self.sampler.sample(logits.float(), request_ids, params)
+        return dict(zip(request_ids, tokens, strict=True))

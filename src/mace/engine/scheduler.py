@@ -1,0 +1,156 @@
+"""Decides each iteration, without touching tensors, which requests run and how many tokens each.
+
+Scheduling is by token budget, not by phases: running requests first (one token each while
+decoding, the next prompt chunk while prefilling), then waiting requests admitted while the
+budget, the running-request limit and KV memory allow. When KV memory runs out, the most
+recently admitted request is preempted (its KV freed, recomputed when it is admitted again).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from mace.config import EngineConfig
+from mace.engine.kv_blocks import BlockPool
+from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk
+from mace.engine.request import Request, RequestOutput, RequestStatus
+
+
+class Scheduler:
+    def __init__(
+        self, config: EngineConfig, blocks: BlockPool, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.clock = clock
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._released: list[str] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                return self._finish(request, RequestStatus.FINISHED_ABORTED, [])
+        for request in self.running:
+            if request.request_id == request_id:
+                return self._finish(request, RequestStatus.FINISHED_ABORTED, [])
+        return None
+
+    def schedule(self) -> IterationPlan:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+        budget = self._schedule_running(budget, chunks, preempted)
+        if not preempted:
+            self._admit_waiting(budget, chunks)
+        released, self._released = self._released, []
+        return IterationPlan(chunks=chunks, released_request_ids=released, preempted_request_ids=preempted)
+
+    def _schedule_running(self, budget: int, chunks: list[ScheduledChunk], preempted: list[str]) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_uncomputed_tokens, budget)
+            if not self._reserve(request, num_new, preempted):
+                break
+            chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+            budget -= num_new
+            index += 1
+        return budget
+
+    def _reserve(self, request: Request, num_new: int, preempted: list[str]) -> bool:
+        """Grow `request`'s KV by `num_new` tokens, preempting from the back until it fits."""
+        while not self.blocks.grow(request.request_id, request.num_computed_tokens + num_new):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            num_new = min(request.num_uncomputed_tokens, budget)
+            if not self.blocks.grow(request.request_id, request.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time_s is None:
+                request.first_scheduled_time_s = self.clock()
+            self.running.append(request)
+            chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+            budget -= num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.blocks.free(request.request_id)
+        self._released.append(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update(self, plan: IterationPlan, output: RunnerOutput) -> list[RequestOutput]:
+        """Advance counters, append sampled tokens, finish requests; one output per request that moved."""
+        outputs: list[RequestOutput] = []
+        for chunk in plan.chunks:
+            request = chunk.request
+            if request.status is not RequestStatus.RUNNING:
+                continue
+            error = output.failed_request_ids.get(request.request_id)
+            if error is not None:
+                request.error = error
+                outputs.append(self._finish(request, RequestStatus.FINISHED_ERROR, []))
+                continue
+            request.num_computed_tokens = chunk.end_position
+            token = output.sampled_token_ids.get(request.request_id)
+            if token is None:
+                continue
+            request.append_output_token(token)
+            if request.first_token_time_s is None:
+                request.first_token_time_s = self.clock()
+            stop = request.check_stop()
+            if stop is not None:
+                outputs.append(self._finish(request, stop, [token]))
+            else:
+                outputs.append(_output(request, [token]))
+        return outputs
+
+    def fail_all(self, plan: IterationPlan, error: str) -> list[RequestOutput]:
+        """The step's forward raised: end only the requests that were in it."""
+        failed = {chunk.request.request_id: error for chunk in plan.chunks}
+        return self.update(plan, RunnerOutput(sampled_token_ids={}, forward_time_s=0.0, failed_request_ids=failed))
+
+    def _finish(self, request: Request, status: RequestStatus, new_tokens: list[int]) -> RequestOutput:
+        if request in self.running:
+            self.running.remove(request)
+        self.blocks.free(request.request_id)
+        self._released.append(request.request_id)
+        request.status = status
+        return _output(request, new_tokens)
+
+
+def _output(request: Request, new_tokens: list[int]) -> RequestOutput:
+    finish_reason = request.status.value if request.status.is_finished else None
+    return RequestOutput(
+        request_id=request.request_id,
+        new_token_ids=new_tokens,
+        num_prompt_tokens=request.num_prompt_tokens,
+        num_output_tokens=request.num_output_tokens,
+        adapter_version=request.adapter_version,
+        finish_reason=finish_reason,
+        error=request.error,
+    )
