@@ -51,6 +51,7 @@ class GenerationDelta:
     adapter_version: int
     finish_reason: str | None = None
     error: str | None = None
+    queue_time_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class EngineStats:
     kv_bytes_allocated: int
     num_preemptions: int
     num_steps: int
+    step_time_s_total: float
+    forward_time_s_total: float
 
 
 class Engine:
@@ -80,6 +83,8 @@ class Engine:
         self.scheduler = Scheduler(config.engine, self.blocks)
         self.adapter_version = 0
         self.num_steps = 0
+        self.step_time_s_total = 0.0
+        self.forward_time_s_total = 0.0
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -115,6 +120,8 @@ class Engine:
             kv_bytes_allocated=self.runner.kv.nbytes(),
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.num_steps,
+            step_time_s_total=self.step_time_s_total,
+            forward_time_s_total=self.forward_time_s_total,
         )
 
     # ---- requests (event loop side) ----
@@ -171,6 +178,7 @@ class Engine:
                     adapter_version=output.adapter_version,
                     finish_reason=finish_reason,
                     error=output.error,
+                    queue_time_s=output.queue_time_s,
                 )
         finally:
             self._streams.pop(request_id, None)
@@ -197,11 +205,17 @@ class Engine:
             self._publish(self.step())
 
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         output = self._run_guarded(plan)
         outputs = self.scheduler.update(plan, output)
-        self.num_steps += 1
+        self._account(time.perf_counter() - started, output)
         return outputs
+
+    def _account(self, step_time_s: float, output: RunnerOutput) -> None:
+        self.num_steps += 1
+        self.step_time_s_total += step_time_s
+        self.forward_time_s_total += output.forward_time_s
 
     def _run_guarded(self, plan: IterationPlan) -> RunnerOutput:
         try:

@@ -124,6 +124,7 @@ class RequestOutput:
     finish_reason: str | None = None
     error: str | None = None
     num_cached_tokens: int = 0
+    queue_time_s: float | None = None
 
     @property
     def finished(self) -> bool:

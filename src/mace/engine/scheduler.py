@@ -153,4 +153,11 @@ def _output(request: Request, new_tokens: list[int]) -> RequestOutput:
         adapter_version=request.adapter_version,
         finish_reason=finish_reason,
         error=request.error,
+        queue_time_s=_queue_time_s(request) if finish_reason else None,
     )
+
+
+def _queue_time_s(request: Request) -> float:
+    if request.first_scheduled_time_s is None:
+        return 0.0
+    return request.first_scheduled_time_s - request.arrival_time_s

@@ -1,0 +1,32 @@
+"""The aiohttp application factory: routes, middleware, and the runtime's start and stop."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from mace.config import MaceConfig
+from mace.model.loader import ModelBundle
+from mace.server import health, openai_api, ws
+from mace.server.errors import error_middleware
+from mace.server.keys import RUNTIME
+from mace.server.runtime import Runtime
+
+
+def create_app(config: MaceConfig, load: Callable[[], ModelBundle] | None = None) -> web.Application:
+    """`load` replaces loading the configured model (tests pass a prepared bundle)."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.server.max_body_bytes)
+    app[RUNTIME] = Runtime(config, load)
+    app.add_routes(health.routes)
+    app.add_routes(openai_api.routes)
+    app.add_routes(ws.routes)
+    app.cleanup_ctx.append(_engine_lifetime)
+    return app
+
+
+async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    await runtime.start()
+    yield
+    runtime.stop()

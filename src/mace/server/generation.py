@@ -1,0 +1,138 @@
+"""From a validated request body to a stream of deltas: templating, tokenizing, limits, metrics, logs.
+
+Shared by the HTTP API and the websocket so both behave the same on the same input.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import structlog
+
+from mace.engine.engine import Engine, GenerationDelta, RequestRejected
+from mace.server.errors import ApiError
+from mace.server.protocol import ChatCompletionRequest, CompletionRequest
+from mace.server.runtime import Runtime
+
+log = structlog.get_logger("mace.requests")
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    body: ChatCompletionRequest | CompletionRequest
+    max_tokens: int
+    created: int
+
+
+def prepare_chat(runtime: Runtime, body: ChatCompletionRequest, request_id: str | None = None) -> PreparedRequest:
+    engine = _check_model(runtime, body)
+    tokenizer = engine.bundle.tokenizer
+    text = tokenizer.apply_chat_template(body.template_messages(), add_generation_prompt=True, tokenize=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return _prepared(runtime, body, ids, request_id or f"chatcmpl-{uuid.uuid4().hex}")
+
+
+def prepare_completion(runtime: Runtime, body: CompletionRequest) -> PreparedRequest:
+    engine = _check_model(runtime, body)
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        ids = [int(t) for t in prompt]
+        vocab_size = len(engine.bundle.tokenizer)
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise ApiError(400, f"prompt token ids must lie in [0, {vocab_size})", param="prompt")
+    else:
+        text = prompt if isinstance(prompt, str) else str(prompt[0])
+        ids = engine.bundle.tokenizer.encode(text, add_special_tokens=False)
+    return _prepared(runtime, body, ids, f"cmpl-{uuid.uuid4().hex}")
+
+
+def _check_model(runtime: Runtime, body: ChatCompletionRequest | CompletionRequest) -> Engine:
+    engine = runtime.ready_engine()
+    if not runtime.accepts_model(body.model):
+        raise ApiError(
+            404, f"the model {body.model!r} does not exist; this server serves {runtime.served_model_name!r}",
+            param="model", code="model_not_found",
+        )
+    return engine
+
+
+def _prepared(
+    runtime: Runtime, body: ChatCompletionRequest | CompletionRequest, ids: list[int], request_id: str
+) -> PreparedRequest:
+    engine = runtime.ready_engine()
+    try:
+        engine.check_request(len(ids))
+    except RequestRejected as exc:
+        raise ApiError(400, str(exc), param=exc.param, code="context_length_exceeded") from None
+    room = engine.max_model_len - len(ids)
+    requested = body.requested_max_tokens()
+    if requested is not None and requested > room:
+        raise ApiError(
+            400,
+            f"max_tokens is {requested} but the prompt's {len(ids)} tokens leave room for {room} "
+            f"in this model's {engine.max_model_len}-token context",
+            param="max_tokens", code="context_length_exceeded",
+        )
+    max_tokens = requested if requested is not None else min(runtime.config.server.default_max_tokens, room)
+    if runtime.stats() is not None and len(engine.scheduler.waiting) >= runtime.config.server.max_waiting_requests:
+        raise ApiError(429, "the server is at capacity; retry shortly", code="queue_full", retry_after_s=1)
+    return PreparedRequest(request_id, ids, body, max_tokens, int(time.time()))
+
+
+async def generate(runtime: Runtime, prepared: PreparedRequest) -> AsyncIterator[GenerationDelta]:
+    """Run the request; record its metrics and one summary log line however it ends."""
+    engine = runtime.ready_engine()
+    metrics = runtime.metrics
+    params = prepared.body.sampling_params(prepared.max_tokens)
+    started = last = time.monotonic()
+    first_token_s: float | None = None
+    final: GenerationDelta | None = None
+    try:
+        async for delta in engine.generate(prepared.prompt_token_ids, params, prepared.request_id):
+            now = time.monotonic()
+            if delta.token_ids:
+                if first_token_s is None:
+                    first_token_s = now - started
+                    metrics.time_to_first_token.observe(first_token_s)
+                else:
+                    metrics.inter_token_latency.observe(now - last)
+                last = now
+            if delta.finish_reason is not None:
+                final = delta
+            yield delta
+    finally:
+        _record(runtime, prepared, final, started, first_token_s)
+
+
+def _record(
+    runtime: Runtime,
+    prepared: PreparedRequest,
+    final: GenerationDelta | None,
+    started: float,
+    first_token_s: float | None,
+) -> None:
+    metrics = runtime.metrics
+    total_s = time.monotonic() - started
+    finish_reason = final.finish_reason if final is not None else "abort"
+    num_output = final.num_output_tokens if final is not None else 0
+    metrics.e2e_latency.observe(total_s)
+    metrics.prompt_tokens.inc(len(prepared.prompt_token_ids))
+    metrics.generation_tokens.inc(num_output)
+    metrics.request_success.labels(finished_reason=finish_reason).inc()
+    if final is not None and final.queue_time_s is not None:
+        metrics.queue_time.observe(final.queue_time_s)
+    log.info(
+        "request",
+        request_id=prepared.request_id,
+        prompt_tokens=len(prepared.prompt_token_ids),
+        output_tokens=num_output,
+        ttft_s=round(first_token_s, 4) if first_token_s is not None else None,
+        total_s=round(total_s, 4),
+        finish_reason=finish_reason,
+        adapter_version=final.adapter_version if final is not None else None,
+    )

@@ -1,0 +1,62 @@
+"""Prometheus metrics under `mace:`, named after vLLM's, in a registry owned by one app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mace.engine.engine import EngineStats
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    10.0, 20.0, 40.0, 80.0)
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+        self.registry = CollectorRegistry()
+        self._stats = stats
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "mace:time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.inter_token_latency = Histogram(
+            "mace:inter_token_latency_seconds", "Time between streamed tokens.", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e_latency = Histogram(
+            "mace:e2e_request_latency_seconds", "Request latency, arrival to last token.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_time = Histogram(
+            "mace:request_queue_time_seconds", "Time waiting before the first schedule.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter("mace:prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("mace:generation_tokens", "Tokens generated.", registry=r)
+        self.request_success = Counter(
+            "mace:request_success", "Requests finished, by finish reason.", ["finished_reason"], registry=r
+        )
+        self._gauge("mace:num_requests_running", "Requests in the running batch.", lambda s: s.num_running)
+        self._gauge("mace:num_requests_waiting", "Requests waiting to be scheduled.", lambda s: s.num_waiting)
+        self._gauge("mace:kv_cache_usage_perc", "Share of KV blocks in use (0-1).",
+                    lambda s: s.kv_blocks_used / s.kv_blocks_total)
+        self._gauge("mace:kv_cache_blocks_total", "KV blocks in the budget.", lambda s: s.kv_blocks_total)
+        self._gauge("mace:kv_cache_blocks_used", "KV blocks held by requests.", lambda s: s.kv_blocks_used)
+        self._gauge("mace:kv_cache_used_bytes", "Bytes of KV budget held by requests.",
+                    lambda s: s.kv_blocks_used * s.kv_block_size * s.kv_bytes_per_token)
+        self._gauge("mace:kv_cache_allocated_bytes", "Bytes of KV tensors allocated.",
+                    lambda s: s.kv_bytes_allocated)
+        self._gauge("mace:num_preemptions_total", "Requests preempted so far.", lambda s: s.num_preemptions)
+        self._gauge("mace:engine_steps_total", "Engine iterations so far.", lambda s: s.num_steps)
+        self._gauge("mace:engine_step_seconds_total", "Wall time inside engine steps.",
+                    lambda s: s.step_time_s_total)
+        self._gauge("mace:engine_forward_seconds_total", "Wall time inside the model forward.",
+                    lambda s: s.forward_time_s_total)
+
+    def _gauge(self, name: str, documentation: str, read: Callable[[EngineStats], float]) -> None:
+        def value() -> float:
+            stats = self._stats()
+            return float(read(stats)) if stats is not None else 0.0
+
+        Gauge(name, documentation, registry=self.registry).set_function(value)

@@ -1,0 +1,138 @@
+"""Websocket chat at /v1/ws: several conversations multiplexed on one socket by `id`.
+
+Client -> server: {"type": "chat", "id", "messages", ...same sampling fields as chat completions}
+                  {"type": "cancel", "id"}   {"type": "ping"}
+Server -> client: {"type": "delta", "id", "text"}
+                  {"type": "done", "id", "finish_reason", "usage", "adapter_version", "system_fingerprint"}
+                  {"type": "error", "id", "error": {message, type, param, code}}   {"type": "pong"}
+See docs/websocket.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from mace.server.errors import ApiError
+from mace.server.generation import PreparedRequest, generate, prepare_chat
+from mace.server.keys import RUNTIME
+from mace.server.openai_api import fingerprint, parse_body, usage
+from mace.server.protocol import ChatCompletionRequest
+
+routes = web.RouteTableDef()
+MAX_CONVERSATIONS_PER_SOCKET = 16
+
+
+class _Socket:
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        self.request = request
+        self.ws = ws
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def send(self, payload: dict[str, Any]) -> None:
+        if not self.ws.closed:
+            await self.ws.send_str(orjson.dumps(payload).decode())
+
+    async def send_error(self, conversation_id: Any, error: ApiError) -> None:
+        await self.send({"type": "error", "id": conversation_id, **error.body()})
+
+    async def handle(self, data: str) -> None:
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            await self.send_error(None, ApiError(400, f"the message is not valid JSON: {exc}", code="invalid_json"))
+            return
+        if not isinstance(message, dict):
+            await self.send_error(None, ApiError(400, "a message must be a JSON object", code="invalid_json"))
+            return
+        kind = message.get("type")
+        conversation_id = message.get("id")
+        if kind == "ping":
+            await self.send({"type": "pong"})
+        elif kind == "cancel":
+            task = self.tasks.get(str(conversation_id))
+            if task is not None:
+                task.cancel()
+        elif kind == "chat":
+            await self._start_chat(conversation_id, message)
+        else:
+            await self.send_error(
+                conversation_id, ApiError(400, "type must be one of chat, cancel, ping", param="type")
+            )
+
+    async def _start_chat(self, conversation_id: Any, message: dict[str, Any]) -> None:
+        if not isinstance(conversation_id, str) or not conversation_id or len(conversation_id) > 128:
+            await self.send_error(conversation_id, ApiError(400, "id must be a non-empty string", param="id"))
+            return
+        if conversation_id in self.tasks:
+            await self.send_error(conversation_id, ApiError(400, "this id is already generating", param="id"))
+            return
+        if len(self.tasks) >= MAX_CONVERSATIONS_PER_SOCKET:
+            await self.send_error(
+                conversation_id, ApiError(429, "too many conversations on this socket", code="too_many_streams")
+            )
+            return
+        runtime = self.request.app[RUNTIME]
+        fields = {k: v for k, v in message.items() if k not in ("type", "id")}
+        fields.setdefault("model", runtime.served_model_name)
+        try:
+            body = parse_body(ChatCompletionRequest, fields)
+            prepared = prepare_chat(runtime, body)
+        except ApiError as exc:
+            await self.send_error(conversation_id, exc)
+            return
+        task = asyncio.create_task(self._run_chat(conversation_id, prepared))
+        self.tasks[conversation_id] = task
+        task.add_done_callback(lambda _: self.tasks.pop(conversation_id, None))
+
+    async def _run_chat(self, conversation_id: str, prepared: PreparedRequest) -> None:
+        try:
+            await self._stream_chat(conversation_id, prepared)
+        except ConnectionResetError:
+            pass  # the socket closed; leaving generate() aborted the request
+
+    async def _stream_chat(self, conversation_id: str, prepared: PreparedRequest) -> None:
+        runtime = self.request.app[RUNTIME]
+        async for delta in generate(runtime, prepared):
+            if delta.error is not None:
+                await self.send_error(conversation_id, ApiError(500, delta.error, code="engine_error"))
+                return
+            if delta.text:
+                await self.send({"type": "delta", "id": conversation_id, "text": delta.text})
+            if delta.finish_reason is not None:
+                await self.send({
+                    "type": "done",
+                    "id": conversation_id,
+                    "finish_reason": delta.finish_reason,
+                    "usage": usage(delta),
+                    "adapter_version": delta.adapter_version,
+                    "system_fingerprint": fingerprint(delta.adapter_version),
+                })
+
+    async def close(self) -> None:
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@routes.get("/v1/ws")
+async def websocket_chat(request: web.Request) -> web.WebSocketResponse:
+    runtime = request.app[RUNTIME]
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=runtime.config.server.ws_max_frame_bytes)
+    await ws.prepare(request)
+    socket = _Socket(request, ws)
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await socket.handle(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await socket.send_error(None, ApiError(400, "send JSON as text frames", code="binary_frame"))
+            elif msg.type == WSMsgType.ERROR:
+                break
+    finally:
+        await socket.close()
+    return ws
