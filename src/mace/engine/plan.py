@@ -17,18 +17,24 @@ class ScheduledChunk:
     request: Request
     start_position: int
     num_new_tokens: int
+    samples_token: bool
+    is_decode: bool
+
+    @classmethod
+    def of(cls, request: Request, num_new_tokens: int) -> ScheduledChunk:
+        """Snapshot of the request's position at planning time (the request mutates after the step)."""
+        start = request.num_computed_tokens
+        return cls(
+            request=request,
+            start_position=start,
+            num_new_tokens=num_new_tokens,
+            samples_token=start + num_new_tokens == request.num_tokens,
+            is_decode=num_new_tokens == 1 and request.num_output_tokens > 0,
+        )
 
     @property
     def end_position(self) -> int:
         return self.start_position + self.num_new_tokens
-
-    @property
-    def samples_token(self) -> bool:
-        return self.end_position == self.request.num_tokens
-
-    @property
-    def is_decode(self) -> bool:
-        return self.num_new_tokens == 1 and self.request.num_output_tokens > 0
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ class Scheduler:
             num_new = min(request.num_uncomputed_tokens, budget)
             if not self._reserve(request, num_new, preempted):
                 break
-            chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+            chunks.append(ScheduledChunk.of(request, num_new))
             budget -= num_new
             index += 1
         return budget
@@ -90,7 +90,7 @@ class Scheduler:
             if request.first_scheduled_time_s is None:
                 request.first_scheduled_time_s = self.clock()
             self.running.append(request)
-            chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+            chunks.append(ScheduledChunk.of(request, num_new))
             budget -= num_new
 
     def _preempt(self, request: Request) -> None:

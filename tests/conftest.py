@@ -1,0 +1,91 @@
+"""Shared fixtures: the tiny model loaded once, and a real mace server on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from mace.config import MaceConfig, load_config
+from mace.model.loader import ModelBundle, load_model
+from mace.server.app import create_app
+from mace.server.keys import RUNTIME
+from mace.server.runtime import Runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(tmp: Path, **sections: dict[str, object]) -> MaceConfig:
+    overrides: dict[str, object] = {"cache_dir": str(tmp / "cache"), "data_dir": str(tmp / "data"), **sections}
+    return load_config(ROOT / "configs" / "tiny.toml", overrides, environ={})
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
+    config = tiny_config(tmp_path_factory.mktemp("tiny"))
+    return load_model(config.model, config.cache_dir)
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 30.0, what: str = "") -> None:
+    """Poll `predicate` until it holds; fail with `what` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: web.Application
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.app[RUNTIME]
+
+    async def idle(self) -> bool:
+        engine = self.runtime.engine
+        assert engine is not None
+        return (
+            not engine.scheduler.has_work
+            and engine.blocks.num_used_blocks == 0
+            and engine.runner.kv.num_used_slots == 0
+        )
+
+
+async def start_server(config: MaceConfig, bundle: ModelBundle | None = None) -> tuple[web.AppRunner, str]:
+    app = create_app(config, load=(lambda: bundle) if bundle is not None else None)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    url = f"http://{host}:{port}"
+
+    async def ready() -> bool:
+        async with aiohttp.ClientSession() as session, session.get(f"{url}/ready") as response:
+            return response.status == 200
+
+    await wait_until(ready, what="server ready")
+    return runner, url
+
+
+@pytest.fixture(scope="session")
+async def server(tiny_bundle: ModelBundle, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
+    config = tiny_config(tmp_path_factory.mktemp("server"))
+    runner, url = await start_server(config, tiny_bundle)
+    yield RunningServer(url=url, app=runner.app)
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

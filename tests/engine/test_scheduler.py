@@ -1,0 +1,114 @@
+"""Scheduler behaviour with fake requests and a fake runner output: no tensors, no model."""
+
+from __future__ import annotations
+
+from mace.config import EngineConfig
+from mace.engine.kv_blocks import BlockPool
+from mace.engine.plan import IterationPlan, RunnerOutput
+from mace.engine.request import Request, RequestStatus, SamplingParams
+from mace.engine.scheduler import Scheduler
+
+EOS = 0
+
+
+def make_request(request_id: str, num_prompt: int, max_tokens: int = 4) -> Request:
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=list(range(1, num_prompt + 1)),
+        sampling_params=SamplingParams(max_tokens=max_tokens, temperature=0),
+        eos_token_ids=frozenset({EOS}),
+        max_model_len=4096,
+        arrival_time_s=0.0,
+    )
+
+
+def make_scheduler(num_blocks: int = 64, block_size: int = 4, **engine: int) -> Scheduler:
+    config = EngineConfig(**{"max_num_batched_tokens": 32, "max_num_seqs": 8, **engine})
+    return Scheduler(config, BlockPool(num_blocks, block_size), clock=lambda: 0.0)
+
+
+def fake_run(plan: IterationPlan, token: int = 7) -> RunnerOutput:
+    sampled = {c.request.request_id: token for c in plan.chunks if c.samples_token}
+    return RunnerOutput(sampled_token_ids=sampled, forward_time_s=0.0)
+
+
+def step(scheduler: Scheduler, token: int = 7) -> IterationPlan:
+    plan = scheduler.schedule()
+    scheduler.update(plan, fake_run(plan, token))
+    return plan
+
+
+def test_token_budget_chunks_long_prompt_and_keeps_decoding() -> None:
+    scheduler = make_scheduler(max_num_batched_tokens=16)
+    short = make_request("short", 4, max_tokens=10)
+    scheduler.add_request(short)
+    step(scheduler)  # prefill of `short` samples its first token
+    scheduler.add_request(make_request("long", 40))
+    plan = step(scheduler)
+    sizes = {c.request.request_id: c.num_new_tokens for c in plan.chunks}
+    assert sizes == {"short": 1, "long": 15}  # the decode is never starved by the long prefill
+    plan = step(scheduler)
+    assert {c.request.request_id: c.num_new_tokens for c in plan.chunks} == {"short": 1, "long": 15}
+    plan = step(scheduler)
+    assert {c.request.request_id: c.num_new_tokens for c in plan.chunks} == {"short": 1, "long": 10}
+    assert plan.chunks[1].samples_token
+
+
+def test_max_num_seqs_limits_running() -> None:
+    scheduler = make_scheduler(max_num_seqs=2)
+    for i in range(3):
+        scheduler.add_request(make_request(f"r{i}", 2))
+    step(scheduler)
+    assert [r.request_id for r in scheduler.running] == ["r0", "r1"]
+    assert [r.request_id for r in scheduler.waiting] == ["r2"]
+
+
+def test_finish_on_max_tokens_and_eos_frees_blocks() -> None:
+    scheduler = make_scheduler()
+    scheduler.add_request(make_request("a", 3, max_tokens=2))
+    scheduler.add_request(make_request("b", 3, max_tokens=8))
+    step(scheduler)
+    plan = scheduler.schedule()
+    outputs = scheduler.update(plan, RunnerOutput({"a": 5, "b": EOS}, 0.0))
+    reasons = {o.request_id: o.finish_reason for o in outputs}
+    assert reasons == {"a": "length", "b": "stop"}
+    assert scheduler.blocks.num_used_blocks == 0
+    assert sorted(scheduler.schedule().released_request_ids) == ["a", "b"]
+
+
+def test_preempts_most_recent_when_kv_runs_out_and_recomputes() -> None:
+    scheduler = make_scheduler(num_blocks=4, block_size=4)  # 16 tokens of KV
+    scheduler.add_request(make_request("old", 8, max_tokens=8))
+    scheduler.add_request(make_request("new", 8, max_tokens=8))
+    step(scheduler)  # both hold 2 blocks: memory is full
+    plan = step(scheduler)  # `old` needs a third block: `new` (admitted last) is preempted
+    assert plan.preempted_request_ids == ["new"]
+    new = scheduler.waiting[0]
+    assert new.status is RequestStatus.PREEMPTED and new.num_computed_tokens == 0
+    assert new.output_token_ids == [7]  # kept: recomputed as part of its prompt on readmission
+    while scheduler.running:
+        step(scheduler)
+    plan = step(scheduler)
+    assert plan.chunks[0].request is new and plan.chunks[0].num_new_tokens == 9
+
+
+def test_abort_waiting_and_running() -> None:
+    scheduler = make_scheduler(max_num_seqs=1)
+    scheduler.add_request(make_request("run", 3))
+    scheduler.add_request(make_request("wait", 3))
+    step(scheduler)
+    assert scheduler.abort_request("wait") is not None
+    output = scheduler.abort_request("run")
+    assert output is not None and output.finish_reason == "abort"
+    assert not scheduler.has_work and scheduler.blocks.num_used_blocks == 0
+    assert scheduler.abort_request("unknown") is None
+
+
+def test_failed_step_ends_only_its_requests() -> None:
+    scheduler = make_scheduler(max_num_batched_tokens=16)
+    scheduler.add_request(make_request("in-step", 16))
+    scheduler.add_request(make_request("not-in-step", 16))
+    plan = scheduler.schedule()
+    outputs = scheduler.fail_all(plan, "boom")
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [("in-step", "error")]
+    assert [r.request_id for r in scheduler.waiting] == ["not-in-step"]
