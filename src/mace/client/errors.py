@@ -16,9 +16,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
+import aiohttp
 import orjson
 
 
@@ -152,3 +154,16 @@ def _retry_after(value: str | None) -> float | None:
     except ValueError:
         return None
     return max(seconds, 0.0)
+
+
+@contextmanager
+def translated(what: str) -> Iterator[None]:
+    """Turn aiohttp's and asyncio's exceptions into the SDK's; `what` names the operation."""
+    try:
+        yield
+    except MaceError:
+        raise
+    except TimeoutError as exc:  # aiohttp's ServerTimeoutError and its subclasses are TimeoutErrors too
+        raise APITimeoutError(f"{what}: timed out") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise APIConnectionError(f"{what}: {type(exc).__name__}: {exc}") from exc

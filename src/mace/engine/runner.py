@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from mace.engine.kv_cache import SlotKVCache
@@ -34,8 +34,9 @@ class _StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, causal_lm: nn.Module, max_model_len: int, device: torch.device) -> None:
-        decoder = causal_lm.model
+    def __init__(self, causal_lm: Any, max_model_len: int, device: torch.device) -> None:
+        # Any: Hugging Face modules expose their submodules as dynamic attributes.
+        decoder: Any = causal_lm.model
         config = causal_lm.config
         self.causal_lm = causal_lm
         self.decoder = decoder
@@ -87,17 +88,19 @@ class ModelRunner:
         lengths = [1] * self.kv.num_used_slots
         for chunk, slot in zip(singles, single_slots, strict=True):
             lengths[slot] = chunk.end_position
-        as_long = {"dtype": torch.long, "device": self.device}
         return _StepInputs(
-            input_ids=torch.tensor(ids, **as_long),
-            positions=torch.tensor(positions, **as_long),
-            slots=torch.tensor(slots, **as_long),
+            input_ids=self._long(ids),
+            positions=self._long(positions),
+            slots=self._long(slots),
             singles=singles,
             multis=multis,
-            single_slots=torch.tensor(single_slots, **as_long),
-            slot_lengths=torch.tensor(lengths, **as_long),
+            single_slots=self._long(single_slots),
+            slot_lengths=self._long(lengths),
             max_single_length=max((chunk.end_position for chunk in singles), default=0),
         )
+
+    def _long(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _forward(self, inputs: _StepInputs) -> torch.Tensor:
         decoder = self.decoder
@@ -113,7 +116,7 @@ class ModelRunner:
 
     def _attention(
         self,
-        attn: nn.Module,
+        attn: Any,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,

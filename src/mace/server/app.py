@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -26,7 +27,10 @@ def create_app(config: MaceConfig, load: Callable[[], ModelBundle] | None = None
 
 
 async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
+    # The model loads in the background so /health answers (and /ready says 503) meanwhile.
     runtime = app[RUNTIME]
-    await runtime.start()
+    loading = asyncio.create_task(runtime.start())
     yield
+    loading.cancel()
+    await asyncio.gather(loading, return_exceptions=True)
     runtime.stop()

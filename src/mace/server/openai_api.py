@@ -80,10 +80,7 @@ def fingerprint(adapter_version: int) -> str:
 
 
 def _envelope(prepared: PreparedRequest, chat: bool, adapter_version: int, streaming: bool) -> dict[str, Any]:
-    if chat:
-        kind = "chat.completion.chunk" if streaming else "chat.completion"
-    else:
-        kind = "text_completion"
+    kind = ("chat.completion.chunk" if streaming else "chat.completion") if chat else "text_completion"
     return {
         "id": prepared.request_id,
         "object": kind,

@@ -48,8 +48,8 @@ class Runtime:
             engine = Engine(bundle, self.config)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
-            log.exception("model failed to load")
-            raise
+            log.exception("model failed to load; /ready will answer 503 with the reason")
+            return
         engine.start()
         self.engine = engine
         log.info("engine ready", model=bundle.name, device=str(bundle.device), max_model_len=engine.max_model_len,

@@ -11,6 +11,7 @@ See docs/websocket.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import orjson
@@ -89,10 +90,8 @@ class _Socket:
         task.add_done_callback(lambda _: self.tasks.pop(conversation_id, None))
 
     async def _run_chat(self, conversation_id: str, prepared: PreparedRequest) -> None:
-        try:
+        with contextlib.suppress(ConnectionResetError):  # the socket closed; leaving generate() aborts
             await self._stream_chat(conversation_id, prepared)
-        except ConnectionResetError:
-            pass  # the socket closed; leaving generate() aborted the request
 
     async def _stream_chat(self, conversation_id: str, prepared: PreparedRequest) -> None:
         runtime = self.request.app[RUNTIME]

@@ -1,0 +1,47 @@
+"""Async client SDK of a mace server: `from mace.client import AsyncClient`."""
+
+from mace.client.client import AsyncClient
+from mace.client.errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    MaceError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+    ServiceUnavailableError,
+    StreamError,
+)
+from mace.client.streams import ChatStream, CompletionStream, GenerationStream
+from mace.client.types import ChatResult, CompletionResult, GenerationResult, Message, ModelInfo, Usage
+from mace.client.ws import WsChatSession, WsConversation
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AsyncClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "ChatResult",
+    "ChatStream",
+    "CompletionResult",
+    "CompletionStream",
+    "GenerationResult",
+    "GenerationStream",
+    "MaceError",
+    "Message",
+    "ModelInfo",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "ServerError",
+    "ServiceUnavailableError",
+    "StreamError",
+    "Usage",
+    "WsChatSession",
+    "WsConversation",
+]

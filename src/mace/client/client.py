@@ -1,0 +1,297 @@
+"""`AsyncClient`: the asynchronous SDK of a mace server (OpenAI-compatible HTTP API and /v1/ws)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
+from typing import Any, Literal, Self, overload
+
+import aiohttp
+import orjson
+from multidict import CIMultiDictProxy
+
+from mace.client.errors import APIConnectionError, MaceError, status_error, translated
+from mace.client.streams import ChatStream, CompletionStream, Opener, ResultT
+from mace.client.types import ChatResult, CompletionResult, Message, ModelInfo, Usage, adapter_version_of
+from mace.client.ws import WsChatSession, ws_connect
+
+Messages = Sequence[Message | Mapping[str, Any]]
+Prompt = str | Sequence[int]
+
+
+class AsyncClient:
+    """Client of one mace server.
+
+        async with AsyncClient("http://127.0.0.1:8000") as client:
+            result = await client.chat([{"role": "user", "content": "Hi"}], max_tokens=32)
+            async with client.chat(messages, stream=True) as stream:
+                async for text in stream: ...
+
+    `**params` of chat()/complete() go into the request body as they are (max_tokens, temperature,
+    top_p, top_k, seed, stop, ignore_eos, model, ...); None values are left out. Without a `model`
+    there or in the constructor, the first model of GET /v1/models is used (fetched once).
+
+    `timeout_s` bounds each non-streamed request as a whole; for streams and websocket
+    conversations it bounds the wait for each next piece of data, so a long generation can stream
+    for as long as it keeps producing. Timeouts raise `APITimeoutError`.
+    """
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        model: str | None = None,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        base = base_url.rstrip("/")
+        # /health, /ready and /metrics live at the root: accept an OpenAI-style ".../v1" base too.
+        self.base_url = base.removesuffix("/v1")
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self._model = model
+        self._model_lock = asyncio.Lock()
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    @property
+    def model(self) -> str | None:
+        """The model requests use by default: given, or fetched from /v1/models on first need."""
+        return self._model
+
+    # ---- lifetime ----
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ---- server state ----
+
+    async def health(self) -> dict[str, Any]:
+        """GET /health: {"status": "ok"} while the process is up."""
+        body = await self._get_json("/health")
+        return body if isinstance(body, dict) else {"status": body}
+
+    async def ready(self) -> bool:
+        """GET /ready: True once the model is loaded. False while the server answers 503 or cannot be
+        reached (so it can be polled while the server starts); other errors raise."""
+        try:
+            status, headers, body = await self._request("GET", "/ready")
+        except APIConnectionError:  # timeouts included
+            return False
+        if status == 200:
+            return True
+        if status == 503:
+            return False
+        raise status_error(status, body, headers)
+
+    async def models(self) -> list[ModelInfo]:
+        """GET /v1/models."""
+        body = await self._get_json("/v1/models")
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise MaceError(f"unexpected /v1/models answer: {body!r}")
+        return [ModelInfo.from_payload(item) for item in data]
+
+    async def metrics(self) -> str:
+        """GET /metrics: the Prometheus text exposition."""
+        status, headers, body = await self._request("GET", "/metrics")
+        if status >= 400:
+            raise status_error(status, body, headers)
+        return body.decode("utf-8", "replace")
+
+    # ---- generation ----
+
+    @overload
+    def chat(
+        self, messages: Messages, stream: Literal[False] = False, **params: Any
+    ) -> Coroutine[Any, Any, ChatResult]: ...
+
+    @overload
+    def chat(self, messages: Messages, stream: Literal[True], **params: Any) -> ChatStream: ...
+
+    @overload
+    def chat(
+        self, messages: Messages, stream: bool, **params: Any
+    ) -> Coroutine[Any, Any, ChatResult] | ChatStream: ...
+
+    def chat(
+        self, messages: Messages, stream: bool = False, **params: Any
+    ) -> Coroutine[Any, Any, ChatResult] | ChatStream:
+        """POST /v1/chat/completions. `await client.chat(...)` gives a ChatResult;
+        `client.chat(..., stream=True)` gives a ChatStream (see GenerationStream)."""
+        body = {"messages": [dict(m) for m in messages], **_without_none(params)}
+        if stream:
+            return ChatStream(self._stream_opener("/v1/chat/completions", body))
+        return self._generate("/v1/chat/completions", body, ChatResult)
+
+    @overload
+    def complete(
+        self, prompt: Prompt, stream: Literal[False] = False, **params: Any
+    ) -> Coroutine[Any, Any, CompletionResult]: ...
+
+    @overload
+    def complete(self, prompt: Prompt, stream: Literal[True], **params: Any) -> CompletionStream: ...
+
+    @overload
+    def complete(
+        self, prompt: Prompt, stream: bool, **params: Any
+    ) -> Coroutine[Any, Any, CompletionResult] | CompletionStream: ...
+
+    def complete(
+        self, prompt: Prompt, stream: bool = False, **params: Any
+    ) -> Coroutine[Any, Any, CompletionResult] | CompletionStream:
+        """POST /v1/completions with a text prompt or a list of token ids; like chat()."""
+        body = {"prompt": prompt if isinstance(prompt, str) else list(prompt), **_without_none(params)}
+        if stream:
+            return CompletionStream(self._stream_opener("/v1/completions", body))
+        return self._generate("/v1/completions", body, CompletionResult)
+
+    def ws_chat(self) -> AbstractAsyncContextManager[WsChatSession]:
+        """A websocket session on /v1/ws for several concurrent conversations:
+
+            async with client.ws_chat() as session:
+                conversation = session.chat(messages, max_tokens=32)
+                async for text in conversation: ...
+                conversation.result
+        """
+        return self._ws_chat()
+
+    @asynccontextmanager
+    async def _ws_chat(self) -> AsyncIterator[WsChatSession]:
+        model = await self._resolve_model()
+        ws = await ws_connect(self._http(), self._url("/v1/ws"), self._headers(), self.timeout_s)
+        session = WsChatSession(ws, model, self.timeout_s)
+        try:
+            yield session
+        finally:
+            await session.close()
+
+    # ---- internals ----
+
+    async def _generate(self, path: str, body: dict[str, Any], result_type: type[ResultT]) -> ResultT:
+        body = {**body, "model": await self._model_for(body), "stream": False}
+        status, headers, raw = await self._request("POST", path, body)
+        if status >= 400:
+            raise status_error(status, raw, headers)
+        payload = _loads(raw, path)
+        choices = payload.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise MaceError(f"unexpected {path} answer without choices: {payload!r}")
+        choice = choices[0]
+        if issubclass(result_type, ChatResult):
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else None
+        else:
+            text = choice.get("text")
+        fingerprint = payload.get("system_fingerprint")
+        fingerprint = fingerprint if isinstance(fingerprint, str) else None
+        return result_type(
+            text=text if isinstance(text, str) else "",
+            finish_reason=str(choice.get("finish_reason")),
+            usage=Usage.from_payload(payload.get("usage")),
+            adapter_version=adapter_version_of(fingerprint),
+            request_id=str(payload.get("id", "")),
+            model=str(payload.get("model", body["model"])),
+            system_fingerprint=fingerprint,
+        )
+
+    def _stream_opener(self, path: str, body: dict[str, Any]) -> Opener:
+        async def open_stream() -> tuple[aiohttp.ClientResponse, str]:
+            model = await self._model_for(body)
+            options = body.get("stream_options")
+            stream_options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            request = {**body, "model": model, "stream": True, "stream_options": stream_options}
+            # The whole stream may take long; bound the connect and each wait for data instead.
+            timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout_s, sock_read=self.timeout_s)
+            with translated(f"POST {path}"):
+                response = await self._http().post(
+                    self._url(path), data=orjson.dumps(request), headers=self._headers(json=True),
+                    timeout=timeout,
+                )
+            if response.status >= 400:
+                try:
+                    with translated(f"POST {path}"):
+                        raw = await response.read()
+                finally:
+                    response.release()
+                raise status_error(response.status, raw, response.headers)
+            return response, model
+
+        return open_stream
+
+    async def _model_for(self, body: Mapping[str, Any]) -> str:
+        model = body.get("model")
+        return model if isinstance(model, str) else await self._resolve_model()
+
+    async def _resolve_model(self) -> str:
+        if self._model is None:
+            async with self._model_lock:
+                if self._model is None:
+                    models = await self.models()
+                    if not models:
+                        raise MaceError("the server lists no models")
+                    self._model = models[0].id
+        return self._model
+
+    async def _get_json(self, path: str) -> Any:
+        status, headers, body = await self._request("GET", path)
+        if status >= 400:
+            raise status_error(status, body, headers)
+        return _loads(body, path)
+
+    async def _request(
+        self, method: str, path: str, body: Any = None
+    ) -> tuple[int, CIMultiDictProxy[str], bytes]:
+        """One whole request within timeout_s: status, headers, body."""
+        data = orjson.dumps(body) if body is not None else None
+        with translated(f"{method} {path}"):
+            async with self._http().request(
+                method, self._url(path), data=data, headers=self._headers(json=data is not None),
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            ) as response:
+                return response.status, response.headers, await response.read()
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError("the client is closed")
+        if self._session is None:
+            # No session-wide total timeout: it would also cut websockets. Each HTTP call sets its own.
+            timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout_s)
+            self._session = aiohttp.ClientSession(timeout=timeout)
+        return self._session
+
+    def _headers(self, json: bool = False) -> dict[str, str]:
+        headers = {"Accept": "application/json, text/event-stream"}
+        if json:
+            headers["Content-Type"] = "application/json"
+        if self.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def _url(self, path: str) -> str:
+        return self.base_url + path
+
+
+def _without_none(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def _loads(raw: bytes, path: str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MaceError(f"{path} answered with something that is not JSON: {raw[:200]!r}") from exc

@@ -1,0 +1,349 @@
+"""Websocket chat on /v1/ws: several conversations multiplexed on one socket by conversation id.
+
+One background task reads the socket and routes each message to its conversation's queue (deltas,
+done, error) or to the waiting ping (pong).
+
+Cancelling: `await session.cancel(id)` (or `conversation.cancel()`, or leaving a conversation's
+`async with` block early) tells the server to stop, and ends the conversation locally at once: its
+iterator yields the deltas that had already arrived, then stops, and `result.finish_reason` is
+"abort" with `usage` None (the server sends nothing for a cancelled conversation). Messages that
+still arrive for it are dropped, and its id cannot be reused on this session (they would be taken
+for the new conversation's). A conversation whose "done" had already arrived is not cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import deque
+from collections.abc import Generator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import aiohttp
+import orjson
+
+from mace.client.errors import (
+    APIConnectionError,
+    APITimeoutError,
+    MaceError,
+    StreamError,
+    status_error,
+    translated,
+)
+from mace.client.types import ChatResult, Usage, adapter_version_of
+
+WebSocket = aiohttp.ClientWebSocketResponse[Literal[True]]
+_State = Literal["new", "open", "done", "aborted", "failed"]
+
+
+_Event = dict[str, Any] | MaceError
+
+
+async def ws_connect(
+    http: aiohttp.ClientSession, url: str, headers: Mapping[str, str], timeout_s: float
+) -> WebSocket:
+    """Open the websocket; handshake failures raise the typed status errors."""
+    try:
+        with translated(f"GET {url} (websocket)"):
+            async with asyncio.timeout(timeout_s):
+                return await http.ws_connect(url, headers=dict(headers), max_msg_size=16 * 1024 * 1024)
+    except APIConnectionError as exc:
+        handshake = exc.__cause__
+        if isinstance(handshake, aiohttp.WSServerHandshakeError) and handshake.status >= 400:
+            headers = handshake.headers or {}
+            raise status_error(handshake.status, handshake.message.encode(), headers) from None
+        raise
+
+
+class WsConversation:
+    """One chat on a WsChatSession. Iterate it for the text deltas; afterwards `result` is a
+    ChatResult (its request_id is the conversation id). The chat message is sent on the first
+    `await`, iteration or `async with`. An error event for it raises StreamError from the iteration.
+    """
+
+    def __init__(self, session: WsChatSession, conversation_id: str, message: dict[str, Any]) -> None:
+        self.id = conversation_id
+        self._session = session
+        self._message = message
+        self._queue: asyncio.Queue[_Event] = asyncio.Queue()
+        self._state: _State = "new"
+        self._parts: list[str] = []
+        self._unread: deque[str] = deque()  # deltas that had arrived when the conversation was cancelled
+        self._done: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return "".join(self._parts)
+
+    @property
+    def finished(self) -> bool:
+        return self._state in ("done", "aborted", "failed")
+
+    @property
+    def result(self) -> ChatResult:
+        if self._state == "done":
+            assert self._done is not None
+            fingerprint = self._done.get("system_fingerprint")
+            fingerprint = fingerprint if isinstance(fingerprint, str) else None
+            version = self._done.get("adapter_version")
+            return self._build(
+                str(self._done.get("finish_reason")),
+                Usage.from_payload(self._done.get("usage")),
+                version if isinstance(version, int) else adapter_version_of(fingerprint),
+                fingerprint,
+            )
+        if self._state == "aborted":
+            return self._build("abort", None, None, None)
+        if self._state == "failed":
+            raise RuntimeError(f"the conversation failed ({self._error!r})") from self._error
+        raise RuntimeError("the conversation has not finished: iterate it to the end (or cancel it) first")
+
+    async def start(self) -> Self:
+        """Send the chat message (once)."""
+        if self._state == "new":
+            self._state = "open"
+            try:
+                await self._session._send(self._message)
+            except MaceError as exc:
+                self._session._forget(self.id)
+                self._end("failed", exc)
+                raise
+        return self
+
+    async def cancel(self) -> bool:
+        return await self._session.cancel(self.id)
+
+    def __await__(self) -> Generator[Any, None, Self]:
+        return self.start().__await__()
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.finished:
+            await self.cancel()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._unread:
+            return self._unread.popleft()
+        while not self.finished:
+            await self.start()
+            if self.finished:
+                break
+            event = await self._next_event()
+            if isinstance(event, MaceError):
+                self._end("failed", event)
+                raise event
+            elif event.get("type") == "delta":
+                text = event.get("text")
+                if isinstance(text, str) and text:
+                    self._parts.append(text)
+                    return text
+            elif event.get("type") == "done":
+                self._done = event
+                self._end("done")
+            else:
+                error = StreamError.from_payload(event.get("error"))
+                self._end("failed", error)
+                raise error
+        raise StopAsyncIteration
+
+    async def _next_event(self) -> _Event:
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        try:
+            async with asyncio.timeout(self._session.timeout_s):
+                return await self._queue.get()
+        except TimeoutError:
+            pass
+        await self._session._retire(self.id, send_cancel=True)
+        error = APITimeoutError(f"conversation {self.id!r}: no message within {self._session.timeout_s}s")
+        self._end("failed", error)
+        raise error
+
+    def _abort(self) -> None:
+        """Cancelled: the deltas already queued count as received, and are still yielded."""
+        while not self._queue.empty():
+            event = self._queue.get_nowait()
+            text = event.get("text") if isinstance(event, dict) and event.get("type") == "delta" else None
+            if isinstance(text, str) and text:
+                self._parts.append(text)
+                self._unread.append(text)
+        self._end("aborted")
+
+    def _end(self, state: _State, error: BaseException | None = None) -> None:
+        if not self.finished:
+            self._state = state
+            self._error = error
+
+    def _build(
+        self, finish_reason: str, usage: Usage | None, adapter_version: int | None, fingerprint: str | None
+    ) -> ChatResult:
+        return ChatResult(
+            text=self.text,
+            finish_reason=finish_reason,
+            usage=usage,
+            adapter_version=adapter_version,
+            request_id=self.id,
+            model=str(self._message.get("model", "")),
+            system_fingerprint=fingerprint,
+        )
+
+
+class WsChatSession:
+    """A websocket on /v1/ws; get one from `AsyncClient.ws_chat()`."""
+
+    def __init__(self, ws: WebSocket, model: str, timeout_s: float) -> None:
+        self.model = model
+        self.timeout_s = timeout_s
+        self._ws = ws
+        self._active: dict[str, WsConversation] = {}
+        self._retired: set[str] = set()
+        self._pongs: deque[asyncio.Future[None]] = deque()
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+        self._reader = asyncio.create_task(self._read_loop(), name="mace-ws-reader")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], conversation_id: str | None = None, **params: Any
+    ) -> WsConversation:
+        """Start a conversation (sent on first use); `params` are the chat completion fields."""
+        if self._closed:
+            raise APIConnectionError("the websocket session is closed")
+        conversation_id = conversation_id or uuid.uuid4().hex
+        if conversation_id in self._active:
+            raise ValueError(f"conversation {conversation_id!r} is still running on this session")
+        if conversation_id in self._retired:
+            raise ValueError(f"conversation id {conversation_id!r} was cancelled on this session")
+        message: dict[str, Any] = {
+            "model": self.model,
+            **{key: value for key, value in params.items() if value is not None},
+            "type": "chat",
+            "id": conversation_id,
+            "messages": [dict(m) for m in messages],
+        }
+        conversation = WsConversation(self, conversation_id, message)
+        self._active[conversation_id] = conversation
+        return conversation
+
+    async def cancel(self, conversation_id: str) -> bool:
+        """Stop a conversation (see the module's docstring); False if it was not running."""
+        return await self._retire(conversation_id, send_cancel=True, abort=True)
+
+    async def ping(self) -> float:
+        """Send a ping and wait for the pong; returns the round trip in seconds."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pongs.append(future)  # pongs come back in order: a late one consumes its own future
+        started = time.perf_counter()
+        await self._send({"type": "ping"})
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await future
+        except TimeoutError:
+            raise APITimeoutError(f"no pong within {self.timeout_s}s") from None
+        return time.perf_counter() - started
+
+    async def close(self) -> None:
+        """Close the socket (the server then aborts this socket's generations); conversations still
+        running raise APIConnectionError."""
+        self._closed = True
+        if not self._reader.done():
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if not self._ws.closed:
+            await self._ws.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ---- internals ----
+
+    async def _send(self, payload: dict[str, Any]) -> None:
+        if self._closed or self._ws.closed:
+            raise APIConnectionError("the websocket session is closed")
+        with translated("websocket send"):
+            async with self._send_lock:
+                await self._ws.send_str(orjson.dumps(payload).decode())
+
+    async def _retire(self, conversation_id: str, send_cancel: bool, abort: bool = False) -> bool:
+        conversation = self._active.pop(conversation_id, None)
+        if conversation is None:
+            return False
+        self._retired.add(conversation_id)
+        never_sent = conversation._state == "new"
+        if abort or never_sent:
+            conversation._abort()
+        if send_cancel and not never_sent and not self._closed and not self._ws.closed:
+            # If the socket is gone, the server has aborted the generation already.
+            with contextlib.suppress(APIConnectionError):
+                await self._send({"type": "cancel", "id": conversation_id})
+        return True
+
+    def _forget(self, conversation_id: str) -> None:
+        self._active.pop(conversation_id, None)
+
+    async def _read_loop(self) -> None:
+        ended: MaceError = APIConnectionError("the websocket closed")
+        try:
+            async for msg in self._ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self._dispatch(msg.data)
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    ended = APIConnectionError(f"websocket error: {self._ws.exception()!r}")
+                    break
+        except asyncio.CancelledError:
+            ended = APIConnectionError("the websocket session is closed")
+            raise
+        except Exception as exc:
+            ended = APIConnectionError(f"websocket read failed: {type(exc).__name__}: {exc}")
+        finally:
+            self._closed = True
+            for conversation_id in list(self._active):
+                self._active.pop(conversation_id)._queue.put_nowait(APIConnectionError(str(ended)))
+            while self._pongs:
+                future = self._pongs.popleft()
+                if not future.done():
+                    future.set_exception(APIConnectionError(str(ended)))
+
+    def _dispatch(self, data: str) -> None:
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(message, dict):
+            return
+        kind = message.get("type")
+        if kind == "pong":
+            if self._pongs:
+                future = self._pongs.popleft()
+                if not future.done():
+                    future.set_result(None)
+            return
+        conversation_id = message.get("id")
+        if kind not in ("delta", "done", "error") or not isinstance(conversation_id, str):
+            return  # errors without an id answer malformed frames, which this SDK does not send
+        conversation = self._active.get(conversation_id)
+        if conversation is None:
+            return  # cancelled (or unknown): drop
+        if kind != "delta":
+            del self._active[conversation_id]
+        conversation._queue.put_nowait(message)
