@@ -4,11 +4,12 @@ One background task reads the socket and routes each message to its conversation
 done, error) or to the waiting ping (pong).
 
 Cancelling: `await session.cancel(id)` (or `conversation.cancel()`, or leaving a conversation's
-`async with` block early) tells the server to stop, and ends the conversation locally at once: its
-iterator yields the deltas that had already arrived, then stops, and `result.finish_reason` is
-"abort" with `usage` None (the server sends nothing for a cancelled conversation). Messages that
-still arrive for it are dropped, and its id cannot be reused on this session (they would be taken
-for the new conversation's). A conversation whose "done" had already arrived is not cancelled.
+`async with` block early) tells the server to stop and ends the conversation locally at once (the
+server sends nothing for a cancelled conversation): `result` is available right away, with
+finish_reason "abort", usage None and the text of the deltas that had arrived; the iterator still
+yields those it had not yet yielded, then stops. Messages that arrive for it later are dropped, and
+its id cannot be reused on this session (they would be taken for the new conversation's). A
+conversation whose "done" (or error) had already arrived is not cancelled: cancel() returns False.
 """
 
 from __future__ import annotations

@@ -1,0 +1,181 @@
+"""Helpers for benchmarks/serving.py: the prompts, server subprocesses and the streaming HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+# Short, varied questions: different prompt lengths so no system benefits from identical inputs.
+PROMPTS = [
+    "What is the capital of France?",
+    "Explain photosynthesis in one sentence.",
+    "Give me three tips for better sleep.",
+    "What is the difference between a list and a tuple in Python?",
+    "Why is the sky blue?",
+    "Write a haiku about autumn leaves.",
+    "How do vaccines work?",
+    "What does HTTP stand for?",
+    "Name the planets of the solar system.",
+    "What is a prime number?",
+    "Summarise the plot of Romeo and Juliet.",
+    "How many legs does a spider have?",
+    "What causes the seasons on Earth?",
+    "Suggest a name for a pet goldfish.",
+    "What is the boiling point of water at sea level?",
+    "How does a refrigerator keep food cold?",
+    "What is machine learning?",
+    "Translate 'good morning' into Spanish.",
+    "Who wrote 'Pride and Prejudice'?",
+    "What is the tallest mountain in the world?",
+    "Describe a rainbow to someone who has never seen one.",
+    "What is the Pythagorean theorem?",
+    "List three renewable sources of energy.",
+    "How do bees make honey?",
+    "What is the speed of light?",
+    "Give me a simple recipe for pancakes.",
+    "What is inflation in economics?",
+    "Why do cats purr?",
+    "What is the largest ocean on Earth?",
+    "How does a compass work?",
+    "What is the meaning of the word 'ephemeral'?",
+    "Recommend a good habit for learning a new language.",
+]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the tiny race with other processes is acceptable)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """One server subprocess: started in its own process group so stopping it also stops its children."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, ready_path: str) -> None:
+        self.name, self.argv, self.port, self.ready_path = name, argv, port, ready_path
+        self.env = {**os.environ, **env}
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Server:
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                url, short = self.base_url + self.ready_path, aiohttp.ClientTimeout(2)
+                try:
+                    async with session.get(url, timeout=short) as resp:
+                        if resp.status == 200:
+                            return
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # SIGTERM first so the server can shut down cleanly; SIGKILL the group if it lingers.
+        for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@dataclass
+class LoadResult:
+    seconds: float
+    tokens: list[int] = field(default_factory=list)  # completion tokens per request
+
+    @property
+    def tok_per_s(self) -> float:
+        return sum(self.tokens) / self.seconds
+
+
+async def _one_request(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> int:
+    """Stream one chat completion; return its completion tokens (server's usage, else the content chunks)."""
+    chunks, usage = 0, None
+    async with session.post(url, json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:") :].strip()
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                raise RuntimeError(f"stream error: {event['error']}")
+            if event.get("usage"):
+                usage = event["usage"]["completion_tokens"]
+            for choice in event.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    chunks += 1
+    return int(usage) if usage is not None else chunks
+
+
+async def drive(base_url: str, bodies: list[dict[str, Any]], timeout_s: float = 1800) -> LoadResult:
+    """Send all bodies at once (concurrency = len(bodies)) and time until the last stream ends."""
+    url = base_url + "/v1/chat/completions"
+    connector = aiohttp.TCPConnector(limit=0)  # no client-side cap: the server must see every request
+    timeout = aiohttp.ClientTimeout(timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        start = time.perf_counter()
+        tokens = await asyncio.gather(*(_one_request(session, url, b) for b in bodies))
+        return LoadResult(time.perf_counter() - start, list(tokens))
+
+
+async def scrape_metrics(base_url: str, names: tuple[str, ...]) -> dict[str, float] | None:
+    """Sum of each named Prometheus series (over labels), or None when /metrics is missing."""
+    try:
+        async with aiohttp.ClientSession() as session, session.get(base_url + "/metrics") as resp:
+            if resp.status != 200:
+                return None
+            text = await resp.text()
+    except aiohttp.ClientError:
+        return None
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        metric, _, value = line.rpartition(" ")
+        base = metric.split("{", 1)[0]
+        if base in names:
+            found[base] = found.get(base, 0.0) + float(value)
+    return found
