@@ -56,11 +56,38 @@ class SloConfig(_Section):
     tpot_s: float = Field(0.35, gt=0)
 
 
+class TrainConfig(_Section):
+    policy: Literal["none", "periodic", "continuous", "mace"] = "none"
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(4, ge=1, description="samples per optimizer step (gradient accumulation)")
+    chunk_tokens: int = Field(64, ge=1, description="continuous policy: training tokens per iteration")
+    idle_chunk_tokens: int = Field(512, ge=1, description="training tokens per iteration when nothing is served")
+    max_sample_tokens: int = Field(512, ge=8)
+    max_samples_per_request: int = Field(64, ge=1)
+    periodic_interval_s: float = Field(60.0, gt=0)
+    periodic_min_samples: int = Field(16, ge=1)
+    periodic_steps: int = Field(4, ge=1, description="optimizer steps per periodic training round")
+    replay_window: int = Field(256, ge=1)
+    freshness_half_life_s: float = Field(600.0, gt=0)
+    drift_full_ratio: float = Field(1.5, gt=1, description="mace: drift ratio at which training takes all slack")
+    heldout_every: int = Field(5, ge=2, description="every Nth sample is held out for the publish gate")
+    heldout_size: int = Field(16, ge=1)
+    publish_margin: float = Field(0.02, ge=0, lt=1)
+    max_staleness_s: float = Field(300.0, gt=0)
+    checkpoint_interval_s: float = Field(60.0, gt=0)
+    max_versions_loaded: int = Field(3, ge=1)
+
+
 class MaceConfig(_Section):
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
     server: ServerConfig = ServerConfig()
     slo: SloConfig = SloConfig()
+    train: TrainConfig = TrainConfig()
     cache_dir: Path = Path("~/.cache/mace")
     data_dir: Path = Path("~/.local/share/mace")
 
@@ -80,8 +107,13 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             overrides[key] = value
         elif "__" in key:
             section, field = key.split("__", 1)
-            overrides.setdefault(section, {})[field] = value
+            overrides.setdefault(section, {})[field] = _list_or_scalar(value)
     return overrides
+
+
+def _list_or_scalar(value: str) -> str | list[str]:
+    """`a,b` in the environment sets a list-typed key (e.g. MACE_TRAIN__TARGET_MODULES=q_proj,v_proj)."""
+    return [part.strip() for part in value.split(",")] if "," in value else value
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -188,7 +188,7 @@ class AsyncClient:
         if status >= 400:
             raise status_error(status, raw, headers)
         payload = _loads(raw, path)
-        choices = payload.get("choices")
+        choices = payload.get("choices") if isinstance(payload, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise MaceError(f"unexpected {path} answer without choices: {payload!r}")
         choice = choices[0]

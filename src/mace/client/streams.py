@@ -124,6 +124,8 @@ class GenerationStream(Generic[ResultT]):
         except StopAsyncIteration:
             raise
         except BaseException as exc:  # CancelledError too: never leave the response open
+            if self._state == "aborted" and not isinstance(exc, asyncio.CancelledError):
+                raise StopAsyncIteration from None  # aclose() from elsewhere broke the read: just end
             self._fail(exc)
             raise
 

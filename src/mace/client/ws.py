@@ -250,7 +250,11 @@ class WsChatSession:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pongs.append(future)  # pongs come back in order: a late one consumes its own future
         started = time.perf_counter()
-        await self._send({"type": "ping"})
+        try:
+            await self._send({"type": "ping"})
+        except BaseException:
+            self._pongs.remove(future)
+            raise
         try:
             async with asyncio.timeout(self.timeout_s):
                 await future

@@ -27,6 +27,7 @@ from mace.engine.request import Request, RequestOutput, SamplingParams
 from mace.engine.runner import ModelRunner
 from mace.engine.scheduler import Scheduler
 from mace.model.loader import ModelBundle
+from mace.train.trainer import Trainer, TrainStats
 
 log = structlog.get_logger(__name__)
 
@@ -67,10 +68,12 @@ class EngineStats:
     num_steps: int
     step_time_s_total: float
     forward_time_s_total: float
+    latency_error_s: float
+    train: TrainStats | None
 
 
 class Engine:
-    def __init__(self, bundle: ModelBundle, config: MaceConfig) -> None:
+    def __init__(self, bundle: ModelBundle, config: MaceConfig, trainer: Trainer | None = None) -> None:
         self.bundle = bundle
         self.config = config
         self.runner = ModelRunner(bundle.causal_lm, config.model.max_model_len, bundle.device)
@@ -80,8 +83,13 @@ class Engine:
         # A request that fits alone must always be servable, so the context never exceeds the budget.
         self.max_model_len = min(config.model.max_model_len, bundle.max_position, self.blocks.capacity_tokens)
         self.runner.kv.max_model_len = self.max_model_len
-        self.scheduler = Scheduler(config.engine, self.blocks)
-        self.adapter_version = 0
+        self.trainer = trainer
+        self.runner.trainer = trainer
+        self.scheduler = Scheduler(
+            config.engine, self.blocks, slo=config.slo,
+            policy=trainer.policy if trainer is not None else None, train_source=trainer,
+        )
+        self.adapter_version = trainer.active_version if trainer is not None else 0
         self.num_steps = 0
         self.step_time_s_total = 0.0
         self.forward_time_s_total = 0.0
@@ -108,6 +116,8 @@ class Engine:
         self._wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if self.trainer is not None:
+            self.trainer.checkpoint()
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -122,6 +132,8 @@ class Engine:
             num_steps=self.num_steps,
             step_time_s_total=self.step_time_s_total,
             forward_time_s_total=self.forward_time_s_total,
+            latency_error_s=self.scheduler.latency.last_error_s,
+            train=self.trainer.stats() if self.trainer is not None else None,
         )
 
     # ---- requests (event loop side) ----
@@ -188,6 +200,34 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._submit(lambda: self._abort_now(request_id))
 
+    def notify_feedback(self) -> None:
+        """New samples are in the journal: score them on the engine thread between steps."""
+        if self.trainer is not None:
+            trainer = self.trainer
+            self._submit(lambda: self._ingest(trainer))
+
+    def _ingest(self, trainer: Trainer) -> None:
+        trainer.ingest()
+
+    async def activate_adapter(self, version: int) -> None:
+        """Serve `version` to new requests from the next step on (rollback or forward)."""
+        trainer = self.trainer
+        if trainer is None:
+            raise RequestRejected("no retraining policy is on, so only version 0 exists", param="version")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+
+        def activate() -> None:
+            try:
+                trainer.activate(version)
+                self.adapter_version = version
+                loop.call_soon_threadsafe(done.set_result, None)
+            except Exception as exc:  # reported to the caller, the engine goes on
+                loop.call_soon_threadsafe(done.set_exception, exc)
+
+        self._submit(activate)
+        await done
+
     def _submit(self, action: Callable[[], None]) -> None:
         self._inbox.put(action)
         self._wakeup.set()
@@ -210,7 +250,17 @@ class Engine:
         output = self._run_guarded(plan)
         outputs = self.scheduler.update(plan, output)
         self._account(time.perf_counter() - started, output)
+        self._after_step(plan, output)
         return outputs
+
+    def _after_step(self, plan: IterationPlan, output: RunnerOutput) -> None:
+        """Step boundary: the trainer may publish; new requests then pin the new version."""
+        if self.trainer is None:
+            return
+        self.trainer.after_step(plan.train, output.train_losses)
+        self.adapter_version = self.trainer.active_version
+        pinned = {r.adapter_version for r in [*self.scheduler.running, *self.scheduler.waiting]}
+        self.trainer.release_versions(pinned)
 
     def _account(self, step_time_s: float, output: RunnerOutput) -> None:
         self.num_steps += 1

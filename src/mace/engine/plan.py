@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mace.engine.latency import StepShape
 from mace.engine.request import Request
+from mace.train.replay import TrainChunk
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class IterationPlan:
     chunks: list[ScheduledChunk]
     released_request_ids: list[str] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
+    train: TrainChunk | None = None
 
     @property
     def num_batched_tokens(self) -> int:
@@ -58,8 +61,13 @@ class IterationPlan:
         return self.num_batched_tokens - self.num_decode_tokens
 
     @property
+    def shape(self) -> StepShape:
+        train_tokens = self.train.num_tokens if self.train is not None else 0
+        return StepShape(self.num_prefill_tokens, self.num_decode_tokens, train_tokens)
+
+    @property
     def is_empty(self) -> bool:
-        return not self.chunks
+        return not self.chunks and self.train is None
 
 
 @dataclass(frozen=True)
@@ -69,3 +77,4 @@ class RunnerOutput:
     sampled_token_ids: dict[str, int]
     forward_time_s: float
     failed_request_ids: dict[str, str] = field(default_factory=dict)
+    train_losses: list[float] = field(default_factory=list)

@@ -19,6 +19,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from mace.engine.kv_cache import SlotKVCache
 from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk
 from mace.engine.sampler import Sampler
+from mace.train.learner import adapter_name
+from mace.train.trainer import Trainer
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class ModelRunner:
                 len(decoder.layers), self.num_kv_heads, self.head_dim, max_model_len, dtype, device
             )
         self.sampler = Sampler()
+        self.trainer: Trainer | None = None  # set when a retraining policy is on
 
     def kv_bytes_per_token(self) -> int:
         element_size = self.kv.keys[0].element_size()
@@ -67,11 +70,26 @@ class ModelRunner:
         if plan.is_empty:
             return RunnerOutput(sampled_token_ids={}, forward_time_s=0.0)
         start = time.perf_counter()
-        with torch.inference_mode():
-            inputs = self._prepare(plan)
-            hidden = self._forward(inputs)  # [T, hidden]
-            sampled = self._sample(inputs, hidden)
-        return RunnerOutput(sampled_token_ids=sampled, forward_time_s=time.perf_counter() - start)
+        sampled: dict[str, int] = {}
+        if plan.chunks:
+            with torch.inference_mode():
+                inputs = self._prepare(plan)
+                hidden = self._serve_forward(inputs)  # [T, hidden]
+                sampled = self._sample(inputs, hidden)
+        losses: list[float] = []
+        if plan.train is not None and self.trainer is not None:
+            losses = self.trainer.run_chunk(plan.train)
+        return RunnerOutput(sampled_token_ids=sampled, forward_time_s=time.perf_counter() - start,
+                            train_losses=losses)
+
+    def _serve_forward(self, inputs: _StepInputs) -> torch.Tensor:
+        """Each token runs with its request's pinned adapter version (mixed versions in one batch)."""
+        if self.trainer is None:
+            return self._forward(inputs)
+        names = [adapter_name(chunk.request.adapter_version)
+                 for chunk in inputs.singles + inputs.multis for _ in range(chunk.num_new_tokens)]
+        with self.trainer.learner.forward_hooks(names):
+            return self._forward(inputs)
 
     def _prepare(self, plan: IterationPlan) -> _StepInputs:
         singles = [chunk for chunk in plan.chunks if chunk.num_new_tokens == 1]

@@ -11,20 +11,48 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
-from mace.config import EngineConfig
+from mace.config import EngineConfig, SloConfig
 from mace.engine.kv_blocks import BlockPool
+from mace.engine.latency import LatencyModel, StepShape
 from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk
 from mace.engine.request import Request, RequestOutput, RequestStatus
+from mace.train.policy import NoTraining, RetrainPolicy, TrainContext
+from mace.train.replay import TrainChunk
+
+
+class TrainSource(Protocol):
+    """Where training chunks come from (the trainer); tensor-free from the scheduler's side."""
+
+    @property
+    def num_trainable(self) -> int: ...
+
+    @property
+    def num_new_samples(self) -> int: ...
+
+    def drift_ratio(self) -> float: ...
+
+    def pick(self, max_tokens: int) -> TrainChunk | None: ...
 
 
 class Scheduler:
     def __init__(
-        self, config: EngineConfig, blocks: BlockPool, clock: Callable[[], float] = time.monotonic
+        self,
+        config: EngineConfig,
+        blocks: BlockPool,
+        clock: Callable[[], float] = time.monotonic,
+        slo: SloConfig | None = None,
+        policy: RetrainPolicy | None = None,
+        train_source: TrainSource | None = None,
     ) -> None:
         self.config = config
         self.blocks = blocks
         self.clock = clock
+        self.slo = slo or SloConfig()
+        self.policy: RetrainPolicy = policy or NoTraining()
+        self.train_source = train_source
+        self.latency = LatencyModel()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._released: list[str] = []
@@ -32,7 +60,12 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running) or self._has_training()
+
+    def _has_training(self) -> bool:
+        return self.train_source is not None and self.train_source.num_trainable > 0 and self._train_decision(
+            StepShape()
+        )[0] > 0
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
@@ -54,8 +87,42 @@ class Scheduler:
         budget = self._schedule_running(budget, chunks, preempted)
         if not preempted:
             self._admit_waiting(budget, chunks)
+        train = None
+        if self.train_source is not None:
+            chunks, train = self._plan_training(chunks)
         released, self._released = self._released, []
-        return IterationPlan(chunks=chunks, released_request_ids=released, preempted_request_ids=preempted)
+        return IterationPlan(
+            chunks=chunks, released_request_ids=released, preempted_request_ids=preempted, train=train
+        )
+
+    def _plan_training(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], TrainChunk | None]:
+        """Size this step's training chunk; a policy that pauses serving takes the whole step."""
+        inference = IterationPlan(chunks=chunks).shape
+        max_tokens, pause_serving = self._train_decision(inference)
+        if max_tokens <= 0 or self.train_source is None:
+            return chunks, None
+        train = self.train_source.pick(max_tokens)
+        if pause_serving and train is not None:
+            return [], train
+        return chunks, train
+
+    def _train_decision(self, inference: StepShape) -> tuple[int, bool]:
+        source = self.train_source
+        if source is None:
+            return 0, False
+        has_inference = inference.num_prefill_tokens + inference.num_decode_tokens > 0
+        context = TrainContext(
+            now_s=self.clock(),
+            has_inference=has_inference,
+            predicted_inference_s=self.latency.predict(inference) if has_inference else 0.0,
+            seconds_per_train_token=self.latency.seconds_per_train_token,
+            tpot_s=self.slo.tpot_s,
+            num_trainable=source.num_trainable,
+            num_new_samples=source.num_new_samples,
+            drift=source.drift_ratio(),
+        )
+        decision = self.policy.decide(context)
+        return decision.max_tokens, decision.pause_serving
 
     def _schedule_running(self, budget: int, chunks: list[ScheduledChunk], preempted: list[str]) -> int:
         index = 0
@@ -106,6 +173,8 @@ class Scheduler:
     def update(self, plan: IterationPlan, output: RunnerOutput) -> list[RequestOutput]:
         """Advance counters, append sampled tokens, finish requests; one output per request that moved."""
         outputs: list[RequestOutput] = []
+        if output.forward_time_s > 0:
+            self.latency.observe(plan.shape, output.forward_time_s)
         for chunk in plan.chunks:
             request = chunk.request
             if request.status is not RequestStatus.RUNNING:

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from mace.config import MaceConfig
 from mace.model.loader import ModelBundle
-from mace.server import health, openai_api, ws
+from mace.server import feedback_api, health, openai_api, ws
 from mace.server.errors import error_middleware
 from mace.server.keys import RUNTIME
 from mace.server.runtime import Runtime
@@ -22,6 +22,7 @@ def create_app(config: MaceConfig, load: Callable[[], ModelBundle] | None = None
     app.add_routes(health.routes)
     app.add_routes(openai_api.routes)
     app.add_routes(ws.routes)
+    app.add_routes(feedback_api.routes)
     app.cleanup_ctx.append(_engine_lifetime)
     return app
 

@@ -19,7 +19,7 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 async def read_json(request: web.Request) -> Any:
-    if request.content_type not in ("application/json", ""):
+    if "Content-Type" in request.headers and request.content_type != "application/json":
         raise ApiError(415, f"expected a JSON body (Content-Type: application/json), got {request.content_type}")
     raw = await request.read()
     try:

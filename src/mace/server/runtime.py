@@ -12,6 +12,8 @@ from mace.engine.engine import Engine, EngineStats
 from mace.model.loader import ModelBundle, load_model
 from mace.server.errors import ApiError
 from mace.server.metrics import ServerMetrics
+from mace.train.journal import Journal
+from mace.train.trainer import Trainer
 
 log = structlog.get_logger(__name__)
 
@@ -21,6 +23,7 @@ class Runtime:
         self.config = config
         self._load = load or (lambda: load_model(config.model, config.cache_dir))
         self.engine: Engine | None = None
+        self.journal: Journal | None = None
         self.load_error: str | None = None
         self.metrics = ServerMetrics(self.stats)
         self.served_model_name = config.server.served_model_name or config.model.name
@@ -45,7 +48,13 @@ class Runtime:
         """Load the model off the event loop, so /health answers while it loads."""
         try:
             bundle = await asyncio.to_thread(self._load)
-            engine = Engine(bundle, self.config)
+            self.journal = Journal(self.config.data_dir / "journal.sqlite3", self.config.train.heldout_every)
+            trainer = None
+            if self.config.train.policy != "none":
+                trainer = await asyncio.to_thread(
+                    Trainer, bundle.causal_lm, bundle.tokenizer, self.journal, self.config
+                )
+            engine = Engine(bundle, self.config, trainer)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("model failed to load; /ready will answer 503 with the reason")
@@ -58,3 +67,5 @@ class Runtime:
     def stop(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+        if self.journal is not None:
+            self.journal.close()

@@ -54,7 +54,7 @@ class _Socket:
         if kind == "ping":
             await self.send({"type": "pong"})
         elif kind == "cancel":
-            task = self.tasks.get(str(conversation_id))
+            task = self.tasks.pop(str(conversation_id), None)  # the id is free again at once
             if task is not None:
                 task.cancel()
         elif kind == "chat":
@@ -87,7 +87,7 @@ class _Socket:
             return
         task = asyncio.create_task(self._run_chat(conversation_id, prepared))
         self.tasks[conversation_id] = task
-        task.add_done_callback(lambda _: self.tasks.pop(conversation_id, None))
+        task.add_done_callback(lambda done: self._forget(conversation_id, done))
 
     async def _run_chat(self, conversation_id: str, prepared: PreparedRequest) -> None:
         with contextlib.suppress(ConnectionResetError):  # the socket closed; leaving generate() aborts
@@ -110,6 +110,10 @@ class _Socket:
                     "adapter_version": delta.adapter_version,
                     "system_fingerprint": fingerprint(delta.adapter_version),
                 })
+
+    def _forget(self, conversation_id: str, task: asyncio.Task[None]) -> None:
+        if self.tasks.get(conversation_id) is task:
+            del self.tasks[conversation_id]
 
     async def close(self) -> None:
         tasks = list(self.tasks.values())

@@ -1,0 +1,60 @@
+"""Online latency model: predicts a step's wall time from its token counts.
+
+    step_s ≈ base + a·prefill_tokens + b·decode_tokens + c·train_tokens
+
+Fitted by least squares over a sliding window of measured steps (non-negative coefficients), so it
+follows the machine as load and thermal state change. Before enough data it uses cautious priors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StepShape:
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_train_tokens: int = 0
+
+    def features(self) -> list[float]:
+        return [1.0, float(self.num_prefill_tokens), float(self.num_decode_tokens), float(self.num_train_tokens)]
+
+
+class LatencyModel:
+    def __init__(self, window: int = 512, refit_every: int = 16,
+                 prior: tuple[float, float, float, float] = (0.005, 0.002, 0.004, 0.01)) -> None:
+        self._samples: deque[tuple[list[float], float]] = deque(maxlen=window)
+        self._coef = np.array(prior, dtype=np.float64)
+        self._refit_every = refit_every
+        self._since_fit = 0
+        self.last_error_s = 0.0
+
+    @property
+    def seconds_per_train_token(self) -> float:
+        return max(float(self._coef[3]), 1e-6)
+
+    def predict(self, shape: StepShape) -> float:
+        return float(np.dot(self._coef, shape.features()))
+
+    def observe(self, shape: StepShape, measured_s: float) -> None:
+        self.last_error_s = measured_s - self.predict(shape)
+        self._samples.append((shape.features(), measured_s))
+        self._since_fit += 1
+        if self._since_fit >= self._refit_every and len(self._samples) >= 8:
+            self._fit()
+
+    def _fit(self) -> None:
+        self._since_fit = 0
+        x = np.array([f for f, _ in self._samples])
+        y = np.array([t for _, t in self._samples])
+        # Columns never exercised in the window keep their prior instead of collapsing to zero.
+        used = np.asarray(x.any(axis=0), dtype=bool)
+        used[0] = True
+        coef, *_ = np.linalg.lstsq(x[:, used], y, rcond=None)
+        updated = self._coef.copy()
+        updated[used] = np.maximum(coef, 0.0)
+        self._coef = updated

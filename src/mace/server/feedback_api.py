@@ -1,0 +1,135 @@
+"""Learning endpoints: POST/GET /v1/feedback (the journal), GET /v1/adapters, POST /v1/adapters/{v}/activate."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sqlite3
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+from pydantic import Field, model_validator
+
+from mace.engine.engine import RequestRejected
+from mace.server.errors import ApiError, dumps
+from mace.server.keys import RUNTIME
+from mace.server.openai_api import parse_body, read_json
+from mace.server.protocol import ChatMessage, _Body
+from mace.server.runtime import Runtime
+from mace.train.journal import Journal, NewSample
+
+routes = web.RouteTableDef()
+
+
+class FeedbackSample(_Body):
+    """`{"prompt", "completion"}`, or `{"messages"}` whose last assistant turn is the wanted answer."""
+
+    prompt: str | None = None
+    completion: str | None = None
+    messages: list[ChatMessage] | None = None
+    request_id: str | None = Field(None, max_length=256)
+    tenant: str | None = Field(None, max_length=256)
+    weight: float = Field(1.0, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> FeedbackSample:
+        if self.messages is not None:
+            if self.prompt is not None or self.completion is not None:
+                raise ValueError("give either messages or prompt and completion, not both")
+            if len(self.messages) < 2 or self.messages[-1].role != "assistant":
+                raise ValueError("messages must end with the wanted assistant answer after at least one turn")
+            if not self.messages[-1].text.strip() or not any(m.text.strip() for m in self.messages[:-1]):
+                raise ValueError("messages have no text")
+        elif not (self.prompt and self.prompt.strip() and self.completion and self.completion.strip()):
+            raise ValueError("prompt and completion must both be non-empty text")
+        return self
+
+    def conversation(self) -> tuple[list[dict[str, str]], str]:
+        if self.messages is not None:
+            turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
+                     for m in self.messages[:-1]]
+            return turns, self.messages[-1].text
+        return [{"role": "user", "content": self.prompt or ""}], self.completion or ""
+
+
+def _samples(runtime: Runtime, data: Any) -> list[NewSample]:
+    items = data if isinstance(data, list) else [data]
+    limit = runtime.config.train.max_samples_per_request
+    if not items or len(items) > limit:
+        raise ApiError(400, f"send between 1 and {limit} samples per request", param="body")
+    tokenizer = runtime.ready_engine().bundle.tokenizer
+    samples = []
+    for index, item in enumerate(items):
+        sample = parse_body(FeedbackSample, item)
+        turns, answer = sample.conversation()
+        prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        num_tokens = len(tokenizer.encode(prompt + answer, add_special_tokens=False))
+        if num_tokens > runtime.config.train.max_sample_tokens:
+            raise ApiError(400, f"sample {index} has {num_tokens} tokens; the limit is "
+                           f"{runtime.config.train.max_sample_tokens}", param=f"{index}", code="sample_too_long")
+        samples.append(NewSample(prompt, answer, sample.request_id, sample.tenant, sample.weight))
+    return samples
+
+
+def _journal(runtime: Runtime) -> Journal:
+    runtime.ready_engine()
+    if runtime.journal is None:
+        raise ApiError(503, "the journal is not open", code="not_ready", retry_after_s=5)
+    return runtime.journal
+
+
+@routes.post("/v1/feedback")
+async def post_feedback(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    journal = _journal(runtime)
+    samples = _samples(runtime, await read_json(request))
+    try:
+        ids = await asyncio.to_thread(journal.append, samples)
+    except sqlite3.Error as exc:  # disk full, read-only: serving goes on, feedback waits
+        raise ApiError(503, f"the journal cannot store samples now: {exc}", code="journal_unavailable",
+                       retry_after_s=30) from None
+    runtime.ready_engine().notify_feedback()
+    return web.json_response({"object": "feedback.accepted", "ids": ids}, status=202, dumps=dumps)
+
+
+@routes.get("/v1/feedback")
+async def get_feedback(request: web.Request) -> web.Response:
+    counts = await asyncio.to_thread(_journal(request.app[RUNTIME]).counts)
+    return web.json_response({"object": "feedback.counts", **asdict(counts)}, dumps=dumps)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+@routes.get("/v1/adapters")
+async def list_adapters(request: web.Request) -> web.Response:
+    engine = request.app[RUNTIME].ready_engine()
+    trainer = engine.trainer
+    versions: list[dict[str, Any]] = [{"version": 0, "name": "base", "serving_loss": None, "learner_loss": None}]
+    if trainer is not None:
+        versions += [{**asdict(v), "serving_loss": _finite(v.serving_loss), "learner_loss": _finite(v.learner_loss)}
+                     for v in trainer.store.versions()]
+    for version in versions:
+        version["active"] = version["version"] == engine.adapter_version
+    return web.json_response({"object": "list", "active": engine.adapter_version, "data": versions}, dumps=dumps)
+
+
+@routes.post("/v1/adapters/{version}/activate")
+async def activate_adapter(request: web.Request) -> web.Response:
+    engine = request.app[RUNTIME].ready_engine()
+    raw = request.match_info["version"].removeprefix("v")
+    if not raw.isdigit():
+        raise ApiError(400, "version must be a non-negative integer", param="version")
+    version = int(raw)
+    if engine.trainer is None and version != 0:
+        raise ApiError(404, f"adapter version {version} does not exist", param="version", code="adapter_not_found")
+    if engine.trainer is not None and not engine.trainer.store.exists(version):
+        raise ApiError(404, f"adapter version {version} does not exist", param="version", code="adapter_not_found")
+    try:
+        if engine.trainer is not None:
+            await engine.activate_adapter(version)
+    except RequestRejected as exc:
+        raise ApiError(400, str(exc), param="version") from None
+    return web.json_response({"object": "adapter.activated", "active": version}, dumps=dumps)

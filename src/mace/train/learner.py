@@ -1,0 +1,137 @@
+"""The LoRA learner beside the served adapter versions, on one peft model (engine thread only).
+
+Adapters on the model: `learner` (trainable; not `training`, which collides with nn.Module.training)
+and one frozen `v<N>` per published version still in use. Version 0 is the base model (`__base__`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from mace.config import TrainConfig
+from mace.train.replay import TrainChunk, TrainSample
+
+LEARNER = "learner"
+
+
+def adapter_name(version: int) -> str:
+    return "__base__" if version == 0 else f"v{version}"
+
+
+class Learner:
+    def __init__(self, causal_lm: Any, config: TrainConfig) -> None:
+        lora = LoraConfig(
+            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=list(config.target_modules), task_type="CAUSAL_LM",
+        )
+        self.lora_config = lora
+        self.peft_model: Any = get_peft_model(causal_lm, lora, adapter_name=LEARNER)
+        self.peft_model.eval()  # dropout is config-controlled; eval mode allows mixed-adapter batches
+        self.config = config
+        self.optimizer = torch.optim.AdamW(self._learner_params(), lr=config.learning_rate)
+        self.num_accumulated = 0
+        self.num_optimizer_steps = 0
+        self.num_skipped_steps = 0
+        self.loaded_versions: set[int] = set()
+
+    def _learner_params(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.peft_model.named_parameters() if f".{LEARNER}." in n]
+
+    def forward_hooks(self, adapter_names: list[str]) -> Any:
+        """Context in which LoRA layers apply a per-token adapter (mixed-version batches)."""
+        return self.peft_model.base_model._enable_peft_forward_hooks(adapter_names=adapter_names)
+
+    def train_chunk(self, chunk: TrainChunk) -> list[float]:
+        """Forward and backward of each sample (gradients accumulate); steps when a batch is full."""
+        losses = []
+        for sample in chunk.samples:
+            loss = self._loss(sample, adapter=None)
+            losses.append(float(loss.detach()))
+            if math.isfinite(losses[-1]):
+                (loss * sample.weight / self.config.batch_size).backward()  # type: ignore[no-untyped-call]
+            self.num_accumulated += 1
+        return losses
+
+    def batch_ready(self) -> bool:
+        return self.num_accumulated >= self.config.batch_size
+
+    def optimizer_step(self) -> bool:
+        """Apply the accumulated gradients unless any is NaN/inf; True if the weights changed."""
+        params = self._learner_params()
+        grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+        if grads_finite:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.optimizer.step()
+            self.num_optimizer_steps += 1
+        else:
+            self.num_skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.num_accumulated = 0
+        return grads_finite
+
+    @torch.no_grad()
+    def evaluate(self, samples: list[TrainSample], version: int | None) -> float:
+        """Mean completion loss of `samples` under a served version, or the learner if None."""
+        if not samples:
+            return math.nan
+        losses = [float(self._loss(sample, adapter=None if version is None else adapter_name(version)))
+                  for sample in samples]
+        return sum(losses) / len(losses)
+
+    def _loss(self, sample: TrainSample, adapter: str | None) -> torch.Tensor:
+        device = next(self.peft_model.parameters()).device
+        ids = torch.tensor([sample.token_ids], device=device)
+        labels = ids.clone()
+        labels[:, : sample.num_prompt_tokens] = -100  # learn the answer, not the question
+        if adapter is None:
+            return self.peft_model(input_ids=ids, labels=labels).loss  # type: ignore[no-any-return]
+        with self.forward_hooks([adapter]):
+            return self.peft_model(input_ids=ids, labels=labels).loss  # type: ignore[no-any-return]
+
+    def publish(self, version: int) -> None:
+        """Freeze a copy of the learner's weights as adapter `v<version>`."""
+        name = adapter_name(version)
+        self.peft_model.add_adapter(name, self.lora_config)
+        params = dict(self.peft_model.named_parameters())
+        with torch.no_grad():
+            for param_name, param in params.items():
+                if f".{LEARNER}." in param_name:
+                    params[param_name.replace(f".{LEARNER}.", f".{name}.")].copy_(param)
+        self._freeze_all_but_learner()
+        self.loaded_versions.add(version)
+
+    def load_version(self, version: int, path: str) -> None:
+        self.peft_model.load_adapter(path, adapter_name=adapter_name(version), is_trainable=False)
+        self._freeze_all_but_learner()
+        self.loaded_versions.add(version)
+
+    def unload_version(self, version: int) -> None:
+        if version in self.loaded_versions:
+            self.peft_model.delete_adapter(adapter_name(version))
+            self.loaded_versions.discard(version)
+
+    def save_version(self, version: int, directory: str) -> None:
+        self.peft_model.save_pretrained(directory, selected_adapters=[adapter_name(version)])
+
+    def _freeze_all_but_learner(self) -> None:
+        # peft's add/load may mark new adapters trainable or switch the active one; keep the learner.
+        self.peft_model.base_model.set_adapter(LEARNER)
+        for name, param in self.peft_model.named_parameters():
+            param.requires_grad_(f".{LEARNER}." in name)
+
+    def state_dict(self) -> dict[str, Any]:
+        learner = {n: p.detach().clone() for n, p in self.peft_model.named_parameters() if f".{LEARNER}." in n}
+        return {"learner": learner, "optimizer": self.optimizer.state_dict(),
+                "num_optimizer_steps": self.num_optimizer_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = dict(self.peft_model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["learner"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.num_optimizer_steps = int(state["num_optimizer_steps"])

@@ -1,0 +1,134 @@
+"""Retraining policies: how much of each engine iteration goes to training (tensor-free).
+
+All policies run on the same code path (the scheduler asks, the runner trains) so that one trace
+compares them fairly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from mace.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    now_s: float
+    has_inference: bool
+    predicted_inference_s: float  # the latency model's prediction for this step's inference part
+    seconds_per_train_token: float
+    tpot_s: float
+    num_trainable: int  # samples the trainer could draw now
+    num_new_samples: int  # samples that arrived since the last training round or publish
+    drift: float  # running mean of intake loss / its value at the last publish (1.0: aligned)
+
+
+@dataclass(frozen=True)
+class TrainDecision:
+    max_tokens: int = 0
+    pause_serving: bool = False
+
+
+class RetrainPolicy(Protocol):
+    name: str
+
+    def decide(self, ctx: TrainContext) -> TrainDecision:
+        """The training token budget of this iteration (0: none)."""
+        ...
+
+    def on_optimizer_step(self, now_s: float) -> None:
+        """Called after each optimizer step."""
+        ...
+
+
+def _slack_tokens(ctx: TrainContext, idle_tokens: int) -> int:
+    """Training tokens that fit beside this step's inference without passing the TPOT target."""
+    if not ctx.has_inference:
+        return idle_tokens
+    slack_s = ctx.tpot_s - ctx.predicted_inference_s
+    return max(0, int(slack_s / ctx.seconds_per_train_token))
+
+
+class NoTraining:
+    name = "none"
+
+    def decide(self, ctx: TrainContext) -> TrainDecision:
+        return TrainDecision()
+
+    def on_optimizer_step(self, now_s: float) -> None:
+        return None
+
+
+class ContinuousPolicy:
+    """A fixed training chunk in every iteration, whatever the load or drift."""
+
+    name = "continuous"
+
+    def __init__(self, config: TrainConfig) -> None:
+        self._chunk_tokens = config.chunk_tokens
+
+    def decide(self, ctx: TrainContext) -> TrainDecision:
+        return TrainDecision(max_tokens=self._chunk_tokens if ctx.num_trainable else 0)
+
+    def on_optimizer_step(self, now_s: float) -> None:
+        return None
+
+
+class PeriodicPolicy:
+    """Every `periodic_interval_s` or `periodic_min_samples` new samples, stop serving and train K steps."""
+
+    name = "periodic"
+
+    def __init__(self, config: TrainConfig) -> None:
+        self._config = config
+        self._round_started_s: float | None = None
+        self._last_round_s = 0.0
+        self._steps_left = 0
+
+    def decide(self, ctx: TrainContext) -> TrainDecision:
+        if self._steps_left == 0 and ctx.num_trainable and self._due(ctx):
+            self._steps_left = self._config.periodic_steps
+            self._last_round_s = ctx.now_s
+        if self._steps_left == 0:
+            return TrainDecision()
+        return TrainDecision(max_tokens=self._config.idle_chunk_tokens, pause_serving=True)
+
+    def _due(self, ctx: TrainContext) -> bool:
+        waited = ctx.now_s - self._last_round_s >= self._config.periodic_interval_s
+        return waited or ctx.num_new_samples >= self._config.periodic_min_samples
+
+    def on_optimizer_step(self, now_s: float) -> None:
+        self._steps_left = max(0, self._steps_left - 1)
+
+
+class MacePolicy:
+    """Alignment-aware: training takes the latency slack in proportion to drift.
+
+    intensity = (drift - 1) / (drift_full_ratio - 1), clipped to [0, 1]: near zero when the model is
+    aligned with its users, all of the slack when it has drifted by `drift_full_ratio`.
+    """
+
+    name = "mace"
+
+    def __init__(self, config: TrainConfig) -> None:
+        self._config = config
+
+    def decide(self, ctx: TrainContext) -> TrainDecision:
+        if not ctx.num_trainable:
+            return TrainDecision()
+        intensity = min(1.0, max(0.0, (ctx.drift - 1.0) / (self._config.drift_full_ratio - 1.0)))
+        return TrainDecision(max_tokens=int(_slack_tokens(ctx, self._config.idle_chunk_tokens) * intensity))
+
+    def on_optimizer_step(self, now_s: float) -> None:
+        return None
+
+
+def make_policy(config: TrainConfig) -> RetrainPolicy:
+    policies: dict[str, RetrainPolicy] = {
+        "none": NoTraining(),
+        "continuous": ContinuousPolicy(config),
+        "periodic": PeriodicPolicy(config),
+        "mace": MacePolicy(config),
+    }
+    return policies[config.policy]

@@ -1,0 +1,100 @@
+"""Prioritised replay over a bounded window of recent samples, and the drift signal (tensor-free).
+
+A sample's value is its loss under the serving adapter times a freshness decay; training draws
+samples in value order. The drift signal is the running mean of incoming samples' loss relative to
+its value at the last publish: about 1.0 when the served model is aligned, above when it drifted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class TrainSample:
+    sample_id: int
+    token_ids: list[int]  # prompt + completion
+    num_prompt_tokens: int
+    created_at: float
+    weight: float = 1.0
+    loss: float = 1.0
+    num_trained: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class TrainChunk:
+    """A micro-batch for one iteration: these samples' forward and backward on the learner."""
+
+    samples: list[TrainSample] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(sample.num_tokens for sample in self.samples)
+
+
+class ReplayBuffer:
+    def __init__(self, window: int, half_life_s: float) -> None:
+        self._window = window
+        self._half_life_s = half_life_s
+        self._samples: OrderedDict[int, TrainSample] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def add(self, sample: TrainSample) -> None:
+        self._samples[sample.sample_id] = sample
+        while len(self._samples) > self._window:
+            self._samples.popitem(last=False)
+
+    def value(self, sample: TrainSample, now_s: float) -> float:
+        freshness = math.exp(-math.log(2) * max(0.0, now_s - sample.created_at) / self._half_life_s)
+        return sample.loss * sample.weight * freshness
+
+    def pick(self, max_tokens: int, now_s: float, max_samples: int) -> TrainChunk | None:
+        """Highest-value samples whose tokens fit `max_tokens` (best fit: a big one never blocks smaller ones)."""
+        ranked = sorted(self._samples.values(), key=lambda s: self.value(s, now_s), reverse=True)
+        chosen: list[TrainSample] = []
+        room = max_tokens
+        for sample in ranked:
+            if len(chosen) == max_samples:
+                break
+            if sample.num_tokens <= room:
+                chosen.append(sample)
+                room -= sample.num_tokens
+        return TrainChunk(chosen) if chosen else None
+
+
+UNALIGNED_RATIO = 10.0
+
+
+class DriftSignal:
+    def __init__(self, smoothing: float = 0.2) -> None:
+        self._smoothing = smoothing
+        self.mean_loss: float | None = None
+        self.baseline_loss: float | None = None
+
+    def observe(self, intake_loss: float) -> None:
+        if not math.isfinite(intake_loss):
+            return
+        if self.mean_loss is None:
+            self.mean_loss = intake_loss
+        else:
+            self.mean_loss += self._smoothing * (intake_loss - self.mean_loss)
+
+    def on_publish(self, heldout_loss: float) -> None:
+        self.baseline_loss = heldout_loss
+        self.mean_loss = heldout_loss
+
+    @property
+    def ratio(self) -> float:
+        if self.mean_loss is None:
+            return 1.0
+        if not self.baseline_loss:
+            return UNALIGNED_RATIO  # nothing published yet: every user sample is news
+        return self.mean_loss / self.baseline_loss
