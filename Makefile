@@ -25,7 +25,7 @@ serve: install
 	$(BIN)/mace serve --config $(CONFIG) --host $(HOST) --port $(PORT)
 
 lint: install
-	$(BIN)/ruff check src tests loadgen benchmarks
+	$(BIN)/ruff check src tests benchmarks $(wildcard loadgen)
 
 typecheck: install
 	$(BIN)/mypy

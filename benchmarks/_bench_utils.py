@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -77,8 +79,12 @@ class Server:
             )
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *_: object) -> None:
         self.stop()
+        if exc_type is None:  # keep the log only when something went wrong
+            self.log.unlink(missing_ok=True)
+        else:
+            print(f"{self.name} log: {self.log}", file=sys.stderr)
 
     def log_tail(self, lines: int = 15) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -89,7 +95,8 @@ class Server:
             while time.monotonic() < deadline:
                 assert self.proc is not None
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                    code = self.proc.returncode
+                    raise RuntimeError(f"{self.name} exited with {code} (see its log)\n{self.log_tail()}")
                 url, short = self.base_url + self.ready_path, aiohttp.ClientTimeout(2)
                 try:
                     async with session.get(url, timeout=short) as resp:
@@ -98,7 +105,7 @@ class Server:
                 except (aiohttp.ClientError, TimeoutError):
                     pass
                 await asyncio.sleep(0.5)
-        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f}s (see its log)\n{self.log_tail()}")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -179,3 +186,32 @@ async def scrape_metrics(base_url: str, names: tuple[str, ...]) -> dict[str, flo
         if base in names:
             found[base] = found.get(base, 0.0) + float(value)
     return found
+
+
+class CpuContention:
+    """CPU seconds that processes other than this one and its servers used while the benchmark ran.
+
+    The machine is shared; with 2 cores, anything else running makes OpenMP threads wait on each other and
+    numbers swing several-fold, so the table says how busy the machine was instead of leaving that hidden.
+    """
+
+    @staticmethod
+    def _machine_busy_s() -> float:
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _ours_s() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def __init__(self) -> None:
+        self.start_wall = time.monotonic()
+        self.start_busy, self.start_ours = self._machine_busy_s(), self._ours_s()
+
+    def report(self) -> str:
+        wall = time.monotonic() - self.start_wall
+        others = max(0.0, (self._machine_busy_s() - self.start_busy) - (self._ours_s() - self.start_ours))
+        share = others / (wall * (os.cpu_count() or 1))
+        return f"other processes used {others:.0f} CPU-s over {wall:.0f} s ({share:.0%} of the machine)"

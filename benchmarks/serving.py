@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a plain script by `make bench`
-from _bench_utils import PROMPTS, Server, drive, free_port, scrape_metrics
+from _bench_utils import PROMPTS, CpuContention, Server, drive, free_port, scrape_metrics
 
 THREADS = 2
 NEW_TOKENS = 48
@@ -89,13 +90,13 @@ def bare_loop(model: Any, prompts: list[list[int]], pad_id: int, new_tokens: int
     start = time.perf_counter()
     cache = DynamicCache(config=model.config)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # padding must not shift the real tokens' positions
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache,
                 logits_to_keep=1)  # only the last position's logits are needed
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(new_tokens - 1):
         mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache)
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, cache=cache)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     return len(prompts) * new_tokens / (time.perf_counter() - start)
 
@@ -115,7 +116,7 @@ def bench_generate_batch(model: Any, prompts: list[list[int]], new_tokens: int) 
 
 async def bench_server(server: Server, make_body: Any, levels: list[int], new_tokens: int,
                        ready_timeout: float) -> tuple[dict[int, Cell], dict[str, float] | None]:
-    """Start the server, warm it up with one full request, then send each level's requests all at once."""
+    """Once the server is ready: one full warm-up request, then each level's requests all at once."""
     await server.wait_ready(ready_timeout)
     bodies = [make_body(p) for p in PROMPTS]
     # The warm-up matters for transformers serve: it sets up continuous batching on the first request.
@@ -145,8 +146,12 @@ def run_mace(args: argparse.Namespace, levels: list[int], new_tokens: int) -> tu
     model_arg = str(args.model_dir) if args.model_dir_given else "builtin:smollm2"
     argv = [str(BIN / "mace"), "serve", "--config", str(REPO / "configs/default.toml"), "--model", model_arg,
             "--host", "127.0.0.1", "--port", str(port)]
-    env = {**THREAD_ENV, "MACE_CACHE_DIR": str(args.cache_dir), "MACE_MODEL__NUM_THREADS": str(THREADS)}
-    with Server("mace", argv, env, port, "/ready") as server:
+    env = {**THREAD_ENV, "MACE_CACHE_DIR": str(args.cache_dir), "MACE_MODEL__NUM_THREADS": str(THREADS),
+           # Serving only: no fine-tuning competing for the CPU, and the benchmark's chats stay out of the
+           # user's feedback journal (a throwaway data dir, removed afterwards).
+           "MACE_TRAIN__POLICY": "none"}
+    with tempfile.TemporaryDirectory(prefix="bench-mace-data-") as data_dir, \
+            Server("mace", argv, {**env, "MACE_DATA_DIR": data_dir}, port, "/ready") as server:
 
         def body(prompt: str) -> dict[str, Any]:  # mace serves the model under the name it was started with
             return {"model": model_arg, "messages": [{"role": "user", "content": prompt}], "stream": True,
@@ -262,6 +267,7 @@ def main() -> None:
 
     rows: dict[str, dict[int, Cell]] = {}
     overhead = "n/a"
+    contention = CpuContention()
     print("running mace serve ...", file=sys.stderr, flush=True)
     try:
         rows["mace serve"], overhead = run_mace(args, levels, new_tokens)
@@ -283,6 +289,7 @@ def main() -> None:
     print_table(rows, levels)
     print()
     print(f"mace engine overhead (1 - forward/step over the measured requests): {overhead}")
+    print(f"machine load during the run: {contention.report()} (if high, rerun on a quiet machine)")
     for note in notes:
         print(f"note: {note}")
 

@@ -78,6 +78,7 @@ class TrainConfig(_Section):
     heldout_size: int = Field(16, ge=1)
     publish_margin: float = Field(0.02, ge=0, lt=1)
     max_staleness_s: float = Field(300.0, gt=0)
+    min_publish_interval_s: float = Field(10.0, ge=0, description="versions are not published more often")
     checkpoint_interval_s: float = Field(60.0, gt=0)
     max_versions_loaded: int = Field(3, ge=1)
 

@@ -113,7 +113,9 @@ async def list_adapters(request: web.Request) -> web.Response:
                      for v in trainer.store.versions()]
     for version in versions:
         version["active"] = version["version"] == engine.adapter_version
-    return web.json_response({"object": "list", "active": engine.adapter_version, "data": versions}, dumps=dumps)
+    auto_publish = trainer is not None and not trainer.publishing_held
+    body = {"object": "list", "active": engine.adapter_version, "auto_publish": auto_publish, "data": versions}
+    return web.json_response(body, dumps=dumps)
 
 
 @routes.post("/v1/adapters/{version}/activate")

@@ -87,9 +87,11 @@ class DriftSignal:
         else:
             self.mean_loss += self._smoothing * (intake_loss - self.mean_loss)
 
-    def on_publish(self, heldout_loss: float) -> None:
-        self.baseline_loss = heldout_loss
-        self.mean_loss = heldout_loss
+    def on_publish(self, serving_loss: float, learner_loss: float) -> None:
+        """The new version's held-out loss becomes the reference; the loss users saw until now is the
+        current level, so a publish that gained a lot keeps training going and a marginal one lets it rest."""
+        self.baseline_loss = learner_loss
+        self.mean_loss = serving_loss
 
     @property
     def ratio(self) -> float:

@@ -52,6 +52,7 @@ class Trainer:
         self.heldout: list[TrainSample] = []
         self.drift = DriftSignal()
         self.active_version = 0
+        self.publishing_held = False  # an operator chose a version by hand: keep it until they choose the newest
         self.num_new_samples = 0
         self.train_tokens_total = 0
         self.train_seconds_total = 0.0
@@ -126,7 +127,8 @@ class Trainer:
 
     def _maybe_publish(self) -> None:
         heldout = self.heldout[-self.config.heldout_size :]
-        if not heldout:
+        since_publish_s = time.monotonic() - self.last_publish_s
+        if not heldout or self.publishing_held or since_publish_s < self.config.min_publish_interval_s:
             return
         learner = self.learner.evaluate(heldout, None)
         serving = self.learner.evaluate(heldout, self.active_version)
@@ -147,7 +149,7 @@ class Trainer:
         self.store.set_active(version)
         self.active_version = version
         self.last_publish_s = time.monotonic()
-        self.drift.on_publish(learner_loss)
+        self.drift.on_publish(serving_loss, learner_loss)
         self.num_new_samples = 0
         log.info("adapter published", version=version, serving_loss=serving_loss, learner_loss=learner_loss,
                  reason=reason)
@@ -158,6 +160,7 @@ class Trainer:
             self.learner.load_version(version, str(self.store.path(version)))
         self.store.set_active(version)
         self.active_version = version
+        self.publishing_held = version != max((v.version for v in self.store.versions()), default=0)
 
     def release_versions(self, in_use: set[int]) -> None:
         """Unload old versions no request is pinned to, keeping the newest few loaded."""

@@ -1,0 +1,76 @@
+"""The server learns what it did not know, from feedback, while it serves.
+
+A question is answered wrongly; feedback samples teach the answer; the served answer changes to
+the taught one after a publish, while a request that was already streaming finishes on the old
+version.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from mace.model.loader import ModelBundle
+from tests.conftest import start_server, tiny_config, wait_until
+
+QUESTION = [{"role": "user", "content": "What is the secret word?"}]
+ANSWER = "zebra"
+TRAIN = {"learning_rate": 0.01, "batch_size": 2, "lora_rank": 16, "heldout_every": 4, "chunk_tokens": 256,
+         "max_staleness_s": 3600, "min_publish_interval_s": 1.0,
+         "drift_full_ratio": 1.1}
+
+
+async def ask(session: aiohttp.ClientSession, url: str) -> tuple[str, int]:
+    body = {"model": "builtin:tiny", "messages": QUESTION, "max_tokens": 8, "temperature": 0}
+    async with session.post(url + "/v1/chat/completions", json=body) as response:
+        reply = await response.json()
+    return reply["choices"][0]["message"]["content"], int(reply["system_fingerprint"].rsplit("v", 1)[1])
+
+
+@pytest.mark.parametrize("policy", ["continuous", "mace"])
+async def test_served_answer_changes_after_feedback(tmp_path: Path, tiny_bundle: ModelBundle, policy: str) -> None:
+    from mace.model.loader import load_model
+
+    config = tiny_config(tmp_path, train={**TRAIN, "policy": policy})
+    runner, url = await start_server(config, load_model(config.model, config.cache_dir))
+    try:
+        async with aiohttp.ClientSession() as session:
+            before, version = await ask(session, url)
+            assert before != ANSWER and version == 0
+            long_body = {"model": "builtin:tiny", "messages": [{"role": "user", "content": "talk"}],
+                         "max_tokens": 60, "ignore_eos": True, "stream": True, "temperature": 0}
+            streaming = await session.post(url + "/v1/chat/completions", json=long_body)
+            await streaming.content.readline()  # started on version 0
+            samples = [{"messages": [*QUESTION, {"role": "assistant", "content": ANSWER}]}] * 8
+            async with session.post(url + "/v1/feedback", json=samples) as response:
+                assert response.status == 202
+                assert len((await response.json())["ids"]) == 8
+            last_chunk = ""
+            async for line in streaming.content:
+                if line.startswith(b"data: {"):
+                    last_chunk = line.decode()
+            assert '"system_fingerprint":"mace-adapter-v0"' in last_chunk  # kept its version to the end
+            streaming.close()
+
+            async def learned() -> bool:
+                answer, version = await ask(session, url)
+                return answer == ANSWER and version >= 1
+
+            await wait_until(learned, timeout_s=180, what=f"served answer to become {ANSWER!r}")
+            async with session.get(url + "/v1/adapters") as response:
+                adapters = await response.json()
+            assert adapters["active"] >= 1
+            published = [v for v in adapters["data"] if v["version"] >= 1]
+            assert all(v["learner_loss"] < v["serving_loss"] for v in published)
+            async with session.get(url + "/v1/feedback") as response:
+                counts = await response.json()
+            assert counts["total"] == 8 and counts["trained"] + counts["held_out"] == 8
+            async with session.post(url + "/v1/adapters/0/activate") as response:
+                assert response.status == 200
+            assert (await ask(session, url)) == (before, 0)  # rolled back; auto-publish holds until told
+            async with session.get(url + "/v1/adapters") as response:
+                assert (await response.json())["auto_publish"] is False
+    finally:
+        await runner.cleanup()
