@@ -14,6 +14,7 @@ import pytest
 
 from mace.model.loader import ModelBundle
 from tests.conftest import start_server, tiny_config, wait_until
+from tests.server.test_health_metrics import metric_values
 
 QUESTION = [{"role": "user", "content": "What is the secret word?"}]
 ANSWER = "zebra"
@@ -67,10 +68,19 @@ async def test_served_answer_changes_after_feedback(tmp_path: Path, tiny_bundle:
             async with session.get(url + "/v1/feedback") as response:
                 counts = await response.json()
             assert counts["total"] == 8 and counts["trained"] + counts["held_out"] == 8
+            async with session.get(url + "/metrics") as response:
+                metrics = metric_values(await response.text())
+            assert metrics["mace:adapter_active_version"] >= 1 and metrics["mace:train_tokens_total"] > 0
+            published_version = adapters["active"]
+            await runner.cleanup()  # graceful stop: the learner is checkpointed
+            runner, url = await start_server(config, load_model(config.model, config.cache_dir))
+            assert await ask(session, url) == (ANSWER, published_version)  # the restart serves it
             async with session.post(url + "/v1/adapters/0/activate") as response:
                 assert response.status == 200
             assert (await ask(session, url)) == (before, 0)  # rolled back; auto-publish holds until told
             async with session.get(url + "/v1/adapters") as response:
                 assert (await response.json())["auto_publish"] is False
+            async with session.post(url + "/v1/adapters/999/activate") as response:
+                assert response.status == 404
     finally:
         await runner.cleanup()

@@ -36,6 +36,7 @@ def gguf_dir() -> Path:
 
 def prepare(cache_dir: Path) -> Path:
     """The converted checkpoint's directory, converting on first use."""
+    cache_dir = cache_dir.expanduser()
     target = cache_dir / CHECKPOINT_NAME
     if (target / "config.json").is_file():
         return target

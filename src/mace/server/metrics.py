@@ -7,6 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mace.engine.engine import EngineStats
+from mace.train.trainer import TrainStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                     10.0, 20.0, 40.0, 80.0)
@@ -53,6 +54,31 @@ class ServerMetrics:
                     lambda s: s.step_time_s_total)
         self._gauge("mace:engine_forward_seconds_total", "Wall time inside the model forward.",
                     lambda s: s.forward_time_s_total)
+
+        self._train_gauges()
+
+    def _train_gauges(self) -> None:
+        """Learning: zero (or NaN for losses) while no retraining policy runs."""
+        train = self._train_gauge
+        train("mace:train_tokens_total", "Training tokens processed.", lambda t: t.train_tokens_total)
+        train("mace:train_seconds_total", "Wall time spent in training micro-steps.", lambda t: t.train_seconds_total)
+        train("mace:train_optimizer_steps_total", "Optimizer steps taken.", lambda t: t.num_optimizer_steps)
+        train("mace:train_skipped_steps_total", "Optimizer steps skipped for NaN/inf.", lambda t: t.num_skipped_steps)
+        train("mace:train_pending_samples", "Samples the trainer can draw.", lambda t: t.num_trainable)
+        train("mace:learner_loss", "Learner's recent training loss.", lambda t: t.learner_loss)
+        train("mace:heldout_loss_serving", "Held-out loss of the serving version.", lambda t: t.serving_heldout_loss)
+        train("mace:heldout_loss_learner", "Held-out loss of the learner.", lambda t: t.learner_heldout_loss)
+        train("mace:adapter_active_version", "Adapter version new requests use.", lambda t: t.active_version)
+        train("mace:seconds_since_publish", "Seconds since the last publish.", lambda t: t.seconds_since_publish)
+        train("mace:drift_signal", "Intake loss relative to its value at the last publish.", lambda t: t.drift)
+        self._gauge("mace:train_step_time_share", "Share of engine step time spent training (0-1).",
+                    lambda s: s.train.train_seconds_total / s.step_time_s_total
+                    if s.train is not None and s.step_time_s_total > 0 else 0.0)
+        self._gauge("mace:latency_model_error_seconds", "Measured minus predicted time of the last step.",
+                    lambda s: s.latency_error_s)
+
+    def _train_gauge(self, name: str, documentation: str, read: Callable[[TrainStats], float]) -> None:
+        self._gauge(name, documentation, lambda s: read(s.train) if s.train is not None else 0.0)
 
     def _gauge(self, name: str, documentation: str, read: Callable[[EngineStats], float]) -> None:
         def value() -> float:
