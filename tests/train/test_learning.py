@@ -84,3 +84,35 @@ async def test_served_answer_changes_after_feedback(tmp_path: Path, tiny_bundle:
                 assert response.status == 404
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.slow
+async def test_default_model_learns_a_fact(tmp_path: Path) -> None:
+    from mace.model.loader import load_model
+    from tests.model.test_smollm2 import shared_cache_dir
+
+    train = {**TRAIN, "policy": "mace", "learning_rate": 0.002, "lora_rank": 8}
+    config = tiny_config(tmp_path, model={"name": "builtin:smollm2"}, cache_dir=str(shared_cache_dir()),
+                         train=train)
+    runner, url = await start_server(config, load_model(config.model, config.cache_dir))
+    question = [{"role": "user", "content": "What is the name of my cat?"}]
+    taught = "Your cat is called Zorblax."
+    body = {"model": "builtin:smollm2", "messages": question, "max_tokens": 12, "temperature": 0}
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/v1/chat/completions", json=body) as response:
+                assert "Zorblax" not in (await response.json())["choices"][0]["message"]["content"]
+            samples = [{"messages": [*question, {"role": "assistant", "content": taught}]}] * 8
+            async with session.post(url + "/v1/feedback", json=samples) as response:
+                assert response.status == 202
+
+            async def learned() -> bool:
+                async with session.post(url + "/v1/chat/completions", json=body) as response:
+                    reply = await response.json()
+                return "Zorblax" in reply["choices"][0]["message"]["content"] and reply["system_fingerprint"] != (
+                    "mace-adapter-v0"
+                )
+
+            await wait_until(learned, timeout_s=400, what="the default model to answer with the taught name")
+    finally:
+        await runner.cleanup()
