@@ -1,0 +1,138 @@
+"""`compare`: one mace server per retraining policy, each driven by the same trace and seed, then one
+side-by-side table and the plots. Policies run one after another (never concurrently) so that
+they do not compete for the machine, and each gets a fresh data dir so that none inherits another's
+feedback or adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from loadgen.metrics import summarize
+from loadgen.plots import PlotRun, phase_starts_of, write_plots
+from loadgen.progress import Progress
+from loadgen.report import comparison_table, write_records, write_summary
+from loadgen.runner import RunConfig, Runner
+from loadgen.traces import TraceItem
+from mace.client import AsyncClient
+
+POLICIES = ("none", "periodic", "continuous", "mace")
+
+
+class ServerFailed(RuntimeError):
+    """The server exited or never became ready; the message ends with its log's tail."""
+
+
+@dataclass
+class ServerSpec:
+    model: str
+    config: str = "configs/default.toml"
+    ready_timeout_s: float = 600.0  # the first start may convert a checkpoint
+    extra_env: dict[str, str] | None = None
+    # Replaces `mace serve ...` (tests start a fake); "{port}" in it is replaced by the port.
+    command: tuple[str, ...] | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class PolicyServer:
+    """`mace serve` in a child process with MACE_TRAIN__POLICY set; its output goes to a log file."""
+
+    def __init__(self, spec: ServerSpec, policy: str, workdir: Path) -> None:
+        self.spec, self.policy = spec, policy
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "server.log"
+        self.data_dir = workdir / "data"
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        env = {**os.environ, **(self.spec.extra_env or {}), "MACE_TRAIN__POLICY": self.policy,
+               "MACE_DATA_DIR": str(self.data_dir)}
+        command = [sys.executable, "-m", "mace.cli", "serve", "--config", self.spec.config,
+                   "--model", self.spec.model, "--port", str(self.port), "--host", "127.0.0.1"]
+        if self.spec.command is not None:
+            command = [part.replace("{port}", str(self.port)) for part in self.spec.command]
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                *command, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)
+        await self._wait_ready()
+
+    async def _wait_ready(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + self.spec.ready_timeout_s
+        async with AsyncClient(self.url, timeout_s=5.0) as client:
+            while not await client.ready():
+                if self._process.returncode is not None:
+                    raise ServerFailed(f"policy {self.policy}: the server exited with {self._process.returncode}:\n"
+                                       + self.log_tail())
+                if time.monotonic() > deadline:
+                    raise ServerFailed(f"policy {self.policy}: not ready after {self.spec.ready_timeout_s:.0f}s:\n"
+                                       + self.log_tail())
+                await asyncio.sleep(0.5)
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    async def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 30.0)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+async def compare(policies: list[str], items: list[TraceItem], spec: ServerSpec, run: RunConfig, out: Path,
+                  slo: dict[str, float], progress: bool = True, trace_name: str = "") -> dict[str, Any]:
+    """Run every policy; write out/<policy>/ (records, summary, server.log) and out/compare.md and
+    the plots. A policy whose server fails is reported in the table's notes, not fatal to the rest."""
+    summaries: dict[str, dict[str, Any]] = {}
+    plot_runs: dict[str, PlotRun] = {}
+    notes: list[str] = []
+    for policy in policies:
+        workdir = out / policy
+        workdir.mkdir(parents=True, exist_ok=True)
+        server = PolicyServer(spec, policy, workdir)
+        try:
+            await server.start()
+            with Progress(progress, title=f"loadgen compare: {policy}") as live:
+                result = await Runner(replace(run, url=server.url), items, on_tick=live.update).run()
+        except ServerFailed as exc:
+            notes.append(f"- {policy}: {str(exc).splitlines()[0]} (see {workdir / 'server.log'})")
+            continue
+        finally:
+            await server.stop()
+        summary = summarize(result.records, slo, result.duration_s, result.events)
+        write_records(workdir, result.records, result.events)
+        write_summary(workdir, summary, f"policy {policy}")
+        summaries[policy] = summary
+        plot_runs[policy] = PlotRun(result.records, result.events)
+    lines = [f"# Policy comparison: trace {trace_name or '?'}, model {spec.model}, seed {run.seed}", ""]
+    if summaries:
+        lines.append(comparison_table(summaries))
+    if notes:
+        lines += ["", "Policies that did not run:", *notes]
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    if plot_runs:
+        first = next(iter(plot_runs.values()))
+        write_plots(out, plot_runs, phase_starts_of(first.records))
+    return {"summaries": summaries, "notes": notes}

@@ -1,0 +1,102 @@
+"""Output files: per-request JSONL and CSV, events JSONL, summary JSON and Markdown, and the
+side-by-side Markdown table of several runs."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from loadgen.metrics import RequestRecord
+
+CSV_FIELDS = (
+    "request_id", "trace_id", "kind", "user", "phase", "status", "arrival_s", "start_s", "ttft_s", "tpot_s",
+    "e2e_s", "prompt_tokens", "output_tokens", "adapter_version", "finish_reason", "reference", "answer",
+    "error", "itl_s",
+)
+
+
+def write_records(out: Path, records: Sequence[RequestRecord], events: Sequence[dict[str, Any]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    ordered = sorted(records, key=lambda r: (r.start_s, r.request_id))
+    with (out / "requests.jsonl").open("wb") as jsonl:
+        for record in ordered:
+            jsonl.write(orjson.dumps(record.to_dict()) + b"\n")
+    with (out / "requests.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for record in ordered:
+            row = record.to_dict()
+            # One cell per request: the gaps joined, so the CSV stays one row per request.
+            row["itl_s"] = ";".join(f"{gap:.6f}" for gap in record.itl_s)
+            writer.writerow(row)
+    with (out / "events.jsonl").open("wb") as handle:
+        for event in events:
+            handle.write(orjson.dumps(event) + b"\n")
+
+
+def read_records(path: Path) -> list[RequestRecord]:
+    return [RequestRecord.from_dict(orjson.loads(line)) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def write_summary(out: Path, summary: Mapping[str, Any], title: str = "loadgen run") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    (out / "summary.md").write_text(f"# {title}\n\n" + comparison_table({"run": summary}) + "\n")
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}"
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The table rows of one summary, in the order a reader wants them."""
+    out = [
+        ("requests (ok / failed)", f"{summary['ok']} / {summary['failed']}"),
+        ("duration (s)", _num(summary["duration_s"], 1)),
+        ("throughput (req/s)", _num(summary["throughput_rps"])),
+        ("output tokens/s", _num(summary["output_tok_s"], 1)),
+    ]
+    for metric, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"), ("e2e_s", "E2E")):
+        stats = summary[metric]
+        out.append((f"{label} p50 / p90 / p99 (ms)", " / ".join(_ms(stats[f"p{p}"]) for p in (50, 90, 99))))
+    slo = summary.get("slo") or {}
+    if slo:
+        limits = ", ".join(f"{k}≤{v:g}s" for k, v in slo.items())
+        out.append((f"goodput (req/s, {limits})", _num(summary["goodput_rps"])))
+        out.append(("SLO attainment", _pct(summary["slo_attainment"].get("all"))))
+    feedback = summary["feedback"]
+    out.append(("feedback (ok / sent)", f"{feedback['ok']} / {feedback['sent']}"))
+    versions = summary.get("adapter_versions") or []
+    out.append(("adapter versions in answers", ", ".join(map(str, versions)) or "-"))
+    publishes = summary.get("adapter_publishes") or []
+    out.append(("adapter publishes (first at s)",
+                f"{len(publishes)} ({publishes[0]['time_s']:.1f})" if publishes else "0"))
+    for phase, stats in summary["alignment"].items():
+        out.append((f"alignment phase {phase} (exact / prefix, n)",
+                    f"{_pct(stats['exact'])} / {_pct(stats['prefix'])}, {int(stats['n'])}"))
+    return out
+
+
+def comparison_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """One Markdown table: a row per metric, a column per run. Runs missing a row show "-"."""
+    columns = list(summaries)
+    table: dict[str, dict[str, str]] = {}
+    for name, summary in summaries.items():
+        for label, value in rows(summary):
+            table.setdefault(label, {})[name] = value
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, values in table.items():
+        lines.append(f"| {label} | " + " | ".join(values.get(name, "-") for name in columns) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""The runner against a scripted fake server: error events, missing endpoints, stopping on time."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+from loadgen.arrivals import constant
+from loadgen.metrics import summarize
+from loadgen.runner import RunConfig, Runner
+from loadgen.server_api import ServerApi, active_version
+from loadgen.traces import TraceItem
+from loadgen.users import ChatUser, task
+
+
+def items(count: int, fail_every: int = 0) -> list[TraceItem]:
+    out = []
+    for index in range(count):
+        text = "FAIL" if fail_every and index % fail_every == 0 else "hello"
+        out.append(TraceItem(
+            id=f"t{index}", time=index * 0.01, messages=[{"role": "user", "content": text}], phase=index % 2,
+            reference="ok fine done", feedback=[{"prompt": text, "completion": "ok"}],
+        ))
+    return out
+
+
+async def test_error_events_fail_and_missing_feedback_endpoint_does_not_stop_the_run(fake_url: str) -> None:
+    config = RunConfig(url=fake_url, users=3, requests=9, mix={"feedback": 1.0}, poll_s=0.05)
+    result = await Runner(config, items(9, fail_every=3)).run()
+    generations = [r for r in result.records if r.kind == "chat"]
+    assert len(generations) == 9
+    failed = [r for r in generations if not r.ok]
+    assert len(failed) == 3 and {r.status for r in failed} == {"error_event"}
+    assert all("engine failed" in (r.error or "") for r in failed)
+    for record in generations:
+        if record.ok:
+            assert record.answer == "ok fine done" and record.output_tokens == 3
+            assert record.adapter_version == 5 and record.request_id == "chatcmpl-f"
+            assert record.ttft_s is not None and record.e2e_s is not None and record.ttft_s <= record.e2e_s
+            assert len(record.itl_s) == 2 and all(gap > 0.005 for gap in record.itl_s)
+    feedback = [r for r in result.records if r.kind == "feedback"]
+    assert len(feedback) == 9 and {r.status for r in feedback} == {"http_404"}
+    summary = summarize(result.records, {"ttft": 5.0})
+    assert (summary["ok"], summary["failed"], summary["failures"]) == (6, 3, {"error_event": 3})
+    assert summary["feedback"] == {"sent": 9, "ok": 0}
+    assert summary["slo_attainment"]["all"] == pytest.approx(6 / 9)
+    assert summary["alignment"]["0"]["exact"] == 1.0  # every ok answer is the reference
+    # The adapter version came from the fingerprints: /v1/adapters is a 404 here.
+    assert [e["version"] for e in result.events] == [5]
+
+
+async def test_missing_adapters_endpoint_is_remembered(fake_url: str) -> None:
+    async with ServerApi(fake_url) as api:
+        assert await api.active_adapter() is None
+        assert api.adapters_supported is False
+        result = await api.feedback([{"prompt": "a", "completion": "b"}])
+        assert result.status == 404 and not result.ok
+    async with ServerApi("http://127.0.0.1:9") as unreachable:  # nothing listens on the discard port
+        result = await unreachable.feedback([])
+        assert result.status == 0 and result.error
+
+
+def test_active_version_shapes() -> None:
+    assert active_version({"active": 3}) == 3
+    assert active_version({"active": {"version": 4}}) == 4
+    assert active_version({"active": "v2"}) == 2
+    assert active_version({"active": True}) is None and active_version({}) is None
+
+
+async def test_duration_stops_the_run_and_cancels_stragglers(slow_fake_url: str) -> None:
+    # Each stream takes ~1.5 s; the run stops at 0.3 s and waits 0.2 s for those in flight.
+    config = RunConfig(url=slow_fake_url, users=2, duration_s=0.3, grace_s=0.2, mix={"chat": 1.0}, poll_s=0)
+    started = time.monotonic()
+    result = await Runner(config, items(5)).run()
+    assert time.monotonic() - started < 1.5
+    assert [r.status for r in result.records] == ["cancelled", "cancelled"]
+    summary = summarize(result.records)
+    assert summary["cancelled"] == 2 and summary["requests"] == 0
+
+
+@pytest.mark.parametrize("arrival", ["poisson", "bursty", "replay"])
+async def test_open_loop_arrivals(fake_url: str, arrival: str) -> None:
+    config = RunConfig(url=fake_url, arrival=arrival, rate=50.0, requests=6, mix={"chat": 1.0}, poll_s=0)  # type: ignore[arg-type]
+    result = await Runner(config, items(10)).run()
+    assert [r.status for r in result.records] == ["ok"] * 6
+    arrivals = sorted(r.arrival_s for r in result.records)
+    if arrival == "replay":  # the trace's clock: items are 10 ms apart
+        assert arrivals == pytest.approx([i * 0.01 for i in range(6)])
+    assert [r.trace_id for r in sorted(result.records, key=lambda r: r.arrival_s)] == [f"t{i}" for i in range(6)]
+
+
+def test_runner_needs_an_end() -> None:
+    with pytest.raises(ValueError, match="duration or a request count"):
+        Runner(RunConfig(url="http://x"), items(1))
+
+
+class Pinger(ChatUser):
+    """A locust-style user: the inherited `ask` (weight 1) and its own weighted task."""
+
+    weight = 2.0
+    wait_time = constant(0.0)
+
+    @task(3)
+    async def note(self) -> None:
+        self.notes = getattr(self, "notes", 0) + 1
+
+
+async def test_custom_user_classes_and_think_time(fake_url: str) -> None:
+    config = RunConfig(url=fake_url, users=1, requests=3, wait=(0.1, 0.1), poll_s=0)
+    ticks: list[int] = []
+    runner = Runner(config, items(5), on_tick=lambda ctx: ticks.append(len(ctx.recorder.records)),
+                    user_types=[Pinger])
+    assert runner.classes == [(Pinger, 2.0)]
+    result = await runner.run()
+    starts = sorted(r.start_s for r in result.records)
+    assert len(starts) == 3 and all(b - a >= 0.1 for a, b in itertools.pairwise(starts))  # the think time
+    assert {r.user for r in result.records} == {"Pinger-0"} and ticks and ticks[-1] == 3
+    user = Pinger(None, "p")  # type: ignore[arg-type]  # tasks do not need the context to be listed
+    assert [(fn.__name__, weight) for fn, weight in user.tasks] == [("ask", 1.0), ("note", 3.0)]
