@@ -36,6 +36,7 @@ pytest: install
 test: lint typecheck pytest
 
 bench: install
+	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/serving.py
 
 clean:

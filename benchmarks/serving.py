@@ -103,7 +103,7 @@ def bare_loop(model: Any, prompts: list[list[int]], pad_id: int, new_tokens: int
 
 def bench_generate_batch(model: Any, prompts: list[list[int]], new_tokens: int) -> float:
     """transformers' continuous batching (paged attention), in-process, no HTTP."""
-    # eos_token_id=-1 is how continuous batching disables EOS (it has no min_new_tokens).
+    # eos_token_id=-1 is how continuous batching disables EOS: every request runs to max_new_tokens.
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1)
     start = time.perf_counter()
     results = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)

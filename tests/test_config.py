@@ -47,3 +47,9 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("[model\nname=")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad, environ={})
+
+
+def test_default_directories_are_expanded() -> None:
+    config = load_config(environ={})
+    assert "~" not in str(config.cache_dir) and "~" not in str(config.data_dir)
+    assert config.cache_dir == Path("~/.cache/mace").expanduser()

@@ -84,6 +84,9 @@ class TrainConfig(_Section):
 
 
 class MaceConfig(_Section):
+    # validate_default: the default directories must be expanded too (pydantic skips defaults otherwise)
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
     server: ServerConfig = ServerConfig()

@@ -88,7 +88,10 @@ class ModelRunner:
             return self._forward(inputs)
         names = [adapter_name(chunk.request.adapter_version)
                  for chunk in inputs.singles + inputs.multis for _ in range(chunk.num_new_tokens)]
-        with self.trainer.learner.forward_hooks(names):
+        learner = self.trainer.learner
+        # All on the base model (nothing published yet): skip the per-token adapter routing.
+        context = learner.base_only() if set(names) == {adapter_name(0)} else learner.forward_hooks(names)
+        with context:
             return self._forward(inputs)
 
     def _prepare(self, plan: IterationPlan) -> _StepInputs:

@@ -45,6 +45,10 @@ class Learner:
         """Context in which LoRA layers apply a per-token adapter (mixed-version batches)."""
         return self.peft_model.base_model._enable_peft_forward_hooks(adapter_names=adapter_names)
 
+    def base_only(self) -> Any:
+        """Context in which LoRA layers are bypassed (version 0 for every token)."""
+        return self.peft_model.disable_adapter()
+
     def train_chunk(self, chunk: TrainChunk) -> list[float]:
         """Forward and backward of each sample (gradients accumulate); steps when a batch is full."""
         losses = []
