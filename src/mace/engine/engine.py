@@ -10,6 +10,7 @@ Cancelling the `generate()` iterator (the client went away) aborts the request a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import threading
 import time
@@ -96,26 +97,32 @@ class Engine:
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop_done: concurrent.futures.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
 
     # ---- lifecycle (event loop side) ----
 
-    def start(self) -> None:
+    def start(self, model_thread: concurrent.futures.Executor | None = None) -> None:
+        """Run the step loop on `model_thread` (the one-worker executor that loaded the model) or a new thread.
+
+        Keeping every torch call on one OS thread matters on CPU: a second thread that has run OpenMP
+        work (loading the model, say) leaves a thread team behind that slows the engine's kernels.
+        """
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run_loop, name="mace-engine", daemon=True)
-        self._thread.start()
+        if model_thread is None:
+            model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mace-engine")
+        self._loop_done = model_thread.submit(self._run_loop)
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop_done is not None and not self._loop_done.done()
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         self._stopping.set()
         self._wakeup.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        if self._loop_done is not None:
+            concurrent.futures.wait([self._loop_done], timeout=timeout_s)
         if self.trainer is not None:
             self.trainer.checkpoint()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Callable
 
 import structlog
@@ -23,6 +24,8 @@ class Runtime:
         self.config = config
         self._load = load or (lambda: load_model(config.model, config.cache_dir))
         self.engine: Engine | None = None
+        # One OS thread loads the model and then runs the engine: all torch work stays on it.
+        self._model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mace-engine")
         self.journal: Journal | None = None
         self.load_error: str | None = None
         self.metrics = ServerMetrics(self.stats)
@@ -46,20 +49,22 @@ class Runtime:
 
     async def start(self) -> None:
         """Load the model off the event loop, so /health answers while it loads."""
+        loop = asyncio.get_running_loop()
         try:
-            bundle = await asyncio.to_thread(self._load)
+            bundle = await loop.run_in_executor(self._model_thread, self._load)
             self.journal = Journal(self.config.data_dir / "journal.sqlite3", self.config.train.heldout_every)
+            journal = self.journal
             trainer = None
             if self.config.train.policy != "none":
-                trainer = await asyncio.to_thread(
-                    Trainer, bundle.causal_lm, bundle.tokenizer, self.journal, self.config
+                trainer = await loop.run_in_executor(
+                    self._model_thread, lambda: Trainer(bundle.causal_lm, bundle.tokenizer, journal, self.config)
                 )
             engine = Engine(bundle, self.config, trainer)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("model failed to load; /ready will answer 503 with the reason")
             return
-        engine.start()
+        engine.start(self._model_thread)
         self.engine = engine
         log.info("engine ready", model=bundle.name, device=str(bundle.device), max_model_len=engine.max_model_len,
                  kv_blocks=engine.blocks.num_blocks)
@@ -67,5 +72,6 @@ class Runtime:
     def stop(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
         if self.journal is not None:
             self.journal.close()
