@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 CONFIG ?= configs/default.toml
 
-.PHONY: install serve test lint typecheck pytest bench clean
+.PHONY: install serve test lint typecheck pytest bench bench-train clean
 
 install: $(STAMP)
 
@@ -38,6 +38,12 @@ test: lint typecheck pytest
 bench: install
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/serving.py
+
+# Every retraining policy on the same drifting trace and seed, one server each, on the default model.
+bench-train: install
+	$(BIN)/python -m loadgen compare --policies none,periodic,continuous,mace --trace personalization \
+		--model builtin:smollm2 --arrival replay --seed 0 --slo ttft=1.0,tpot=0.35 --out docs/results/train \
+		--no-progress
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -99,3 +99,11 @@ def test_periodic_stops_serving_while_it_trains() -> None:
 def test_none_never_trains() -> None:
     scheduler = make("none", FakeSource(drift=10.0))
     assert train_tokens_with_running(scheduler, 1) == 0
+
+
+def test_mace_idle_steps_stay_short_enough_for_a_new_arrival() -> None:
+    scheduler = make("mace", FakeSource(drift=5.0, sample_tokens=8), idle_chunk_tokens=512)
+    teach_latency(scheduler)
+    plan = scheduler.schedule()  # nothing to serve: training takes the step, but a bounded one
+    assert plan.train is not None
+    assert scheduler.latency.predict(StepShape(0, 0, plan.train.num_tokens)) <= 0.5 * scheduler.slo.ttft_s + 0.01

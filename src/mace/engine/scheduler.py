@@ -117,6 +117,7 @@ class Scheduler:
             predicted_inference_s=self.latency.predict(inference) if has_inference else 0.0,
             seconds_per_train_token=self.latency.seconds_per_train_token,
             tpot_s=self.slo.tpot_s,
+            ttft_s=self.slo.ttft_s,
             num_trainable=source.num_trainable,
             num_new_samples=source.num_new_samples,
             drift=source.drift_ratio(),

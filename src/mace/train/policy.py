@@ -19,6 +19,7 @@ class TrainContext:
     predicted_inference_s: float  # the latency model's prediction for this step's inference part
     seconds_per_train_token: float
     tpot_s: float
+    ttft_s: float
     num_trainable: int  # samples the trainer could draw now
     num_new_samples: int  # samples that arrived since the last training round or publish
     drift: float  # running mean of intake loss / its value at the last publish (1.0: aligned)
@@ -43,9 +44,13 @@ class RetrainPolicy(Protocol):
 
 
 def _slack_tokens(ctx: TrainContext, idle_tokens: int) -> int:
-    """Training tokens that fit beside this step's inference without passing the TPOT target."""
+    """Training tokens that fit beside this step's inference without passing the TPOT target.
+
+    With nothing to serve, a request may still arrive mid-step, so an idle step stays short enough
+    (half the TTFT target) that its wait leaves room for its prefill.
+    """
     if not ctx.has_inference:
-        return idle_tokens
+        return min(idle_tokens, int(0.5 * ctx.ttft_s / ctx.seconds_per_train_token))
     slack_s = ctx.tpot_s - ctx.predicted_inference_s
     return max(0, int(slack_s / ctx.seconds_per_train_token))
 
