@@ -60,14 +60,18 @@ class RunningServer:
         )
 
 
-async def start_server(config: MaceConfig, bundle: ModelBundle | None = None) -> tuple[web.AppRunner, str]:
-    app = create_app(config, load=(lambda: bundle) if bundle is not None else None)
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve `app` on a free loopback port; returns the runner (to clean up) and the base URL."""
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     host, port = runner.addresses[0][:2]
-    url = f"http://{host}:{port}"
+    return runner, f"http://{host}:{port}"
+
+
+async def start_server(config: MaceConfig, bundle: ModelBundle | None = None) -> tuple[web.AppRunner, str]:
+    runner, url = await serve_app(create_app(config, load=(lambda: bundle) if bundle is not None else None))
 
     async def ready() -> bool:
         async with aiohttp.ClientSession() as session, session.get(f"{url}/ready") as response:

@@ -37,6 +37,7 @@ from mace.client.errors import status_error
 from mace.client.sse import SSEDecoder
 from mace.config import load_config
 from mace.server.app import create_app
+from tests.conftest import serve_app
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "builtin:tiny"
@@ -56,22 +57,13 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str, timeout_
         await asyncio.sleep(0.02)
 
 
-async def start_site(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}"
-
-
 @pytest.fixture(scope="module")
 async def server_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
     tmp = tmp_path_factory.mktemp("client")
     config = load_config(
         ROOT / "configs" / "tiny.toml", {"cache_dir": str(tmp / "cache"), "data_dir": str(tmp / "data")}, environ={}
     )
-    runner, url = await start_site(create_app(config))
+    runner, url = await serve_app(create_app(config))
     try:
         async with AsyncClient(url, timeout_s=5.0) as probe:
             await wait_for(probe.ready, "GET /ready to answer 200", timeout_s=60.0)
@@ -468,7 +460,7 @@ async def test_api_key_and_stream_error_event() -> None:
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/ws", ws)
-    runner, url = await start_site(app)
+    runner, url = await serve_app(app)
     try:
         async with AsyncClient(url, api_key="secret") as client:
             stream = client.chat(MESSAGES, stream=True)

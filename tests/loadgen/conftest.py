@@ -9,22 +9,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from mace.config import load_config
 from mace.server.app import create_app
+from tests.conftest import serve_app
 from tests.loadgen.fake_server import fake_app
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +23,7 @@ async def tiny_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[st
     tmp = tmp_path_factory.mktemp("loadgen-tiny")
     config = load_config(ROOT / "configs" / "tiny.toml", {"cache_dir": str(tmp), "data_dir": str(tmp / "data")},
                          environ={})
-    runner, url = await _serve(create_app(config))
+    runner, url = await serve_app(create_app(config))
     try:
         deadline = time.monotonic() + 60.0
         async with aiohttp.ClientSession() as session:
@@ -49,7 +40,7 @@ async def tiny_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[st
 
 @pytest.fixture
 async def fake_url() -> AsyncIterator[str]:
-    runner, url = await _serve(fake_app())
+    runner, url = await serve_app(fake_app())
     try:
         yield url
     finally:
@@ -58,7 +49,7 @@ async def fake_url() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def slow_fake_url() -> AsyncIterator[str]:
-    runner, url = await _serve(fake_app(chunk_delay_s=0.5))
+    runner, url = await serve_app(fake_app(chunk_delay_s=0.5))
     try:
         yield url
     finally:
