@@ -28,8 +28,8 @@ class FakeSource:
     def drift_ratio(self) -> float:
         return self.drift
 
-    def pick(self, max_tokens: int) -> TrainChunk | None:
-        count = min(4, max_tokens // self.sample_tokens)
+    def pick(self, max_tokens: int, at_least_one: bool = False) -> TrainChunk | None:
+        count = max(min(4, max_tokens // self.sample_tokens), int(at_least_one))
         sample = TrainSample(1, [1] * self.sample_tokens, 2, 0.0)
         return TrainChunk([sample] * count) if count else None
 

@@ -33,7 +33,7 @@ class TrainSource(Protocol):
 
     def drift_ratio(self) -> float: ...
 
-    def pick(self, max_tokens: int) -> TrainChunk | None: ...
+    def pick(self, max_tokens: int, at_least_one: bool = False) -> TrainChunk | None: ...
 
 
 class Scheduler:
@@ -101,7 +101,9 @@ class Scheduler:
         max_tokens, pause_serving = self._train_decision(inference)
         if max_tokens <= 0 or self.train_source is None:
             return chunks, None
-        train = self.train_source.pick(max_tokens)
+        # With nothing to serve, one sample always goes even if it alone passes the budget: no stall.
+        idle = not chunks
+        train = self.train_source.pick(max_tokens, at_least_one=idle)
         if pause_serving and train is not None:
             return [], train
         return chunks, train

@@ -56,8 +56,12 @@ class ReplayBuffer:
         freshness = math.exp(-math.log(2) * max(0.0, now_s - sample.created_at) / self._half_life_s)
         return sample.loss * sample.weight * freshness
 
-    def pick(self, max_tokens: int, now_s: float, max_samples: int) -> TrainChunk | None:
-        """Highest-value samples whose tokens fit `max_tokens` (best fit: a big one never blocks smaller ones)."""
+    def pick(self, max_tokens: int, now_s: float, max_samples: int, at_least_one: bool = False) -> TrainChunk | None:
+        """Highest-value samples whose tokens fit `max_tokens` (best fit: a big one never blocks smaller ones).
+
+        `at_least_one`: take the most valuable sample even if it alone passes the budget, so that
+        training always progresses when nothing else needs the device.
+        """
         ranked = sorted(self._samples.values(), key=lambda s: self.value(s, now_s), reverse=True)
         chosen: list[TrainSample] = []
         room = max_tokens
@@ -67,6 +71,8 @@ class ReplayBuffer:
             if sample.num_tokens <= room:
                 chosen.append(sample)
                 room -= sample.num_tokens
+        if not chosen and at_least_one and ranked:
+            chosen = ranked[:1]
         return TrainChunk(chosen) if chosen else None
 
 

@@ -73,8 +73,9 @@ class Trainer:
     def drift_ratio(self) -> float:
         return self.drift.ratio
 
-    def pick(self, max_tokens: int) -> TrainChunk | None:
-        return self.replay.pick(min(max_tokens, self.config.idle_chunk_tokens), time.time(), self.config.batch_size)
+    def pick(self, max_tokens: int, at_least_one: bool = False) -> TrainChunk | None:
+        budget = min(max_tokens, self.config.idle_chunk_tokens)
+        return self.replay.pick(budget, time.time(), self.config.batch_size, at_least_one)
 
     # ---- intake ----
 
