@@ -50,20 +50,20 @@ async def list_models(request: web.Request) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     body = parse_body(ChatCompletionRequest, await read_json(request))
-    prepared = prepare_chat(runtime, body)
-    if body.stream:
-        return await _stream(request, prepared, chat=True)
-    return await _complete(request, prepared, chat=True)
+    return await _respond(request, prepare_chat(runtime, body), chat=True)
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     body = parse_body(CompletionRequest, await read_json(request))
-    prepared = prepare_completion(runtime, body)
-    if body.stream:
-        return await _stream(request, prepared, chat=False)
-    return await _complete(request, prepared, chat=False)
+    return await _respond(request, prepare_completion(runtime, body), chat=False)
+
+
+async def _respond(request: web.Request, prepared: PreparedRequest, chat: bool) -> web.StreamResponse:
+    if prepared.body.stream:
+        return await _stream(request, prepared, chat)
+    return await _complete(request, prepared, chat)
 
 
 def usage(final: GenerationDelta) -> dict[str, Any]:
