@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 import orjson
+
+from mace.client.closing import AsyncClosing
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class FeedbackResult:
         return 200 <= self.status < 300
 
 
-class ServerApi:
+class ServerApi(AsyncClosing):
     def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self._headers = {"Content-Type": "application/json"}
@@ -35,14 +36,6 @@ class ServerApi:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self.adapters_supported = True
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         if self._session is not None:

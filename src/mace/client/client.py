@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from types import TracebackType
-from typing import Any, Literal, Self, overload
+from typing import Any, Literal, overload
 
 import aiohttp
 import orjson
 from multidict import CIMultiDictProxy
 
+from mace.client.closing import AsyncClosing
 from mace.client.errors import APIConnectionError, MaceError, status_error, translated
 from mace.client.streams import ChatStream, CompletionStream, Opener, ResultT
 from mace.client.types import ChatResult, CompletionResult, Message, ModelInfo, Usage, adapter_version_of
@@ -21,7 +21,7 @@ Messages = Sequence[Message | Mapping[str, Any]]
 Prompt = str | Sequence[int]
 
 
-class AsyncClient:
+class AsyncClient(AsyncClosing):
     """Client of one mace server.
 
         async with AsyncClient("http://127.0.0.1:8000") as client:
@@ -63,14 +63,6 @@ class AsyncClient:
         return self._model
 
     # ---- lifetime ----
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         self._closed = True

@@ -26,6 +26,7 @@ from typing import Any, Literal, Self
 import aiohttp
 import orjson
 
+from mace.client.closing import AsyncClosing
 from mace.client.errors import (
     APIConnectionError,
     APITimeoutError,
@@ -201,7 +202,7 @@ class WsConversation:
         )
 
 
-class WsChatSession:
+class WsChatSession(AsyncClosing):
     """A websocket on /v1/ws; get one from `AsyncClient.ws_chat()`."""
 
     def __init__(self, ws: WebSocket, model: str, timeout_s: float) -> None:
@@ -271,14 +272,6 @@ class WsChatSession:
             await asyncio.gather(self._reader, return_exceptions=True)
         if not self._ws.closed:
             await self._ws.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     # ---- internals ----
 

@@ -94,7 +94,7 @@ class Engine:
         self.num_steps = 0
         self.step_time_s_total = 0.0
         self.forward_time_s_total = 0.0
-        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._loop_done: concurrent.futures.Future[None] | None = None
@@ -210,11 +210,7 @@ class Engine:
     def notify_feedback(self) -> None:
         """New samples are in the journal: score them on the engine thread between steps."""
         if self.trainer is not None:
-            trainer = self.trainer
-            self._submit(lambda: self._ingest(trainer))
-
-    def _ingest(self, trainer: Trainer) -> None:
-        trainer.ingest()
+            self._submit(self.trainer.ingest)
 
     async def activate_adapter(self, version: int) -> None:
         """Serve `version` to new requests from the next step on (rollback or forward)."""
@@ -235,7 +231,7 @@ class Engine:
         self._submit(activate)
         await done
 
-    def _submit(self, action: Callable[[], None]) -> None:
+    def _submit(self, action: Callable[[], object]) -> None:
         self._inbox.put(action)
         self._wakeup.set()
 
