@@ -1,9 +1,15 @@
-"""The `mace` command: `mace serve [--config PATH] [--model M] [--dtype ...] [--device ...] [--host H] [--port P]`."""
+"""The `mace` command: `mace serve [--config PATH] [--model M] [--dtype ...] [--device ...] [--host H] [--port P]`.
+
+SIGTERM or SIGINT stops admission (new API requests get 503), lets running streams finish for up to
+`server.drain_timeout_s`, then stops the engine, which checkpoints the trainer, and exits 0. A second
+signal cuts the drain short.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from typing import Any
 
@@ -14,6 +20,8 @@ from aiohttp import web
 from mace.config import ConfigError, MaceConfig, load_config
 from mace.logging import configure_logging
 from mace.server.app import create_app
+from mace.server.auth import check_bind, is_loopback
+from mace.server.keys import RUNTIME
 
 log = structlog.get_logger("mace")
 
@@ -28,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--allow-unauthenticated", action="store_true", default=None,
+                       help="serve a non-loopback host without API keys (anyone who reaches it is admin)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -36,7 +46,8 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {"model": {}, "server": {}}
     for flag, section, key in (("model", "model", "name"), ("dtype", "model", "dtype"),
                                ("device", "model", "device"), ("host", "server", "host"),
-                               ("port", "server", "port")):
+                               ("port", "server", "port"),
+                               ("allow_unauthenticated", "server", "allow_unauthenticated")):
         value = getattr(args, flag)
         if value is not None:
             overrides[section][key] = value
@@ -44,11 +55,50 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def serve(config: MaceConfig) -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(config))
+
+
+async def _serve(config: MaceConfig) -> None:
     app = create_app(config)
-    log.info("starting", host=config.server.host, port=config.server.port, model=config.model.name)
     # handler_cancellation: a client that goes away cancels its handler, which aborts its request.
-    web.run_app(app, host=config.server.host, port=config.server.port, handler_cancellation=True,
-                print=None, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.server.host, config.server.port).start()
+        _log_start(config)
+        signals = await _wait_for_signal()
+        draining = asyncio.create_task(app[RUNTIME].drain(config.server.drain_timeout_s))
+        await asyncio.wait([draining, asyncio.create_task(signals.get())], return_when=asyncio.FIRST_COMPLETED)
+        draining.cancel()
+    finally:
+        await runner.cleanup()  # stops the engine; its shutdown checkpoints the trainer
+    log.info("stopped")
+
+
+async def _wait_for_signal() -> asyncio.Queue[signal.Signals]:
+    """Waits for the first SIGTERM/SIGINT; the queue then receives any later one."""
+    received: asyncio.Queue[signal.Signals] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, received.put_nowait, number)
+    first = await received.get()
+    log.info("signal received; shutting down", signal=first.name)
+    return received
+
+
+def _log_start(config: MaceConfig) -> None:
+    server = config.server
+    log.info("starting", host=server.host, port=server.port, model=config.model.name,
+             auth="api keys" if server.api_keys else "none", num_api_keys=len(server.api_keys))
+    if server.api_keys:
+        return
+    if is_loopback(server.host):
+        log.warning(f"no API keys configured: the API is open, so it listens on loopback only ({server.host}); "
+                    "set MACE_SERVER__API_KEYS to serve other hosts")
+    else:
+        log.warning(f"no API keys configured and allow_unauthenticated is set: anyone who reaches {server.host} "
+                    "may generate, train and activate adapters")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mace: {exc}", file=sys.stderr)
         return 2
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    refusal = check_bind(config.server)
+    if refusal is not None:
+        print(f"mace: {refusal}", file=sys.stderr)
+        return 2
     serve(config)
     return 0
 

@@ -7,6 +7,7 @@ A bad key or value fails at start with a message naming it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from pathlib import Path
@@ -41,14 +42,60 @@ class EngineConfig(_Section):
     kv_budget_bytes: int = Field(2 * 1024**3, ge=1024**2, description="memory for the KV cache")
 
 
+Scope = Literal["infer", "train", "admin"]
+SCOPES: tuple[Scope, ...] = ("infer", "train", "admin")
+DEFAULT_SCOPES: tuple[Scope, ...] = ("infer", "train")
+
+
+class ApiKey(_Section):
+    """One client key, stored as the sha256 hex digest of the secret; the secret itself is never kept."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    name: str = ""
+    scopes: tuple[Scope, ...] = DEFAULT_SCOPES
+    requests_per_minute: float | None = Field(None, ge=0, description="overrides server.requests_per_minute")
+    samples_per_minute: float | None = Field(None, ge=0, description="overrides server.samples_per_minute")
+
+    @classmethod
+    def from_plain(cls, text: str) -> ApiKey:
+        """`SECRET` or `SECRET:scope+scope` (the form MACE_SERVER__API_KEYS takes), hashed here."""
+        secret, _, scopes = text.strip().partition(":")
+        if len(secret) < 8:
+            raise ValueError("a plain API key must have at least 8 characters")
+        digest = hashlib.sha256(secret.encode()).hexdigest()
+        chosen = tuple(s.strip() for s in scopes.split("+")) if scopes else DEFAULT_SCOPES
+        return cls.model_validate({"sha256": digest, "name": f"key-{digest[:8]}", "scopes": chosen})
+
+
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     served_model_name: str = ""
     max_body_bytes: int = Field(1024**2, ge=1024)
     default_max_tokens: int = Field(256, ge=1)
+    max_output_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    max_prompt_tokens: int = Field(0, ge=0, description="longest prompt accepted; 0: the model's context")
     max_waiting_requests: int = Field(256, ge=1)
+    max_pending_feedback: int = Field(32, ge=1, description="feedback writes in flight before 429")
     ws_max_frame_bytes: int = Field(256 * 1024, ge=1024)
+    ws_messages_per_s: float = Field(20.0, gt=0, description="per socket; the burst is twice this")
+    # Authentication: hashed keys from the file, plain ones from MACE_SERVER__API_KEYS (hashed at load).
+    api_keys: tuple[ApiKey, ...] = ()
+    allow_unauthenticated: bool = Field(False, description="serve a non-loopback host without keys")
+    requests_per_minute: float = Field(600.0, ge=0, description="per key; 0: unlimited")
+    requests_burst: int = Field(60, ge=1)
+    samples_per_minute: float = Field(6000.0, ge=0, description="feedback samples per key; 0: unlimited")
+    samples_burst: int = Field(640, ge=1)
+    max_streams_per_key: int = Field(16, ge=1, description="generations one key may run at once")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long running streams may finish")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _hash_plain_keys(cls, value: Any) -> Any:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            return value
+        return tuple(ApiKey.from_plain(item) if isinstance(item, str) else item for item in items if item != "")
 
 
 class SloConfig(_Section):

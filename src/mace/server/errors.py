@@ -47,7 +47,9 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
-        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
+        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        if self.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="mace"'
         return web.json_response(self.body(), status=self.status, headers=headers, dumps=dumps)
 
 

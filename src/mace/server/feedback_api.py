@@ -8,10 +8,12 @@ import sqlite3
 from dataclasses import asdict
 from typing import Any
 
+import structlog
 from aiohttp import web
 from pydantic import Field, model_validator
 
 from mace.engine.engine import RequestRejected
+from mace.server.auth import GUARD, PRINCIPAL
 from mace.server.errors import ApiError, dumps
 from mace.server.keys import RUNTIME
 from mace.server.openai_api import parse_body, read_json
@@ -19,6 +21,7 @@ from mace.server.protocol import ChatMessage, _Body
 from mace.server.runtime import Runtime
 from mace.train.journal import Journal, NewSample
 
+log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 
@@ -75,20 +78,26 @@ def _samples(runtime: Runtime, data: Any) -> list[NewSample]:
 def _journal(runtime: Runtime) -> Journal:
     runtime.ready_engine()
     if runtime.journal is None:
-        raise ApiError(503, "the journal is not open", code="not_ready", retry_after_s=5)
+        reason = runtime.journal_error or "it is not open"
+        raise ApiError(503, f"the journal cannot store samples: {reason}", code="journal_unavailable",
+                       retry_after_s=30)
     return runtime.journal
 
 
 @routes.post("/v1/feedback")
 async def post_feedback(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
+    guard = request.app[GUARD]
     journal = _journal(runtime)
     samples = _samples(runtime, await read_json(request))
-    try:
-        ids = await asyncio.to_thread(journal.append, samples)
-    except sqlite3.Error as exc:  # disk full, read-only: serving goes on, feedback waits
-        raise ApiError(503, f"the journal cannot store samples now: {exc}", code="journal_unavailable",
-                       retry_after_s=30) from None
+    guard.count_samples(request[PRINCIPAL], len(samples))
+    with guard.feedback_writes.hold("server"):
+        try:
+            ids = await asyncio.to_thread(journal.append, samples)
+        except (sqlite3.Error, OSError) as exc:  # disk full, read-only: serving goes on, feedback waits
+            log.warning("journal write failed", error=str(exc), num_samples=len(samples))
+            raise ApiError(503, f"the journal cannot store samples now: {exc}", code="journal_unavailable",
+                           retry_after_s=30) from None
     runtime.ready_engine().notify_feedback()
     return web.json_response({"object": "feedback.accepted", "ids": ids}, status=202, dumps=dumps)
 

@@ -65,12 +65,20 @@ def _prepared(
     runtime: Runtime, body: ChatCompletionRequest | CompletionRequest, ids: list[int], request_id: str
 ) -> PreparedRequest:
     engine = runtime.ready_engine()
+    limits = runtime.config.server
+    if limits.max_prompt_tokens and len(ids) > limits.max_prompt_tokens:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most {limits.max_prompt_tokens}",
+                       param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+                       code="prompt_too_long")
     try:
         engine.check_request(len(ids))
     except RequestRejected as exc:
         raise ApiError(400, str(exc), param=exc.param, code="context_length_exceeded") from None
     room = engine.max_model_len - len(ids)
     requested = body.requested_max_tokens()
+    if requested is not None and requested > limits.max_output_tokens:
+        raise ApiError(400, f"max_tokens is {requested}; this server generates at most {limits.max_output_tokens}",
+                       param="max_tokens", code="max_tokens_too_large")
     if requested is not None and requested > room:
         raise ApiError(
             400,
@@ -78,7 +86,7 @@ def _prepared(
             f"in this model's {engine.max_model_len}-token context",
             param="max_tokens", code="context_length_exceeded",
         )
-    max_tokens = requested if requested is not None else min(runtime.config.server.default_max_tokens, room)
+    max_tokens = requested if requested is not None else min(limits.default_max_tokens, limits.max_output_tokens, room)
     if runtime.stats() is not None and len(engine.scheduler.waiting) >= runtime.config.server.max_waiting_requests:
         raise ApiError(429, "the server is at capacity; retry shortly", code="queue_full", retry_after_s=1)
     return PreparedRequest(request_id, ids, body, max_tokens, int(time.time()))

@@ -1,12 +1,17 @@
-"""What the HTTP layer holds: the config, the engine once the model has loaded, and the metrics."""
+"""What the HTTP layer holds: the config, the engine once the model has loaded, the metrics, and the
+admission state that a graceful shutdown (SIGTERM) closes before it drains running requests."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import structlog
+from aiohttp import WSCloseCode, web
 
 from mace.config import MaceConfig
 from mace.engine.engine import Engine, EngineStats
@@ -28,8 +33,14 @@ class Runtime:
         self._model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mace-engine")
         self.journal: Journal | None = None
         self.load_error: str | None = None
+        self.journal_error: str | None = None
         self.metrics = ServerMetrics(self.stats)
         self.served_model_name = config.server.served_model_name or config.model.name
+        self.is_draining = False
+        self.num_in_flight = 0  # HTTP API requests and websocket conversations being answered
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.sockets: set[web.WebSocketResponse] = set()
 
     def stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None else None
@@ -44,6 +55,36 @@ class Runtime:
             raise ApiError(503, f"not ready: {reason}", code="not_ready", retry_after_s=5)
         return self.engine
 
+    def check_admission(self) -> None:
+        if self.is_draining:
+            raise ApiError(503, "the server is shutting down; retry on another replica or after the restart",
+                           code="shutting_down", retry_after_s=5)
+
+    @contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Counts a request being answered, so that a drain knows when none is left."""
+        self.num_in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.num_in_flight -= 1
+            if self.num_in_flight == 0:
+                self._idle.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting requests, let running ones finish for up to `timeout_s`, then close websockets."""
+        self.is_draining = True
+        started = time.monotonic()
+        log.info("draining", in_flight=self.num_in_flight, timeout_s=timeout_s)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("drain timed out; cutting the requests still running", in_flight=self.num_in_flight)
+        for ws in list(self.sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+        log.info("drained", seconds=round(time.monotonic() - started, 3), in_flight=self.num_in_flight)
+
     def accepts_model(self, name: str) -> bool:
         return name in (self.served_model_name, self.config.model.name)
 
@@ -52,10 +93,9 @@ class Runtime:
         loop = asyncio.get_running_loop()
         try:
             bundle = await loop.run_in_executor(self._model_thread, self._load)
-            self.journal = Journal(self.config.data_dir / "journal.sqlite3", self.config.train.heldout_every)
-            journal = self.journal
+            self.journal = journal = self._open_journal()
             trainer = None
-            if self.config.train.policy != "none":
+            if self.config.train.policy != "none" and journal is not None:
                 trainer = await loop.run_in_executor(
                     self._model_thread, lambda: Trainer(bundle.causal_lm, bundle.tokenizer, journal, self.config)
                 )
@@ -68,6 +108,16 @@ class Runtime:
         self.engine = engine
         log.info("engine ready", model=bundle.name, device=str(bundle.device), max_model_len=engine.max_model_len,
                  kv_blocks=engine.blocks.num_blocks)
+
+    def _open_journal(self) -> Journal | None:
+        """A data dir that cannot hold the journal (read-only, full, not a directory) costs learning, not serving."""
+        try:
+            return Journal(self.config.data_dir / "journal.sqlite3", self.config.train.heldout_every)
+        except (sqlite3.Error, OSError) as exc:
+            self.journal_error = f"{type(exc).__name__}: {exc}"
+            log.error("the journal cannot be opened; serving without feedback or training", error=self.journal_error,
+                      data_dir=str(self.config.data_dir))
+            return None
 
     def stop(self) -> None:
         if self.engine is not None:

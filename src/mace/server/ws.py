@@ -17,9 +17,11 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
+from mace.server.auth import GUARD, PRINCIPAL
 from mace.server.errors import ApiError
 from mace.server.generation import PreparedRequest, generate, prepare_chat
 from mace.server.keys import RUNTIME
+from mace.server.limits import TokenBucket
 from mace.server.openai_api import fingerprint, parse_body, usage
 from mace.server.protocol import ChatCompletionRequest
 
@@ -32,6 +34,9 @@ class _Socket:
         self.request = request
         self.ws = ws
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.principal = request[PRINCIPAL]
+        rate = request.app[RUNTIME].config.server.ws_messages_per_s
+        self.messages = TokenBucket(rate, 2 * rate)
 
     async def send(self, payload: dict[str, Any]) -> None:
         if not self.ws.closed:
@@ -41,6 +46,11 @@ class _Socket:
         await self.send({"type": "error", "id": conversation_id, **error.body()})
 
     async def handle(self, data: str) -> None:
+        wait_s = self.messages.take()
+        if wait_s > 0:  # the message is dropped; a client that keeps flooding only gets these errors back
+            await self.send_error(None, ApiError(
+                429, f"too many messages on this socket; slow down for {wait_s:.2f}s", code="rate_limit_exceeded"))
+            return
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
@@ -77,21 +87,26 @@ class _Socket:
             )
             return
         runtime = self.request.app[RUNTIME]
+        guard = self.request.app[GUARD]
         fields = {k: v for k, v in message.items() if k not in ("type", "id")}
         fields.setdefault("model", runtime.served_model_name)
         try:
+            runtime.check_admission()
+            guard.count_request(self.principal)
             body = parse_body(ChatCompletionRequest, fields)
             prepared = prepare_chat(runtime, body)
+            guard.start_stream(self.principal)  # released when the conversation's task ends, however
         except ApiError as exc:
             await self.send_error(conversation_id, exc)
             return
         task = asyncio.create_task(self._run_chat(conversation_id, prepared))
+        task.add_done_callback(lambda _: guard.end_stream(self.principal))
         self.tasks[conversation_id] = task
         task.add_done_callback(lambda done: self._forget(conversation_id, done))
 
     async def _run_chat(self, conversation_id: str, prepared: PreparedRequest) -> None:
-        with contextlib.suppress(ConnectionResetError):  # the socket closed; leaving generate() aborts
-            await self._stream_chat(conversation_id, prepared)
+        with self.request.app[RUNTIME].in_flight(), contextlib.suppress(ConnectionResetError):
+            await self._stream_chat(conversation_id, prepared)  # the socket closed: leaving generate() aborts
 
     async def _stream_chat(self, conversation_id: str, prepared: PreparedRequest) -> None:
         runtime = self.request.app[RUNTIME]
@@ -128,6 +143,7 @@ async def websocket_chat(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=runtime.config.server.ws_max_frame_bytes)
     await ws.prepare(request)
     socket = _Socket(request, ws)
+    runtime.sockets.add(ws)  # a drain closes it with 1001 (going away)
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -137,5 +153,6 @@ async def websocket_chat(request: web.Request) -> web.WebSocketResponse:
             elif msg.type == WSMsgType.ERROR:
                 break
     finally:
+        runtime.sockets.discard(ws)
         await socket.close()
     return ws
