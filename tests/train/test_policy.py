@@ -7,19 +7,26 @@ from dataclasses import dataclass, field
 from mace.config import EngineConfig, SloConfig, TrainConfig
 from mace.engine.kv_blocks import BlockPool
 from mace.engine.latency import StepShape
-from mace.engine.plan import RunnerOutput
+from mace.engine.plan import IterationPlan, RunnerOutput
 from mace.engine.scheduler import Scheduler
 from mace.train.policy import make_policy
-from mace.train.replay import TrainChunk, TrainSample
+from mace.train.work import StageKind, TrainStage
 from tests.engine.test_scheduler import make_request
+
+NUM_LAYERS = 4
+SAMPLE_TOKENS = 8
+MICRO_STEP = [
+    *[TrainStage(StageKind.FORWARD, SAMPLE_TOKENS)] * NUM_LAYERS,
+    TrainStage(StageKind.HEAD, 4),
+    *[TrainStage(StageKind.BACKWARD, SAMPLE_TOKENS)] * NUM_LAYERS,
+]
 
 
 @dataclass
 class FakeSource:
     drift: float = 1.0
     num_new_samples: int = 0
-    sample_tokens: int = 8
-    samples: list[TrainSample] = field(default_factory=list)
+    upkeep: list[TrainStage] = field(default_factory=list)
 
     @property
     def num_trainable(self) -> int:
@@ -28,10 +35,11 @@ class FakeSource:
     def drift_ratio(self) -> float:
         return self.drift
 
-    def pick(self, max_tokens: int, at_least_one: bool = False) -> TrainChunk | None:
-        count = max(min(4, max_tokens // self.sample_tokens), int(at_least_one))
-        sample = TrainSample(1, [1] * self.sample_tokens, 2, 0.0)
-        return TrainChunk([sample] * count) if count else None
+    def upkeep_stages(self) -> list[TrainStage]:
+        return list(self.upkeep)
+
+    def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
+        return MICRO_STEP * max(1, max_job_tokens // SAMPLE_TOKENS)
 
 
 def make(policy: str, source: FakeSource, tpot_s: float = 0.1, **train: object) -> Scheduler:
@@ -41,30 +49,39 @@ def make(policy: str, source: FakeSource, tpot_s: float = 0.1, **train: object) 
 
 
 def teach_latency(scheduler: Scheduler) -> None:
-    """Make the latency model know: 10 ms base, 2 ms per decode token, 5 ms per training token."""
+    """Make the latency model know: 10 ms base, 2 ms per decode token, 0.5 ms per layer-token of
+    training forward, 1 ms of backward, 5 ms per head token."""
     for decode in range(1, 9):
-        for train in (0, 8, 16):
-            shape = StepShape(0, decode, train)
-            scheduler.latency.observe(shape, 0.01 + 0.002 * decode + 0.005 * train)
+        for forward, backward, head in ((0, 0, 0), (8, 0, 0), (16, 8, 4), (0, 24, 0), (8, 8, 8)):
+            shape = StepShape(0, decode, forward, backward, head)
+            scheduler.latency.observe(shape, 0.01 + 0.002 * decode + 0.0005 * forward + 0.001 * backward
+                                      + 0.005 * head)
 
 
-def train_tokens_with_running(scheduler: Scheduler, num_running: int) -> int:
+def decoding_plan(scheduler: Scheduler, num_running: int) -> IterationPlan:
     for i in range(num_running):
         scheduler.add_request(make_request(f"r{i}-{id(scheduler)}", 4, max_tokens=100))
     plan = scheduler.schedule()
     scheduler.update(plan, RunnerOutput({c.request.request_id: 7 for c in plan.chunks if c.samples_token}, 0.0))
-    plan = scheduler.schedule()  # all decoding now
-    return plan.train.num_tokens if plan.train is not None else 0
+    return scheduler.schedule()  # all decoding now
+
+
+def train_seconds(scheduler: Scheduler, plan: IterationPlan) -> float:
+    """The predicted cost of the plan's training part."""
+    inference = IterationPlan(chunks=plan.chunks).shape
+    return scheduler.latency.predict(plan.shape) - scheduler.latency.predict(inference)
 
 
 def test_mace_training_never_pushes_predicted_step_past_tpot() -> None:
     for num_running in (1, 4, 8):
         scheduler = make("mace", FakeSource(drift=5.0))
         teach_latency(scheduler)
-        train_tokens = train_tokens_with_running(scheduler, num_running)
-        predicted = scheduler.latency.predict(StepShape(0, num_running, train_tokens))
-        assert train_tokens > 0
-        assert predicted <= scheduler.slo.tpot_s + 1e-9
+        plan = decoding_plan(scheduler, num_running)
+        assert plan.train is not None and plan.chunks
+        assert scheduler.latency.predict(plan.shape) <= scheduler.slo.tpot_s + 1e-9
+        # Layer stages let training use the slack even where a whole micro-step (~0.1 s) would not fit.
+        assert train_seconds(scheduler, plan) > 0.5 * (scheduler.slo.tpot_s - scheduler.latency.predict(
+            IterationPlan(chunks=plan.chunks).shape)) - 0.005
 
 
 def test_mace_trains_more_when_drift_rises_and_nearly_nothing_when_flat() -> None:
@@ -72,15 +89,34 @@ def test_mace_trains_more_when_drift_rises_and_nearly_nothing_when_flat() -> Non
     for drift in (1.0, 1.1, 1.3, 2.0):
         scheduler = make("mace", FakeSource(drift=drift), tpot_s=0.3)
         teach_latency(scheduler)
-        budgets.append(train_tokens_with_running(scheduler, 2))
+        budgets.append(train_seconds(scheduler, decoding_plan(scheduler, 2)))
     assert budgets[0] == 0
     assert budgets == sorted(budgets) and budgets[-1] > budgets[1]
 
 
-def test_continuous_trains_a_fixed_chunk_whatever_the_drift() -> None:
+def test_scoring_new_samples_uses_the_slack_even_when_aligned() -> None:
+    upkeep = [TrainStage(StageKind.SCORE, 8)] * 3
+    scheduler = make("mace", FakeSource(drift=1.0, upkeep=upkeep), tpot_s=0.3)
+    teach_latency(scheduler)
+    plan = decoding_plan(scheduler, 2)
+    assert plan.train is not None
+    assert [stage.kind for stage in plan.train.stages] == [StageKind.SCORE] * 3  # scored, but no training
+
+
+def test_upkeep_runs_before_training_stages() -> None:
+    upkeep = [TrainStage(StageKind.SCORE, 8), TrainStage(StageKind.EVAL, 8)]
+    scheduler = make("continuous", FakeSource(upkeep=upkeep), chunk_tokens=8)
+    plan = decoding_plan(scheduler, 1)
+    assert plan.train is not None
+    assert list(plan.train.stages) == [*upkeep, *MICRO_STEP]
+
+
+def test_continuous_runs_a_whole_micro_step_whatever_the_drift() -> None:
     for drift in (1.0, 3.0):
         scheduler = make("continuous", FakeSource(drift=drift), chunk_tokens=16)
-        assert train_tokens_with_running(scheduler, 2) == 16
+        teach_latency(scheduler)
+        plan = decoding_plan(scheduler, 2)
+        assert plan.train is not None and list(plan.train.stages) == MICRO_STEP * 2
 
 
 def test_periodic_stops_serving_while_it_trains() -> None:
@@ -98,12 +134,20 @@ def test_periodic_stops_serving_while_it_trains() -> None:
 
 def test_none_never_trains() -> None:
     scheduler = make("none", FakeSource(drift=10.0))
-    assert train_tokens_with_running(scheduler, 1) == 0
+    assert decoding_plan(scheduler, 1).train is None
 
 
 def test_mace_idle_steps_stay_short_enough_for_a_new_arrival() -> None:
-    scheduler = make("mace", FakeSource(drift=5.0, sample_tokens=8), idle_chunk_tokens=512)
+    scheduler = make("mace", FakeSource(drift=5.0), idle_chunk_tokens=512)
     teach_latency(scheduler)
     plan = scheduler.schedule()  # nothing to serve: training takes the step, but a bounded one
-    assert plan.train is not None
-    assert scheduler.latency.predict(StepShape(0, 0, plan.train.num_tokens)) <= 0.5 * scheduler.slo.ttft_s + 0.01
+    assert plan.train is not None and not plan.chunks
+    assert scheduler.latency.predict(plan.shape) <= 0.5 * scheduler.slo.ttft_s + scheduler.latency.predict(StepShape())
+
+
+def test_idle_step_always_makes_progress_on_a_cautious_estimate() -> None:
+    scheduler = make("mace", FakeSource(drift=5.0), tpot_s=0.1)
+    for _ in range(16):  # a machine so slow that even one stage passes the idle bound
+        scheduler.latency.observe(StepShape(0, 0, 8, 0, 0), 10.0)
+    plan = scheduler.schedule()
+    assert plan.train is not None and len(plan.train.stages) == 1

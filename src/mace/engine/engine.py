@@ -253,14 +253,14 @@ class Engine:
         output = self._run_guarded(plan)
         outputs = self.scheduler.update(plan, output)
         self._account(time.perf_counter() - started, output)
-        self._after_step(plan, output)
+        self._after_step()
         return outputs
 
-    def _after_step(self, plan: IterationPlan, output: RunnerOutput) -> None:
+    def _after_step(self) -> None:
         """Step boundary: the trainer may publish; new requests then pin the new version."""
         if self.trainer is None:
             return
-        self.trainer.after_step(plan.train, output.train_losses)
+        self.trainer.after_step()
         self.adapter_version = self.trainer.active_version
         pinned = {r.adapter_version for r in [*self.scheduler.running, *self.scheduler.waiting]}
         self.trainer.release_versions(pinned)

@@ -1,6 +1,11 @@
 """Online latency model: predicts a step's wall time from its token counts.
 
-    step_s ≈ base + a·prefill_tokens + b·decode_tokens + c·train_tokens
+    step_s ≈ base + a·prefill_tokens + b·decode_tokens
+             + c·train_forward_tokens + d·train_backward_tokens + e·train_head_tokens
+
+Training features count tokens per decoder-layer stage (a sample of 64 tokens whose forward runs
+through 3 layers this step adds 192 forward tokens); forward-only training upkeep (scoring,
+evaluation) counts as prefill.
 
 Fitted by least squares over a sliding window of measured steps (non-negative coefficients), so it
 follows the machine as load and thermal state change. Before enough data it uses cautious priors.
@@ -18,27 +23,37 @@ import numpy as np
 class StepShape:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
-    num_train_tokens: int = 0
+    num_train_forward_tokens: int = 0
+    num_train_backward_tokens: int = 0
+    num_train_head_tokens: int = 0
 
     def features(self) -> list[float]:
-        return [1.0, float(self.num_prefill_tokens), float(self.num_decode_tokens), float(self.num_train_tokens)]
+        return [1.0, float(self.num_prefill_tokens), float(self.num_decode_tokens),
+                float(self.num_train_forward_tokens), float(self.num_train_backward_tokens),
+                float(self.num_train_head_tokens)]
+
+    @property
+    def has_inference(self) -> bool:
+        return self.num_prefill_tokens + self.num_decode_tokens > 0
 
 
 class LatencyModel:
     def __init__(self, window: int = 512, refit_every: int = 16,
-                 prior: tuple[float, float, float, float] = (0.005, 0.002, 0.004, 0.01)) -> None:
+                 prior: tuple[float, ...] = (0.005, 0.002, 0.004, 0.0002, 0.0003, 0.003)) -> None:
+        # Priors err on the slow side (about 3x the default model on a 2-core CPU): until measured,
+        # training takes less slack than it could rather than more.
         self._samples: deque[tuple[list[float], float]] = deque(maxlen=window)
         self._coef = np.array(prior, dtype=np.float64)
         self._refit_every = refit_every
         self._since_fit = 0
         self.last_error_s = 0.0
 
-    @property
-    def seconds_per_train_token(self) -> float:
-        return max(float(self._coef[3]), 1e-6)
-
     def predict(self, shape: StepShape) -> float:
         return float(np.dot(self._coef, shape.features()))
+
+    def marginal_s(self, shape: StepShape) -> float:
+        """What `shape`'s tokens add to a step that runs anyway (the prediction without the base)."""
+        return self.predict(shape) - float(self._coef[0])
 
     def observe(self, shape: StepShape, measured_s: float) -> None:
         self.last_error_s = measured_s - self.predict(shape)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from mace.engine.latency import StepShape
 from mace.engine.request import Request
-from mace.train.replay import TrainChunk
+from mace.train.work import StageKind, TrainWork
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class IterationPlan:
     chunks: list[ScheduledChunk]
     released_request_ids: list[str] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
-    train: TrainChunk | None = None
+    train: TrainWork | None = None
 
     @property
     def num_batched_tokens(self) -> int:
@@ -62,12 +62,23 @@ class IterationPlan:
 
     @property
     def shape(self) -> StepShape:
-        train_tokens = self.train.num_tokens if self.train is not None else 0
-        return StepShape(self.num_prefill_tokens, self.num_decode_tokens, train_tokens)
+        return shape_of(self.num_prefill_tokens, self.num_decode_tokens, self.train)
 
     @property
     def is_empty(self) -> bool:
         return not self.chunks and self.train is None
+
+
+def shape_of(num_prefill_tokens: int, num_decode_tokens: int, train: TrainWork | None) -> StepShape:
+    if train is None:
+        return StepShape(num_prefill_tokens, num_decode_tokens)
+    return StepShape(
+        num_prefill_tokens + train.num_tokens(StageKind.SCORE, StageKind.EVAL),
+        num_decode_tokens,
+        train.num_tokens(StageKind.FORWARD),
+        train.num_tokens(StageKind.BACKWARD),
+        train.num_tokens(StageKind.HEAD),
+    )
 
 
 @dataclass(frozen=True)
@@ -77,4 +88,3 @@ class RunnerOutput:
     sampled_token_ids: dict[str, int]
     forward_time_s: float
     failed_request_ids: dict[str, str] = field(default_factory=dict)
-    train_losses: list[float] = field(default_factory=list)

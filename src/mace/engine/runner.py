@@ -76,11 +76,9 @@ class ModelRunner:
                 inputs = self._prepare(plan)
                 hidden = self._serve_forward(inputs)  # [T, hidden]
                 sampled = self._sample(inputs, hidden)
-        losses: list[float] = []
         if plan.train is not None and self.trainer is not None:
-            losses = self.trainer.run_chunk(plan.train)
-        return RunnerOutput(sampled_token_ids=sampled, forward_time_s=time.perf_counter() - start,
-                            train_losses=losses)
+            self.trainer.run_work(plan.train)
+        return RunnerOutput(sampled_token_ids=sampled, forward_time_s=time.perf_counter() - start)
 
     def _serve_forward(self, inputs: _StepInputs) -> torch.Tensor:
         """Each token runs with its request's pinned adapter version (mixed versions in one batch)."""

@@ -16,14 +16,18 @@ from typing import Protocol
 from mace.config import EngineConfig, SloConfig
 from mace.engine.kv_blocks import BlockPool
 from mace.engine.latency import LatencyModel, StepShape
-from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk
+from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk, shape_of
 from mace.engine.request import Request, RequestOutput, RequestStatus
-from mace.train.policy import NoTraining, RetrainPolicy, TrainContext
-from mace.train.replay import TrainChunk
+from mace.train.policy import NoTraining, RetrainPolicy, TrainContext, TrainDecision
+from mace.train.work import TrainStage, TrainWork
 
 
 class TrainSource(Protocol):
-    """Where training chunks come from (the trainer); tensor-free from the scheduler's side."""
+    """Where training stages come from (the trainer); tensor-free from the scheduler's side.
+
+    The scheduler takes a prefix of `upkeep_stages() + job_stages(...)` each step; the runner then
+    runs exactly those stages, in that order.
+    """
 
     @property
     def num_trainable(self) -> int: ...
@@ -33,7 +37,13 @@ class TrainSource(Protocol):
 
     def drift_ratio(self) -> float: ...
 
-    def pick(self, max_tokens: int, at_least_one: bool = False) -> TrainChunk | None: ...
+    def upkeep_stages(self) -> list[TrainStage]:
+        """Forward-only work waiting: scoring new samples, evaluating the publish gate."""
+        ...
+
+    def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
+        """The current micro-step's remaining stages, starting one of up to `max_job_tokens` if none is open."""
+        ...
 
 
 class Scheduler:
@@ -63,9 +73,12 @@ class Scheduler:
         return bool(self.waiting or self.running) or self._has_training()
 
     def _has_training(self) -> bool:
-        return self.train_source is not None and self.train_source.num_trainable > 0 and self._train_decision(
-            StepShape()
-        )[0] > 0
+        source = self.train_source
+        if source is None:
+            return False
+        if source.upkeep_stages():
+            return True
+        return source.num_trainable > 0 and self.policy.decide(self._train_context(StepShape())).budget_s > 0
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
@@ -95,37 +108,59 @@ class Scheduler:
             chunks=chunks, released_request_ids=released, preempted_request_ids=preempted, train=train
         )
 
-    def _plan_training(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], TrainChunk | None]:
-        """Size this step's training chunk; a policy that pauses serving takes the whole step."""
-        inference = IterationPlan(chunks=chunks).shape
-        max_tokens, pause_serving = self._train_decision(inference)
-        if max_tokens <= 0 or self.train_source is None:
-            return chunks, None
-        # With nothing to serve, one sample always goes even if it alone passes the budget: no stall.
-        idle = not chunks
-        train = self.train_source.pick(max_tokens, at_least_one=idle)
-        if pause_serving and train is not None:
-            return [], train
-        return chunks, train
-
-    def _train_decision(self, inference: StepShape) -> tuple[int, bool]:
+    def _plan_training(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], TrainWork | None]:
+        """Fit training stages beside this step's inference; a policy that pauses serving takes the step."""
         source = self.train_source
         if source is None:
-            return 0, False
-        has_inference = inference.num_prefill_tokens + inference.num_decode_tokens > 0
-        context = TrainContext(
+            return chunks, None
+        inference = IterationPlan(chunks=chunks).shape
+        context = self._train_context(inference)
+        decision = self.policy.decide(context)
+        stages = source.upkeep_stages()
+        if decision.budget_s > 0:
+            stages += source.job_stages(decision.max_job_tokens)
+        taken = self._fit_stages(stages, context, decision)
+        if not taken:
+            return chunks, None
+        if decision.pause_serving and any(not stage.kind.is_upkeep for stage in taken):
+            return [], TrainWork(tuple(taken))
+        return chunks, TrainWork(tuple(taken))
+
+    def _fit_stages(self, stages: list[TrainStage], context: TrainContext, decision: TrainDecision) -> list[TrainStage]:
+        """The longest prefix of `stages` whose predicted cost fits its budget.
+
+        Upkeep (scoring, evaluation) may use all of the slack; training stages only the policy's
+        budget. With nothing to serve the first stage always goes, so work never stalls on a
+        cautious latency estimate.
+        """
+        upkeep_s = max(context.slack_s, decision.budget_s)
+        taken: list[TrainStage] = []
+        cost_s = 0.0  # the latency model is linear: a prefix costs the sum of its stages
+        for stage in stages:
+            limit_s = upkeep_s if stage.kind.is_upkeep else decision.budget_s
+            cost_s += self.latency.marginal_s(shape_of(0, 0, TrainWork((stage,))))
+            if cost_s > limit_s:
+                break
+            taken.append(stage)
+        if not taken and stages and not context.has_inference:
+            first = stages[0]
+            if first.kind.is_upkeep or decision.budget_s > 0:
+                taken = [first]
+        return taken
+
+    def _train_context(self, inference: StepShape) -> TrainContext:
+        source = self.train_source
+        assert source is not None
+        return TrainContext(
             now_s=self.clock(),
-            has_inference=has_inference,
-            predicted_inference_s=self.latency.predict(inference) if has_inference else 0.0,
-            seconds_per_train_token=self.latency.seconds_per_train_token,
+            has_inference=inference.has_inference,
+            predicted_inference_s=self.latency.predict(inference) if inference.has_inference else 0.0,
             tpot_s=self.slo.tpot_s,
             ttft_s=self.slo.ttft_s,
             num_trainable=source.num_trainable,
             num_new_samples=source.num_new_samples,
             drift=source.drift_ratio(),
         )
-        decision = self.policy.decide(context)
-        return decision.max_tokens, decision.pause_serving
 
     def _schedule_running(self, budget: int, chunks: list[ScheduledChunk], preempted: list[str]) -> int:
         index = 0

@@ -13,7 +13,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from mace.config import TrainConfig
-from mace.train.replay import TrainChunk, TrainSample
+from mace.train.layered import LayeredMicroStep
+from mace.train.replay import TrainSample
 
 LEARNER = "learner"
 
@@ -49,16 +50,12 @@ class Learner:
         """Context in which LoRA layers are bypassed (version 0 for every token)."""
         return self.peft_model.disable_adapter()
 
-    def train_chunk(self, chunk: TrainChunk) -> list[float]:
-        """Forward and backward of each sample (gradients accumulate); steps when a batch is full."""
-        losses = []
-        for sample in chunk.samples:
-            loss = self._loss(sample, adapter=None)
-            losses.append(float(loss.detach()))
-            if math.isfinite(losses[-1]):
-                (loss * sample.weight / self.config.batch_size).backward()  # type: ignore[no-untyped-call]
-            self.num_accumulated += 1
-        return losses
+    def micro_step(self, samples: list[TrainSample]) -> LayeredMicroStep:
+        """Forward and backward of `samples` on the learner, in layer stages; gradients accumulate."""
+        return LayeredMicroStep(self.peft_model.base_model.model, samples, self.config.batch_size)
+
+    def accumulated(self, num_samples: int) -> None:
+        self.num_accumulated += num_samples
 
     def batch_ready(self) -> bool:
         return self.num_accumulated >= self.config.batch_size
@@ -76,6 +73,11 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         self.num_accumulated = 0
         return grads_finite
+
+    def discard_gradients(self) -> None:
+        """Forget a half-accumulated batch (a training stage failed mid-way)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.num_accumulated = 0
 
     @torch.no_grad()
     def evaluate(self, samples: list[TrainSample], version: int | None) -> float:

@@ -6,6 +6,7 @@ compares them fairly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,17 +18,28 @@ class TrainContext:
     now_s: float
     has_inference: bool
     predicted_inference_s: float  # the latency model's prediction for this step's inference part
-    seconds_per_train_token: float
     tpot_s: float
     ttft_s: float
     num_trainable: int  # samples the trainer could draw now
     num_new_samples: int  # samples that arrived since the last training round or publish
     drift: float  # running mean of intake loss / its value at the last publish (1.0: aligned)
 
+    @property
+    def slack_s(self) -> float:
+        """Time this step can add beside its inference without passing the TPOT target.
+
+        With nothing to serve, a request may still arrive mid-step, so an idle step stays short
+        enough (half the TTFT target) that its wait leaves room for the prefill.
+        """
+        if not self.has_inference:
+            return 0.5 * self.ttft_s
+        return max(0.0, self.tpot_s - self.predicted_inference_s)
+
 
 @dataclass(frozen=True)
 class TrainDecision:
-    max_tokens: int = 0
+    budget_s: float = 0.0  # predicted seconds of training stages this step may carry
+    max_job_tokens: int = 0  # size of a new micro-step's sample set, in tokens
     pause_serving: bool = False
 
 
@@ -35,24 +47,12 @@ class RetrainPolicy(Protocol):
     name: str
 
     def decide(self, ctx: TrainContext) -> TrainDecision:
-        """The training token budget of this iteration (0: none)."""
+        """This iteration's training budget (0: none)."""
         ...
 
     def on_optimizer_step(self, now_s: float) -> None:
         """Called after each optimizer step."""
         ...
-
-
-def _slack_tokens(ctx: TrainContext, idle_tokens: int) -> int:
-    """Training tokens that fit beside this step's inference without passing the TPOT target.
-
-    With nothing to serve, a request may still arrive mid-step, so an idle step stays short enough
-    (half the TTFT target) that its wait leaves room for its prefill.
-    """
-    if not ctx.has_inference:
-        return min(idle_tokens, int(0.5 * ctx.ttft_s / ctx.seconds_per_train_token))
-    slack_s = ctx.tpot_s - ctx.predicted_inference_s
-    return max(0, int(slack_s / ctx.seconds_per_train_token))
 
 
 class NoTraining:
@@ -66,7 +66,7 @@ class NoTraining:
 
 
 class ContinuousPolicy:
-    """A fixed training chunk in every iteration, whatever the load or drift."""
+    """A whole micro-step of `chunk_tokens` in every iteration, whatever the load or drift."""
 
     name = "continuous"
 
@@ -74,7 +74,9 @@ class ContinuousPolicy:
         self._chunk_tokens = config.chunk_tokens
 
     def decide(self, ctx: TrainContext) -> TrainDecision:
-        return TrainDecision(max_tokens=self._chunk_tokens if ctx.num_trainable else 0)
+        if not ctx.num_trainable:
+            return TrainDecision()
+        return TrainDecision(budget_s=math.inf, max_job_tokens=self._chunk_tokens)
 
     def on_optimizer_step(self, now_s: float) -> None:
         return None
@@ -97,7 +99,7 @@ class PeriodicPolicy:
             self._last_round_s = ctx.now_s
         if self._steps_left == 0:
             return TrainDecision()
-        return TrainDecision(max_tokens=self._config.idle_chunk_tokens, pause_serving=True)
+        return TrainDecision(budget_s=math.inf, max_job_tokens=self._config.idle_chunk_tokens, pause_serving=True)
 
     def _due(self, ctx: TrainContext) -> bool:
         waited = ctx.now_s - self._last_round_s >= self._config.periodic_interval_s
@@ -112,6 +114,7 @@ class MacePolicy:
 
     intensity = (drift - 1) / (drift_full_ratio - 1), clipped to [0, 1]: near zero when the model is
     aligned with its users, all of the slack when it has drifted by `drift_full_ratio`.
+    A micro-step's layer stages spread over as many iterations' slack as they need.
     """
 
     name = "mace"
@@ -123,7 +126,7 @@ class MacePolicy:
         if not ctx.num_trainable:
             return TrainDecision()
         intensity = min(1.0, max(0.0, (ctx.drift - 1.0) / (self._config.drift_full_ratio - 1.0)))
-        return TrainDecision(max_tokens=int(_slack_tokens(ctx, self._config.idle_chunk_tokens) * intensity))
+        return TrainDecision(budget_s=ctx.slack_s * intensity, max_job_tokens=self._config.max_sample_tokens)
 
     def on_optimizer_step(self, now_s: float) -> None:
         return None

@@ -1,13 +1,21 @@
 """Continual fine-tuning on the engine thread: intake scoring, sample choice, micro-steps, the
-publish gate, adapter versions and checkpoints. The scheduler asks it for training chunks; the
-runner executes them; the engine calls `after_step` at each step boundary."""
+publish gate, adapter versions and checkpoints.
+
+All model work is staged (train/work.py): the scheduler reads the stages waiting (upkeep first:
+scoring new samples and evaluating the publish gate; then the open micro-step's layer stages) and
+plans a prefix of them; the runner calls `run_work` with that prefix; the engine calls `after_step`
+at each step boundary, where finished micro-steps are accounted and the optimizer steps.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
@@ -16,9 +24,11 @@ import torch
 from mace.config import MaceConfig
 from mace.train.adapters import AdapterStore, AdapterVersion
 from mace.train.journal import Journal
+from mace.train.layered import LayeredMicroStep
 from mace.train.learner import Learner
 from mace.train.policy import RetrainPolicy, make_policy
-from mace.train.replay import DriftSignal, ReplayBuffer, TrainChunk, TrainSample
+from mace.train.replay import DriftSignal, ReplayBuffer, TrainSample
+from mace.train.work import StageKind, TrainStage, TrainWork
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +47,22 @@ class TrainStats:
     drift: float
     seconds_since_publish: float
     num_trainable: int
+
+
+@dataclass(frozen=True)
+class _Upkeep:
+    stage: TrainStage
+    run: Callable[[], None]
+
+
+@dataclass
+class _PublishGate:
+    """Held-out losses of the learner and of the serving version, gathered one sample per stage."""
+
+    samples: list[TrainSample]
+    serving_version: int
+    learner_losses: list[float] = field(default_factory=list)
+    serving_losses: dict[int, float] = field(default_factory=dict)  # by sample id
 
 
 class Trainer:
@@ -62,6 +88,12 @@ class Trainer:
         self.last_publish_s = time.monotonic()
         self._last_checkpoint_s = time.monotonic()
         self._last_seen_id = 0
+        self._upkeep: deque[_Upkeep] = deque()
+        self._job: LayeredMicroStep | None = None
+        self._finished_jobs: list[LayeredMicroStep] = []
+        self._gate_pending = False
+        self._serving_losses: dict[int, float] = {}  # held-out sample id -> loss under `_serving_losses_version`
+        self._serving_losses_version = -1
         self._restore()
 
     # ---- what the scheduler reads ----
@@ -73,66 +105,130 @@ class Trainer:
     def drift_ratio(self) -> float:
         return self.drift.ratio
 
-    def pick(self, max_tokens: int, at_least_one: bool = False) -> TrainChunk | None:
-        budget = min(max_tokens, self.config.idle_chunk_tokens)
-        return self.replay.pick(budget, time.time(), self.config.batch_size, at_least_one)
+    def upkeep_stages(self) -> list[TrainStage]:
+        return [item.stage for item in self._upkeep]
+
+    def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
+        if self._job is None:
+            room = self.config.batch_size - self.learner.num_accumulated  # a micro-step never spans two batches
+            chunk = self.replay.pick(max_job_tokens, time.time(), max(1, room), at_least_one=True)
+            if chunk is None:
+                return []
+            self._job = self.learner.micro_step(chunk.samples)
+        return self._job.remaining
 
     # ---- intake ----
 
     def ingest(self) -> int:
-        """Tokenize and score samples journaled since the last call; returns how many."""
+        """Tokenize samples journaled since the last call and queue their scoring; returns how many."""
         stored = self.journal.since(self._last_seen_id)
         for row in stored:
             sample = self._tokenize(row.sample_id, row.prompt, row.completion, row.created_at, row.weight)
             sample.num_trained = row.num_trained
-            with torch.no_grad():
-                sample.loss = self.learner.evaluate([sample], self.active_version)
-            self.drift.observe(sample.loss)
-            if row.held_out:
-                self.heldout = [*self.heldout[-self.config.heldout_size :], sample]
-            elif row.num_trained == 0 or len(self.replay) < self.config.replay_window:
-                self.replay.add(sample)
+            stage = TrainStage(StageKind.SCORE, sample.num_tokens)
+            self._upkeep.append(_Upkeep(stage, partial(self._score, sample, row.held_out)))
             self._last_seen_id = row.sample_id
         self.num_new_samples += len(stored)
         return len(stored)
 
     def _tokenize(self, sample_id: int, prompt: str, completion: str, created_at: float, weight: float) -> TrainSample:
-        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        max_tokens = self.config.max_sample_tokens
         answer_ids = [*self.tokenizer.encode(completion, add_special_tokens=False), self.tokenizer.eos_token_id]
-        ids = (prompt_ids + answer_ids)[: self.config.max_sample_tokens]
-        return TrainSample(sample_id, ids, len(prompt_ids), created_at, weight)
+        answer_ids = answer_ids[: max_tokens - 1]
+        # An over-long sample loses the start of its prompt, never its answer (the part that is learned).
+        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False)[-(max_tokens - len(answer_ids)) :]
+        return TrainSample(sample_id, prompt_ids + answer_ids, len(prompt_ids), created_at, weight)
+
+    def _score(self, sample: TrainSample, held_out: bool) -> None:
+        """A sample's value: its loss under the version users are served now."""
+        sample.loss = self.learner.evaluate([sample], self.active_version)
+        self.drift.observe(sample.loss)
+        if held_out:
+            self.heldout = [*self.heldout[-self.config.heldout_size :], sample]
+        elif sample.num_trained == 0 or len(self.replay) < self.config.replay_window:
+            self.replay.add(sample)
 
     # ---- training, on the engine thread ----
 
-    def run_chunk(self, chunk: TrainChunk) -> list[float]:
+    def run_work(self, work: TrainWork) -> None:
+        """Run the planned stages, in order. A failure drops the open micro-step, never the engine."""
         started = time.perf_counter()
-        losses = self.learner.train_chunk(chunk)
+        try:
+            for stage in work.stages:
+                if stage.kind.is_upkeep:
+                    self._upkeep.popleft().run()
+                else:
+                    self._run_job_stage()
+        except Exception:
+            log.exception("training stage failed; the open micro-step and its batch are dropped")
+            self._job = None
+            self.learner.discard_gradients()
         self.train_seconds_total += time.perf_counter() - started
-        self.train_tokens_total += chunk.num_tokens
-        return losses
 
-    def after_step(self, chunk: TrainChunk | None, losses: list[float]) -> None:
-        if chunk is not None and losses:
-            for sample, loss in zip(chunk.samples, losses, strict=True):
-                sample.loss = loss if math.isfinite(loss) else sample.loss
-                sample.num_trained += 1
-            finite = [loss for loss in losses if math.isfinite(loss)]
-            if finite:
-                self.learner_loss = sum(finite) / len(finite)
-            self.journal.mark_trained([s.sample_id for s in chunk.samples], self._last_seen_id)
-            if self.learner.batch_ready() and self.learner.optimizer_step():
-                self.policy.on_optimizer_step(time.monotonic())
-                self._maybe_publish()
+    def _run_job_stage(self) -> None:
+        job = self._job
+        assert job is not None, "the plan holds training stages but no micro-step is open"
+        job.run_next()
+        if job.is_done:
+            self._finished_jobs.append(job)
+            self._job = None
+
+    def after_step(self) -> None:
+        for job in self._finished_jobs:
+            self._account(job)
+        self._finished_jobs.clear()
         if time.monotonic() - self._last_checkpoint_s > self.config.checkpoint_interval_s:
             self.checkpoint()
 
-    def _maybe_publish(self) -> None:
+    def _account(self, job: LayeredMicroStep) -> None:
+        for sample, loss in zip(job.samples, job.losses, strict=True):
+            sample.loss = loss if math.isfinite(loss) else sample.loss
+            sample.num_trained += 1
+        finite = [loss for loss in job.losses if math.isfinite(loss)]
+        if finite:
+            self.learner_loss = sum(finite) / len(finite)
+        self.train_tokens_total += sum(sample.num_tokens for sample in job.samples)
+        self.journal.mark_trained([s.sample_id for s in job.samples], self._last_seen_id)
+        self.learner.accumulated(len(job.samples))
+        if self.learner.batch_ready():
+            if self.learner.optimizer_step():
+                self._queue_publish_gate()
+            self.policy.on_optimizer_step(time.monotonic())
+
+    # ---- publishing ----
+
+    def _queue_publish_gate(self) -> None:
+        """Queue the held-out evaluation (one upkeep stage per sample) that decides a publish."""
         heldout = self.heldout[-self.config.heldout_size :]
         since_publish_s = time.monotonic() - self.last_publish_s
-        if not heldout or self.publishing_held or since_publish_s < self.config.min_publish_interval_s:
+        if self._gate_pending or not heldout or self.publishing_held:
             return
-        learner = self.learner.evaluate(heldout, None)
-        serving = self.learner.evaluate(heldout, self.active_version)
+        if since_publish_s < self.config.min_publish_interval_s:
+            return
+        if self._serving_losses_version != self.active_version:
+            self._serving_losses, self._serving_losses_version = {}, self.active_version
+        gate = _PublishGate(heldout, self.active_version)
+        for sample in heldout:
+            self._upkeep.append(_Upkeep(TrainStage(StageKind.EVAL, sample.num_tokens),
+                                        partial(self._eval_learner, gate, sample)))
+            if sample.sample_id not in self._serving_losses:
+                self._upkeep.append(_Upkeep(TrainStage(StageKind.EVAL, sample.num_tokens),
+                                            partial(self._eval_serving, sample)))
+        self._upkeep.append(_Upkeep(TrainStage(StageKind.EVAL, 0), partial(self._decide_publish, gate)))
+        self._gate_pending = True
+
+    def _eval_learner(self, gate: _PublishGate, sample: TrainSample) -> None:
+        gate.learner_losses.append(self.learner.evaluate([sample], None))
+
+    def _eval_serving(self, sample: TrainSample) -> None:
+        self._serving_losses[sample.sample_id] = self.learner.evaluate([sample], self._serving_losses_version)
+
+    def _decide_publish(self, gate: _PublishGate) -> None:
+        self._gate_pending = False
+        if gate.serving_version != self.active_version or self.publishing_held:
+            return  # an operator chose a version meanwhile
+        learner = sum(gate.learner_losses) / len(gate.learner_losses)
+        serving = sum(self._serving_losses[s.sample_id] for s in gate.samples) / len(gate.samples)
         self.learner_heldout_loss, self.serving_heldout_loss = learner, serving
         if not (math.isfinite(learner) and math.isfinite(serving)):
             return

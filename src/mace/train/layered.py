@@ -1,0 +1,115 @@
+"""One micro-batch's forward and backward on the learner, resumable at every decoder-layer boundary.
+
+Each layer runs on a detached copy of its input that requires grad, and its output is kept; the
+head computes the loss on the answer positions only (the 49k-wide LM head never sees the prompt)
+and back-propagates into the last layer's output; then `torch.autograd.backward(output, grad)`
+walks the layers from the last down, handing each input's gradient to the layer below. The LoRA
+gradients equal those of one whole-model backward (tests/train/test_layered.py), but the work is
+cut into stages of a few milliseconds that the scheduler spreads over iterations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mace.train.replay import TrainSample
+from mace.train.work import StageKind, TrainStage
+
+
+class _SamplePass:
+    """The state of one sample between its stages."""
+
+    def __init__(self, causal_lm: Any, sample: TrainSample, scale: float) -> None:
+        self.causal_lm = causal_lm
+        self.sample = sample
+        self.scale = scale  # sample weight / batch size: the accumulated gradient is the batch mean
+        device = causal_lm.lm_head.weight.device
+        self.ids = torch.tensor([sample.token_ids], device=device)  # [1, T]
+        self.positions = torch.arange(sample.num_tokens, device=device)[None]  # [1, T]
+        self.carry: torch.Tensor | None = None  # the next layer's input, [1, T, hidden]
+        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (layer input, layer output) per layer
+        self.grad: torch.Tensor | None = None  # d loss / d the output of the layer to back-propagate next
+        self.loss = math.nan
+
+    @property
+    def num_answer_tokens(self) -> int:
+        return self.sample.num_tokens - self.sample.num_prompt_tokens
+
+    def stages(self, num_layers: int) -> list[TrainStage]:
+        tokens = self.sample.num_tokens
+        return [
+            *[TrainStage(StageKind.FORWARD, tokens)] * num_layers,
+            TrainStage(StageKind.HEAD, self.num_answer_tokens),
+            *[TrainStage(StageKind.BACKWARD, tokens)] * num_layers,
+        ]
+
+    def forward_layer(self, layer: Any) -> None:
+        decoder = self.causal_lm.model
+        if self.carry is None:
+            with torch.no_grad():  # the embeddings are frozen: layer 0's input needs no gradient
+                self.carry = decoder.embed_tokens(self.ids)
+                self.rotary = decoder.rotary_emb(self.carry, self.positions)
+        layer_input = self.carry
+        output = layer(layer_input, attention_mask=None, position_ids=self.positions,
+                       position_embeddings=self.rotary)  # no mask: causal attention over the whole sample
+        self.saved.append((layer_input, output))
+        self.carry = output.detach().requires_grad_(True)
+
+    def head(self) -> None:
+        assert self.carry is not None
+        start = self.sample.num_prompt_tokens - 1  # the position whose logits predict the first answer token
+        hidden = self.carry[:, start:-1]  # [1, A, hidden]
+        logits = self.causal_lm.lm_head(self.causal_lm.model.norm(hidden))  # [1, A, vocab]
+        loss = F.cross_entropy(logits[0].float(), self.ids[0, start + 1 :])
+        self.loss = float(loss.detach())
+        if math.isfinite(self.loss):
+            (loss * self.scale).backward()  # type: ignore[no-untyped-call]
+            self.grad = self.carry.grad
+        self.carry = None
+
+    def backward_layer(self) -> None:
+        layer_input, output = self.saved.pop()
+        if self.grad is not None:  # None after a non-finite loss: nothing to learn from this sample
+            torch.autograd.backward(output, self.grad)
+            self.grad = layer_input.grad if layer_input.requires_grad else None
+
+
+class LayeredMicroStep:
+    """The stages of `samples`' forward and backward, run one at a time in order."""
+
+    def __init__(self, causal_lm: Any, samples: list[TrainSample], batch_size: int) -> None:
+        self.layers: list[Any] = list(causal_lm.model.layers)
+        self.samples = samples
+        self._passes = [_SamplePass(causal_lm, s, s.weight / batch_size) for s in samples]
+        self._stages = [stage for p in self._passes for stage in p.stages(len(self.layers))]
+        self._next = 0
+
+    @property
+    def remaining(self) -> list[TrainStage]:
+        return self._stages[self._next :]
+
+    @property
+    def is_done(self) -> bool:
+        return self._next == len(self._stages)
+
+    @property
+    def losses(self) -> list[float]:
+        return [p.loss for p in self._passes]
+
+    def run_next(self) -> None:
+        stages_per_sample = 2 * len(self.layers) + 1
+        sample_pass = self._passes[self._next // stages_per_sample]
+        within = self._next % stages_per_sample
+        with torch.enable_grad():
+            if within < len(self.layers):
+                sample_pass.forward_layer(self.layers[within])
+            elif within == len(self.layers):
+                sample_pass.head()
+            else:
+                sample_pass.backward_layer()
+        self._next += 1

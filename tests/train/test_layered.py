@@ -1,0 +1,75 @@
+"""Layer-staged micro-steps compute the same LoRA gradients as one whole-model backward."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from mace.model.loader import ModelBundle
+from mace.train.learner import Learner
+from mace.train.replay import TrainSample
+from mace.train.work import StageKind
+from tests.conftest import tiny_config
+
+
+def _learner(tmp_path: Path, bundle: ModelBundle) -> Learner:
+    config = tiny_config(tmp_path, train={"batch_size": 4})
+    learner = Learner(bundle.causal_lm, config.train)
+    torch.manual_seed(0)
+    for param in learner._learner_params():  # LoRA B starts at zero; make every gradient non-trivial
+        torch.nn.init.normal_(param, std=0.02)
+    return learner
+
+
+def test_staged_gradients_equal_whole_model_backward(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+    learner = _learner(tmp_path, tiny_bundle)
+    try:
+        samples = [TrainSample(1, list(range(5, 45)), 12, 0.0), TrainSample(2, list(range(50, 70)), 5, 0.0, weight=2.0)]
+        params = learner._learner_params()
+        reference_losses = []
+        for sample in samples:
+            ids = torch.tensor([sample.token_ids])
+            labels = ids.clone()
+            labels[:, : sample.num_prompt_tokens] = -100
+            loss = learner.peft_model(input_ids=ids, labels=labels).loss
+            reference_losses.append(float(loss.detach()))
+            (loss * sample.weight / 4).backward()
+        reference = [p.grad.clone() for p in params if p.grad is not None]
+        learner.discard_gradients()
+
+        step = learner.micro_step(samples)
+        num_layers = len(step.layers)
+        kinds = [stage.kind for stage in step.remaining]
+        assert kinds == ([StageKind.FORWARD] * num_layers + [StageKind.HEAD] + [StageKind.BACKWARD] * num_layers) * 2
+        while not step.is_done:
+            step.run_next()
+        staged = [p.grad for p in params if p.grad is not None]
+        assert len(staged) == len(reference) == len(params)
+        for got, want in zip(staged, reference, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        for got_loss, want_loss in zip(step.losses, reference_losses, strict=True):
+            assert math.isclose(got_loss, want_loss, rel_tol=1e-5)
+    finally:
+        learner.peft_model.unload()  # give the shared tiny model back without LoRA layers
+
+
+def test_non_finite_loss_contributes_no_gradient(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+    learner = _learner(tmp_path, tiny_bundle)
+    try:
+        step = learner.micro_step([TrainSample(1, list(range(5, 25)), 10, 0.0)])
+        lm_head = learner.peft_model.base_model.model.lm_head.weight
+        original = float(lm_head[0, 0])
+        with torch.no_grad():
+            lm_head[0, 0] = math.inf  # poisons the logits, so the loss
+        try:
+            while not step.is_done:
+                step.run_next()
+        finally:
+            with torch.no_grad():
+                lm_head[0, 0] = original
+        assert not math.isfinite(step.losses[0])
+        assert all(p.grad is None for p in learner._learner_params())
+    finally:
+        learner.peft_model.unload()
