@@ -1,0 +1,149 @@
+// The live dashboard: polls GET /v1/stats a few times a second and draws the last two minutes.
+import { TimeChart } from "./charts.js";
+import { bindApiKeyField, errorMessage, keyAdvice, requestJSON } from "./common.js";
+
+const POLL_MS = 250;
+const CHART_WINDOW_S = 120;
+const STATS_WINDOW_S = 10; // what the percentiles and rates cover, server side
+
+const $ = (id) => document.getElementById(id);
+const ms = (v) => (v === null || v === undefined ? "—" : `${(v * 1000).toFixed(v < 0.1 ? 1 : 0)} ms`);
+const percent = (v) => (v === null || v === undefined ? "—" : `${(v * 100).toFixed(v < 0.1 ? 1 : 0)}%`);
+const plain = (digits) => (v) => (v === null || v === undefined ? "—" : v.toFixed(digits));
+const mib = (v) => (v === null || v === undefined ? "—" : `${(v / 2 ** 20).toFixed(v < 10 * 2 ** 20 ? 1 : 0)} MiB`);
+const ago = (s) => (s === null || s === undefined ? "—" : s < 120 ? `${s.toFixed(0)} s` : `${(s / 60).toFixed(0)} min`);
+
+const P = [
+  { key: "p50", label: "p50", color: "#2f6fdf" },
+  { key: "p90", label: "p90", color: "#e08a1e" },
+  { key: "p99", label: "p99", color: "#c23b3b" },
+];
+const charts = {
+  ttft: new TimeChart($("chart-ttft"), { series: P, format: ms }),
+  tpot: new TimeChart($("chart-tpot"), { series: P, format: ms }),
+  throughput: new TimeChart($("chart-throughput"), {
+    series: [{ key: "tokens", label: "tokens/s", color: "#2f6fdf" }], format: plain(0),
+  }),
+  requests: new TimeChart($("chart-requests"), {
+    series: [
+      { key: "running", label: "running", color: "#2f6fdf" },
+      { key: "waiting", label: "waiting", color: "#e08a1e" },
+    ],
+    format: plain(0),
+    integer: true,
+  }),
+  kv: new TimeChart($("chart-kv"), { series: [{ key: "usage", label: "in use", color: "#22863a" }], format: percent }),
+  train: new TimeChart($("chart-train"), {
+    series: [{ key: "share", label: "time training", color: "#7a3fb0" }], format: percent, yMax: 1,
+  }),
+  loss: new TimeChart($("chart-loss"), {
+    series: [
+      { key: "learner", label: "learner", color: "#7a3fb0" },
+      { key: "serving", label: "serving", color: "#2f6fdf" },
+    ],
+    format: plain(2),
+  }),
+  drift: new TimeChart($("chart-drift"), {
+    series: [{ key: "drift", label: "drift", color: "#c23b3b" }], format: plain(2),
+  }),
+  adapters: new TimeChart($("chart-adapters"), {
+    series: [{ key: "active", label: "active version", color: "#22863a" }], format: plain(0), stepped: true, integer: true,
+  }),
+};
+
+let events = []; // [{t, label}] publishes from the adapter store, plus activations seen here
+let lastActive = null;
+
+function show(id, text) {
+  $(id).value = text;
+}
+
+function render(stats) {
+  const t = stats.time;
+  const { latency, requests, kv, train, adapters } = stats;
+  $("model").textContent = stats.model;
+  for (const name of ["ttft", "tpot"]) {
+    const values = latency[`${name}_s`];
+    for (const p of P) show(`${name}-${p.key}`, ms(values[p.key]));
+    charts[name].push(t, values);
+  }
+  show("tokens-per-s", plain(1)(stats.generation_tokens_per_s));
+  charts.throughput.push(t, { tokens: stats.generation_tokens_per_s });
+  show("running", requests ? String(requests.running) : "—");
+  show("waiting", requests ? String(requests.waiting) : "—");
+  show("preemptions", requests ? String(requests.preemptions) : "—");
+  charts.requests.push(t, requests ?? {});
+  show("kv-used", mib(kv?.used_bytes));
+  show("kv-usage", percent(kv?.usage));
+  charts.kv.push(t, { usage: kv?.usage });
+  renderTraining(t, train);
+  renderAdapters(t, adapters, train);
+  for (const chart of Object.values(charts)) chart.draw(t, CHART_WINDOW_S, events);
+}
+
+function renderTraining(t, train) {
+  show("train-share", percent(train?.time_share));
+  show("train-steps", train ? String(train.optimizer_steps) : "—");
+  show("train-pending", train ? String(train.pending_samples) : "—");
+  show("train-policy", train ? train.policy : "none");
+  show("loss-learner", plain(3)(train?.learner_heldout_loss));
+  show("loss-serving", plain(3)(train?.serving_heldout_loss));
+  show("drift", plain(2)(train?.drift));
+  show("since-publish", ago(train?.seconds_since_publish));
+  charts.train.push(t, { share: train?.time_share });
+  charts.loss.push(t, { learner: train?.learner_heldout_loss, serving: train?.serving_heldout_loss });
+  charts.drift.push(t, { drift: train?.drift });
+}
+
+function renderAdapters(t, adapters, train) {
+  if (!adapters) return;
+  $("adapter").textContent = `v${adapters.active}`;
+  show("adapter-active", `v${adapters.active}`);
+  show("adapter-count", String(adapters.versions.length));
+  show("auto-publish", train ? (adapters.auto_publish ? "on" : "held") : "off");
+  const published = adapters.versions.map((v) => ({ t: v.created_at, label: `v${v.version}`, version: v }));
+  if (lastActive !== null && adapters.active !== lastActive && !published.some((e) => e.version.version === adapters.active)) {
+    events.push({ t, label: `→v${adapters.active}`, activated: true });
+  }
+  lastActive = adapters.active;
+  events = [...published, ...events.filter((e) => e.activated)];
+  charts.adapters.push(t, { active: adapters.active });
+  renderEventList(adapters.versions);
+}
+
+function renderEventList(versions) {
+  const list = $("events");
+  if (list.childElementCount === versions.length) return;
+  list.replaceChildren(...versions.slice().reverse().map((v) => {
+    const item = document.createElement("li");
+    const when = new Date(v.created_at * 1000).toLocaleTimeString();
+    const losses = v.learner_loss !== null ? ` · held-out loss ${v.serving_loss?.toFixed(3)} → ${v.learner_loss.toFixed(3)}` : "";
+    item.textContent = `${when} · v${v.version} published (${v.reason})${losses}`;
+    return item;
+  }));
+}
+
+function setConnection(state, problem = null) {
+  $("connection").dataset.state = state;
+  $("connection").textContent = state === "open" ? "live" : "no data";
+  $("banner").hidden = problem === null;
+  $("banner").textContent = problem ?? "";
+}
+
+async function poll() {
+  try {
+    const result = await requestJSON(`/v1/stats?window_s=${STATS_WINDOW_S}`);
+    if (!result.ok) {
+      setConnection("closed", keyAdvice(result) ?? errorMessage(result));
+    } else {
+      setConnection("open", result.body.ready ? null : `The engine is not ready: ${result.body.load_error ?? "loading"}`);
+      render(result.body);
+    }
+  } catch (error) {
+    setConnection("closed", `The server cannot be reached (${error}).`);
+  }
+  setTimeout(poll, POLL_MS); // after the answer, so a slow server is never asked twice at once
+}
+
+bindApiKeyField($("api-key"));
+poll();
