@@ -101,7 +101,8 @@ class Guard:
         self.samples = KeyLimiter("feedback samples", config.samples_burst)
         self.streams = ConcurrencyCap(config.max_streams_per_key, "generations")
         # One cap for the whole server: journal writes queue on one lock, so a flood must not pile up.
-        self.feedback_writes = ConcurrencyCap(config.max_pending_feedback, "feedback writes", "the server")
+        self.feedback_writes = ConcurrencyCap(config.max_pending_feedback, "feedback writes", "the server",
+                                              code="too_many_pending_writes")
 
     @property
     def is_open(self) -> bool:
@@ -171,6 +172,10 @@ async def guard_middleware(
             return await handler(request)
         guard.start_stream(principal)
         try:
-            return await handler(request)
+            runtime.admit_generation()
+            try:
+                return await handler(request)
+            finally:
+                runtime.end_generation()
         finally:
             guard.end_stream(principal)

@@ -62,17 +62,18 @@ class KeyLimiter:
 class ConcurrencyCap:
     """At most `limit` holders per key at once (generations a key runs, feedback writes in flight)."""
 
-    def __init__(self, limit: int, what: str, holder: str = "this key") -> None:
+    def __init__(self, limit: int, what: str, holder: str = "this key", code: str = "too_many_streams") -> None:
         self.limit = limit
         self.what = what
         self.holder = holder
+        self.code = code
         self._held: dict[str, int] = {}
 
     def acquire(self, key_name: str) -> None:
         held = self._held.get(key_name, 0)
         if held >= self.limit:
             raise ApiError(429, f"{self.holder} already has {held} {self.what} running; the limit is {self.limit}",
-                           code="too_many_streams", retry_after_s=1)
+                           code=self.code, retry_after_s=1)
         self._held[key_name] = held + 1
 
     def release(self, key_name: str) -> None:

@@ -38,6 +38,7 @@ class Runtime:
         self.served_model_name = config.server.served_model_name or config.model.name
         self.is_draining = False
         self.num_in_flight = 0  # HTTP API requests and websocket conversations being answered
+        self.num_generations = 0  # of those, the ones generating (running or waiting in the engine)
         self._idle = asyncio.Event()
         self._idle.set()
         self.sockets: set[web.WebSocketResponse] = set()
@@ -59,6 +60,17 @@ class Runtime:
         if self.is_draining:
             raise ApiError(503, "the server is shutting down; retry on another replica or after the restart",
                            code="shutting_down", retry_after_s=5)
+
+    def admit_generation(self) -> None:
+        """Counted on the event loop as requests arrive, so a burst is bounded before the engine sees it."""
+        capacity = self.config.engine.max_num_seqs + self.config.server.max_waiting_requests
+        if self.num_generations >= capacity:
+            raise ApiError(429, f"the server is at capacity ({capacity} generations running or waiting); retry shortly",
+                           code="queue_full", retry_after_s=1)
+        self.num_generations += 1
+
+    def end_generation(self) -> None:
+        self.num_generations -= 1
 
     @contextmanager
     def in_flight(self) -> Iterator[None]:

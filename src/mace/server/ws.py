@@ -17,13 +17,14 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from mace.server.auth import GUARD, PRINCIPAL
+from mace.server.auth import GUARD, PRINCIPAL, Guard
 from mace.server.errors import ApiError
 from mace.server.generation import PreparedRequest, generate, prepare_chat
 from mace.server.keys import RUNTIME
 from mace.server.limits import TokenBucket
 from mace.server.openai_api import fingerprint, parse_body, usage
 from mace.server.protocol import ChatCompletionRequest
+from mace.server.runtime import Runtime
 
 routes = web.RouteTableDef()
 MAX_CONVERSATIONS_PER_SOCKET = 16
@@ -95,12 +96,18 @@ class _Socket:
             guard.count_request(self.principal)
             body = parse_body(ChatCompletionRequest, fields)
             prepared = prepare_chat(runtime, body)
-            guard.start_stream(self.principal)  # released when the conversation's task ends, however
+            runtime.admit_generation()
         except ApiError as exc:
             await self.send_error(conversation_id, exc)
             return
+        try:
+            guard.start_stream(self.principal)
+        except ApiError as exc:
+            runtime.end_generation()
+            await self.send_error(conversation_id, exc)
+            return
         task = asyncio.create_task(self._run_chat(conversation_id, prepared))
-        task.add_done_callback(lambda _: guard.end_stream(self.principal))
+        task.add_done_callback(lambda _: self._release(guard, runtime))
         self.tasks[conversation_id] = task
         task.add_done_callback(lambda done: self._forget(conversation_id, done))
 
@@ -125,6 +132,11 @@ class _Socket:
                     "adapter_version": delta.adapter_version,
                     "system_fingerprint": fingerprint(delta.adapter_version),
                 })
+
+    def _release(self, guard: Guard, runtime: Runtime) -> None:
+        """A conversation's slots are given back when its task ends, however it ends."""
+        guard.end_stream(self.principal)
+        runtime.end_generation()
 
     def _forget(self, conversation_id: str, task: asyncio.Task[None]) -> None:
         if self.tasks.get(conversation_id) is task:
