@@ -76,6 +76,8 @@ def rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         limits = ", ".join(f"{k}≤{v:g}s" for k, v in slo.items())
         out.append((f"goodput (req/s, {limits})", _num(summary["goodput_rps"])))
         out.append(("SLO attainment", _pct(summary["slo_attainment"].get("all"))))
+        for key in slo:
+            out.append((f"{key.upper()} SLO attainment", _pct(summary["slo_attainment"].get(key))))
     feedback = summary["feedback"]
     out.append(("feedback (ok / sent)", f"{feedback['ok']} / {feedback['sent']}"))
     versions = summary.get("adapter_versions") or []

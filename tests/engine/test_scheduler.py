@@ -112,3 +112,31 @@ def test_failed_step_ends_only_its_requests() -> None:
     outputs = scheduler.fail_all(plan, "boom")
     assert [(o.request_id, o.finish_reason) for o in outputs] == [("in-step", "error")]
     assert [r.request_id for r in scheduler.waiting] == ["not-in-step"]
+
+
+def test_prefill_beside_decodes_is_chunked_to_keep_their_tpot() -> None:
+    from mace.config import SloConfig
+    from mace.engine.latency import StepShape
+    from mace.engine.scheduler import MIN_PREFILL_CHUNK
+
+    config = EngineConfig(max_num_batched_tokens=512, max_num_seqs=8)
+    scheduler = Scheduler(config, BlockPool(1024, 16), clock=lambda: 0.0, slo=SloConfig(tpot_s=0.1))
+    for prefill in (0, 16, 64, 128):
+        for decode in range(0, 5):
+            shape = StepShape(prefill, decode)
+            scheduler.latency.observe(shape, 0.01 + 0.001 * prefill + 0.005 * decode)
+    for i in range(4):
+        scheduler.add_request(make_request(f"streaming-{i}", 4, max_tokens=100))
+    step(scheduler)
+    scheduler.add_request(make_request("long", 400))
+    chunk_sizes = []
+    while scheduler.waiting or any(r.is_prefilling for r in scheduler.running):
+        plan = step(scheduler)
+        assert plan.num_decode_tokens == 4  # the streams advance every step
+        assert scheduler.latency.predict(plan.shape) <= 0.1 + 1e-9
+        chunk_sizes.append(plan.num_prefill_tokens)
+    assert sum(chunk_sizes) == 400 and len(chunk_sizes) > 1 and min(chunk_sizes[:-1]) >= MIN_PREFILL_CHUNK
+    # Alone, the same prompt goes in one step: the cap is there only for the streams' sake.
+    alone = Scheduler(config, BlockPool(1024, 16), clock=lambda: 0.0, slo=SloConfig(tpot_s=0.1))
+    alone.add_request(make_request("long", 400))
+    assert step(alone).num_prefill_tokens == 400

@@ -2,8 +2,10 @@
 
 Scheduling is by token budget, not by phases: running requests first (one token each while
 decoding, the next prompt chunk while prefilling), then waiting requests admitted while the
-budget, the running-request limit and KV memory allow. When KV memory runs out, the most
-recently admitted request is preempted (its KV freed, recomputed when it is admitted again).
+budget, the running-request limit and KV memory allow. While requests are decoding, prompt tokens
+are capped so the latency model predicts the step within the TPOT target (chunked prefill never
+stalls a stream). When KV memory runs out, the most recently admitted request is preempted (its
+KV freed, recomputed when it is admitted again).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk, shape_
 from mace.engine.request import Request, RequestOutput, RequestStatus
 from mace.train.policy import NoTraining, RetrainPolicy, TrainContext, TrainDecision
 from mace.train.work import TrainStage, TrainWork
+
+MIN_PREFILL_CHUNK = 16
 
 
 class TrainSource(Protocol):
@@ -66,6 +70,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._released: list[str] = []
+        self._prefill_room = 0  # prompt tokens this step may still take (set by schedule)
         self.num_preemptions = 0
 
     @property
@@ -95,6 +100,7 @@ class Scheduler:
 
     def schedule(self) -> IterationPlan:
         budget = self.config.max_num_batched_tokens
+        self._prefill_room = self._prefill_budget()
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         budget = self._schedule_running(budget, chunks, preempted)
@@ -162,11 +168,34 @@ class Scheduler:
             drift=source.drift_ratio(),
         )
 
+    def _prefill_budget(self) -> int:
+        """Prompt tokens that fit beside this step's decodes without passing their TPOT target.
+
+        Long prompts are prefilled in chunks of this size, so an arrival never stalls the requests
+        that are streaming; a minimum chunk keeps prefill moving on a pessimistic estimate.
+        """
+        num_decoding = sum(1 for request in self.running if not request.is_prefilling)
+        per_token_s = self.latency.marginal_s(StepShape(num_prefill_tokens=1))
+        if num_decoding == 0 or per_token_s <= 0:
+            return self.config.max_num_batched_tokens
+        spare_s = self.slo.tpot_s - self.latency.predict(StepShape(num_decode_tokens=num_decoding))
+        return max(MIN_PREFILL_CHUNK, int(spare_s / per_token_s))
+
+    def _take_prefill(self, request: Request, num_new: int) -> int:
+        if not request.is_prefilling:
+            return num_new
+        num_new = min(num_new, self._prefill_room)
+        self._prefill_room -= num_new
+        return num_new
+
     def _schedule_running(self, budget: int, chunks: list[ScheduledChunk], preempted: list[str]) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_uncomputed_tokens, budget)
+            num_new = self._take_prefill(request, min(request.num_uncomputed_tokens, budget))
+            if num_new == 0:
+                index += 1
+                continue
             if not self._reserve(request, num_new, preempted):
                 break
             chunks.append(ScheduledChunk.of(request, num_new))
@@ -187,8 +216,8 @@ class Scheduler:
     def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            num_new = min(request.num_uncomputed_tokens, budget)
-            if not self.blocks.grow(request.request_id, request.num_computed_tokens + num_new):
+            num_new = min(request.num_uncomputed_tokens, budget, self._prefill_room)
+            if num_new == 0 or not self.blocks.grow(request.request_id, request.num_computed_tokens + num_new):
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -197,6 +226,7 @@ class Scheduler:
             self.running.append(request)
             chunks.append(ScheduledChunk.of(request, num_new))
             budget -= num_new
+            self._prefill_room -= num_new
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
