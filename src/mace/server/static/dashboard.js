@@ -4,14 +4,22 @@ import { bindApiKeyField, errorMessage, keyAdvice, requestJSON } from "./common.
 
 const POLL_MS = 250;
 const CHART_WINDOW_S = 120;
-const STATS_WINDOW_S = 10; // what the percentiles and rates cover, server side
+// What the percentiles and rates cover, server side: long enough to hold a few requests' first
+// tokens on a slow CPU, short enough to follow a change of load.
+const STATS_WINDOW_S = 30;
 
 const $ = (id) => document.getElementById(id);
-const ms = (v) => (v === null || v === undefined ? "—" : `${(v * 1000).toFixed(v < 0.1 ? 1 : 0)} ms`);
+const ms = (v) => {
+  if (v === null || v === undefined) return "—";
+  return v >= 1 ? `${v.toFixed(v < 10 ? 2 : 1)} s` : `${(v * 1000).toFixed(v < 0.1 ? 1 : 0)} ms`;
+};
 const percent = (v) => (v === null || v === undefined ? "—" : `${(v * 100).toFixed(v < 0.1 ? 1 : 0)}%`);
 const plain = (digits) => (v) => (v === null || v === undefined ? "—" : v.toFixed(digits));
 const mib = (v) => (v === null || v === undefined ? "—" : `${(v / 2 ** 20).toFixed(v < 10 * 2 ** 20 ? 1 : 0)} MiB`);
-const ago = (s) => (s === null || s === undefined ? "—" : s < 120 ? `${s.toFixed(0)} s` : `${(s / 60).toFixed(0)} min`);
+const ago = (s) => {
+  if (s === null || s === undefined) return "—";
+  return s < 120 ? `${s.toFixed(0)} s` : `${(s / 60).toFixed(0)} min`;
+};
 
 const P = [
   { key: "p50", label: "p50", color: "#2f6fdf" },
@@ -47,12 +55,17 @@ const charts = {
     series: [{ key: "drift", label: "drift", color: "#c23b3b" }], format: plain(2),
   }),
   adapters: new TimeChart($("chart-adapters"), {
-    series: [{ key: "active", label: "active version", color: "#22863a" }], format: plain(0), stepped: true, integer: true,
+    series: [{ key: "active", label: "active version", color: "#22863a" }],
+    format: plain(0),
+    stepped: true,
+    integer: true,
   }),
 };
 
-let events = []; // [{t, label}] publishes from the adapter store, plus activations seen here
+let events = []; // [{t, label}]: publishes from the adapter store, then activations seen here
+const activations = [];
 let lastActive = null;
+let lastNewest = null;
 
 function show(id, text) {
   $(id).value = text;
@@ -101,12 +114,15 @@ function renderAdapters(t, adapters, train) {
   show("adapter-active", `v${adapters.active}`);
   show("adapter-count", String(adapters.versions.length));
   show("auto-publish", train ? (adapters.auto_publish ? "on" : "held") : "off");
-  const published = adapters.versions.map((v) => ({ t: v.created_at, label: `v${v.version}`, version: v }));
-  if (lastActive !== null && adapters.active !== lastActive && !published.some((e) => e.version.version === adapters.active)) {
-    events.push({ t, label: `→v${adapters.active}`, activated: true });
+  const newest = adapters.versions.at(-1)?.version ?? 0;
+  // A change to anything but a version published just now is an operator's rollback or roll-forward.
+  const isPublish = newest !== lastNewest && adapters.active === newest;
+  if (lastActive !== null && adapters.active !== lastActive && !isPublish) {
+    activations.push({ t, label: `→v${adapters.active}` });
   }
   lastActive = adapters.active;
-  events = [...published, ...events.filter((e) => e.activated)];
+  lastNewest = newest;
+  events = [...adapters.versions.map((v) => ({ t: v.created_at, label: `v${v.version}` })), ...activations];
   charts.adapters.push(t, { active: adapters.active });
   renderEventList(adapters.versions);
 }
@@ -117,7 +133,8 @@ function renderEventList(versions) {
   list.replaceChildren(...versions.slice().reverse().map((v) => {
     const item = document.createElement("li");
     const when = new Date(v.created_at * 1000).toLocaleTimeString();
-    const losses = v.learner_loss !== null ? ` · held-out loss ${v.serving_loss?.toFixed(3)} → ${v.learner_loss.toFixed(3)}` : "";
+    const losses = v.learner_loss === null ? ""
+      : ` · held-out loss ${v.serving_loss?.toFixed(3) ?? "?"} → ${v.learner_loss.toFixed(3)}`;
     item.textContent = `${when} · v${v.version} published (${v.reason})${losses}`;
     return item;
   }));
@@ -136,7 +153,8 @@ async function poll() {
     if (!result.ok) {
       setConnection("closed", keyAdvice(result) ?? errorMessage(result));
     } else {
-      setConnection("open", result.body.ready ? null : `The engine is not ready: ${result.body.load_error ?? "loading"}`);
+      const notReady = `The engine is not ready: ${result.body.load_error ?? "the model is loading"}`;
+      setConnection("open", result.body.ready ? null : notReady);
       render(result.body);
     }
   } catch (error) {
