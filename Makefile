@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 CONFIG ?= configs/default.toml
+MINUTES ?= 10
 
-.PHONY: install browser serve test lint typecheck pytest bench bench-train clean
+.PHONY: install browser serve test lint typecheck pytest bench bench-train soak clean
 
 install: $(STAMP)
 
@@ -48,6 +49,10 @@ bench-train: install
 	$(BIN)/python -m loadgen compare --policies none,periodic,continuous,mace --trace personalization \
 		--model builtin:smollm2 --arrival replay --seed 0 --slo ttft=1.0,tpot=0.35 --out docs/results/train \
 		--no-progress
+
+# Not in CI: MINUTES of mixed load with random disconnects and a restart, against a subprocess server.
+soak: install
+	$(BIN)/python benchmarks/soak.py --minutes $(MINUTES)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
