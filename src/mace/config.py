@@ -40,6 +40,7 @@ class EngineConfig(_Section):
     max_num_batched_tokens: int = Field(512, ge=16, description="prompt + decode tokens per step")
     kv_block_size: int = Field(16, ge=1)
     kv_budget_bytes: int = Field(2 * 1024**3, ge=1024**2, description="memory for the KV cache")
+    overlap_streams: bool = Field(True, description="CUDA: training on a low-priority stream beside inference")
 
 
 Scope = Literal["infer", "train", "admin"]

@@ -55,7 +55,7 @@ def test_staged_gradients_equal_whole_model_backward(tmp_path: Path, tiny_bundle
         learner.peft_model.unload()  # give the shared tiny model back without LoRA layers
 
 
-def test_non_finite_loss_contributes_no_gradient(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+def test_non_finite_loss_skips_the_optimizer_step(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
     learner = _learner(tmp_path, tiny_bundle)
     try:
         step = learner.micro_step([TrainSample(1, list(range(5, 25)), 10, 0.0)])
@@ -70,6 +70,10 @@ def test_non_finite_loss_contributes_no_gradient(tmp_path: Path, tiny_bundle: Mo
             with torch.no_grad():
                 lm_head[0, 0] = original
         assert not math.isfinite(step.losses[0])
-        assert all(p.grad is None for p in learner._learner_params())
+        before = [p.detach().clone() for p in learner._learner_params()]
+        learner.accumulated(1)
+        assert learner.optimizer_step() is False and learner.num_skipped_steps == 1
+        for param, old in zip(learner._learner_params(), before, strict=True):
+            assert torch.equal(param, old) and param.grad is None
     finally:
         learner.peft_model.unload()

@@ -151,3 +151,26 @@ def test_idle_step_always_makes_progress_on_a_cautious_estimate() -> None:
         scheduler.latency.observe(StepShape(0, 0, 8, 0, 0), 10.0)
     plan = scheduler.schedule()
     assert plan.train is not None and len(plan.train.stages) == 1
+
+
+def test_a_stage_kind_never_measured_is_probed_now_and_then() -> None:
+    from mace.engine.scheduler import PROBE_EVERY_STEPS
+
+    huge = [TrainStage(StageKind.FORWARD, 100_000)]  # the prior prices it far past any slack
+
+    class HugeSource(FakeSource):
+        def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
+            return huge * 4
+
+    scheduler = make("mace", HugeSource(drift=5.0), tpot_s=0.3)
+    for decode in range(1, 9):  # inference is known; training never ran
+        for _ in range(2):
+            scheduler.latency.observe(StepShape(0, decode), 0.01 + 0.002 * decode)
+    plans = [decoding_plan(scheduler, 2)]
+    for _ in range(2 * PROBE_EVERY_STEPS):
+        plan = scheduler.schedule()
+        scheduler.update(plan, RunnerOutput({c.request.request_id: 7 for c in plan.chunks}, 0.0))
+        plans.append(plan)
+    probes = [plan for plan in plans if plan.train is not None]
+    assert 1 <= len(probes) <= 3 and all(len(p.train.stages) == 1 for p in probes if p.train)
+    assert all(plan.chunks for plan in plans)  # serving went on in every step

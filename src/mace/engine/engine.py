@@ -77,7 +77,8 @@ class Engine:
     def __init__(self, bundle: ModelBundle, config: MaceConfig, trainer: Trainer | None = None) -> None:
         self.bundle = bundle
         self.config = config
-        self.runner = ModelRunner(bundle.causal_lm, config.model.max_model_len, bundle.device)
+        self.runner = ModelRunner(bundle.causal_lm, config.model.max_model_len, bundle.device,
+                                  overlap_streams=config.engine.overlap_streams)
         block_size = config.engine.kv_block_size
         num_blocks = config.engine.kv_budget_bytes // (self.runner.kv_bytes_per_token() * block_size)
         self.blocks = BlockPool(num_blocks, block_size)
@@ -92,6 +93,7 @@ class Engine:
         )
         self.adapter_version = trainer.active_version if trainer is not None else 0
         self.num_steps = 0
+        self.last_plan: IterationPlan | None = None
         self.step_time_s_total = 0.0
         self.forward_time_s_total = 0.0
         self._inbox: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
@@ -249,7 +251,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
-        plan = self.scheduler.schedule()
+        plan = self.last_plan = self.scheduler.schedule()
         output = self._run_guarded(plan)
         outputs = self.scheduler.update(plan, output)
         self._account(time.perf_counter() - started, output)
@@ -260,7 +262,10 @@ class Engine:
         """Step boundary: the trainer may publish; new requests then pin the new version."""
         if self.trainer is None:
             return
-        self.trainer.after_step()
+        with self.runner.streams.training():  # the optimizer reads gradients the training stream wrote
+            self.trainer.after_step()
+        if self.trainer.active_version != self.adapter_version:
+            self.runner.streams.publish_fence()
         self.adapter_version = self.trainer.active_version
         pinned = {r.adapter_version for r in [*self.scheduler.running, *self.scheduler.waiting]}
         self.trainer.release_versions(pinned)

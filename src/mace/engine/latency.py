@@ -46,10 +46,16 @@ class LatencyModel:
         self._coef = np.array(prior, dtype=np.float64)
         self._refit_every = refit_every
         self._since_fit = 0
+        self._fitted = np.zeros(len(prior), dtype=bool)  # columns whose coefficient came from measurements
         self.last_error_s = 0.0
 
     def predict(self, shape: StepShape) -> float:
         return float(np.dot(self._coef, shape.features()))
+
+    def is_measured(self, shape: StepShape) -> bool:
+        """Whether every kind of work in `shape` has a fitted coefficient (not a prior)."""
+        features = np.array(shape.features()[1:]) != 0
+        return bool(self._fitted[1:][features].all())
 
     def marginal_s(self, shape: StepShape) -> float:
         """What `shape`'s tokens add to a step that runs anyway (the prediction without the base)."""
@@ -73,3 +79,4 @@ class LatencyModel:
         updated = self._coef.copy()
         updated[used] = np.maximum(coef, 0.0)
         self._coef = updated
+        self._fitted |= used

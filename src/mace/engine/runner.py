@@ -19,6 +19,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from mace.engine.kv_cache import SlotKVCache
 from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk
 from mace.engine.sampler import Sampler
+from mace.engine.streams import StreamManager
 from mace.train.learner import adapter_name
 from mace.train.trainer import Trainer
 
@@ -35,8 +36,14 @@ class _StepInputs:
     max_single_length: int
 
 
+@dataclass(frozen=True)
+class _Logits:
+    values: torch.Tensor  # [S, vocab] float32
+    chunks: list[ScheduledChunk]  # the chunk each row samples for
+
+
 class ModelRunner:
-    def __init__(self, causal_lm: Any, max_model_len: int, device: torch.device) -> None:
+    def __init__(self, causal_lm: Any, max_model_len: int, device: torch.device, overlap_streams: bool = True) -> None:
         # Any: Hugging Face modules expose their submodules as dynamic attributes.
         decoder: Any = causal_lm.model
         config = causal_lm.config
@@ -53,6 +60,7 @@ class ModelRunner:
                 len(decoder.layers), self.num_kv_heads, self.head_dim, max_model_len, dtype, device
             )
         self.sampler = Sampler()
+        self.streams = StreamManager(device, overlap=overlap_streams)
         self.trainer: Trainer | None = None  # set when a retraining policy is on
 
     def kv_bytes_per_token(self) -> int:
@@ -70,14 +78,20 @@ class ModelRunner:
         if plan.is_empty:
             return RunnerOutput(sampled_token_ids={}, forward_time_s=0.0)
         start = time.perf_counter()
-        sampled: dict[str, int] = {}
+        # Launch order matters on CUDA: inference, then training, then wait for the inference
+        # stream alone, so training kernels overlap decode and the sampled tokens come back first.
+        logits: _Logits | None = None
         if plan.chunks:
-            with torch.inference_mode():
+            with self.streams.inference(), torch.inference_mode():
                 inputs = self._prepare(plan)
-                hidden = self._serve_forward(inputs)  # [T, hidden]
-                sampled = self._sample(inputs, hidden)
+                logits = self._logits(inputs, self._serve_forward(inputs))
         if plan.train is not None and self.trainer is not None:
-            self.trainer.run_work(plan.train)
+            with self.streams.training():
+                self.trainer.run_work(plan.train)
+        sampled: dict[str, int] = {}
+        if logits is not None:
+            with self.streams.inference(), torch.inference_mode():
+                sampled = self._sample(logits)
         return RunnerOutput(sampled_token_ids=sampled, forward_time_s=time.perf_counter() - start)
 
     def _serve_forward(self, inputs: _StepInputs) -> torch.Tensor:
@@ -86,10 +100,7 @@ class ModelRunner:
             return self._forward(inputs)
         names = [adapter_name(chunk.request.adapter_version)
                  for chunk in inputs.singles + inputs.multis for _ in range(chunk.num_new_tokens)]
-        learner = self.trainer.learner
-        # All on the base model (nothing published yet): skip the per-token adapter routing.
-        context = learner.base_only() if set(names) == {adapter_name(0)} else learner.forward_hooks(names)
-        with context:
+        with self.trainer.learner.serving(names):
             return self._forward(inputs)
 
     def _prepare(self, plan: IterationPlan) -> _StepInputs:
@@ -195,7 +206,8 @@ class ModelRunner:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
         return out[0].transpose(0, 1)
 
-    def _sample(self, inputs: _StepInputs, hidden: torch.Tensor) -> dict[str, int]:
+    def _logits(self, inputs: _StepInputs, hidden: torch.Tensor) -> _Logits | None:
+        """The LM head on the last position of each chunk that samples a token."""
         rows: list[int] = []
         sampling: list[ScheduledChunk] = []
         offset = 0
@@ -205,9 +217,12 @@ class ModelRunner:
                 rows.append(offset - 1)
                 sampling.append(chunk)
         if not rows:
-            return {}
+            return None
         logits = self.causal_lm.lm_head(hidden[torch.tensor(rows, device=self.device)])  # [S, vocab]
-        request_ids = [chunk.request.request_id for chunk in sampling]
-        params = [chunk.request.sampling_params for chunk in sampling]
-        tokens = self.sampler.sample(logits.float(), request_ids, params)
+        return _Logits(logits.float(), sampling)
+
+    def _sample(self, logits: _Logits) -> dict[str, int]:
+        request_ids = [chunk.request.request_id for chunk in logits.chunks]
+        params = [chunk.request.sampling_params for chunk in logits.chunks]
+        tokens = self.sampler.sample(logits.values, request_ids, params)
         return dict(zip(request_ids, tokens, strict=True))

@@ -36,13 +36,13 @@ class Sampler:
             drop_sorted = (cumulative - sorted_scores.softmax(dim=-1)) >= params.top_p
             scores = scores.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
         probs = scores.softmax(dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._generator(request_id, params)).item())
+        return int(torch.multinomial(probs, 1, generator=self._generator(request_id, params, probs.device)).item())
 
-    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
+    def _generator(self, request_id: str, params: SamplingParams, device: torch.device) -> torch.Generator | None:
         if params.seed is None:
             return None
         generator = self._generators.get(request_id)
         if generator is None:
-            generator = torch.Generator().manual_seed(params.seed)
+            generator = torch.Generator(device=device).manual_seed(params.seed)
             self._generators[request_id] = generator
         return generator

@@ -24,6 +24,7 @@ from mace.train.policy import NoTraining, RetrainPolicy, TrainContext, TrainDeci
 from mace.train.work import TrainStage, TrainWork
 
 MIN_PREFILL_CHUNK = 16
+PROBE_EVERY_STEPS = 32
 
 
 class TrainSource(Protocol):
@@ -71,6 +72,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._released: list[str] = []
         self._prefill_room = 0  # prompt tokens this step may still take (set by schedule)
+        self._steps_since_probe = 0
         self.num_preemptions = 0
 
     @property
@@ -101,6 +103,7 @@ class Scheduler:
     def schedule(self) -> IterationPlan:
         budget = self.config.max_num_batched_tokens
         self._prefill_room = self._prefill_budget()
+        self._steps_since_probe += 1
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         budget = self._schedule_running(budget, chunks, preempted)
@@ -137,7 +140,7 @@ class Scheduler:
 
         Upkeep (scoring, evaluation) may use all of the slack; training stages only the policy's
         budget. With nothing to serve the first stage always goes, so work never stalls on a
-        cautious latency estimate.
+        cautious latency estimate; a kind of stage never measured yet is tried alone now and then.
         """
         upkeep_s = max(context.slack_s, decision.budget_s)
         taken: list[TrainStage] = []
@@ -148,10 +151,17 @@ class Scheduler:
             if cost_s > limit_s:
                 break
             taken.append(stage)
-        if not taken and stages and not context.has_inference:
-            first = stages[0]
-            if first.kind.is_upkeep or decision.budget_s > 0:
-                taken = [first]
+        first = stages[0] if stages else None
+        if taken or first is None or not (first.kind.is_upkeep or decision.budget_s > 0):
+            return taken
+        if not context.has_inference:
+            return [first]
+        first_shape = shape_of(0, 0, TrainWork((first,)))
+        if not self.latency.is_measured(first_shape) and self._steps_since_probe >= PROBE_EVERY_STEPS:
+            # The prior may overstate this kind of work many times over (a GPU, say) and a busy
+            # server would then never run one to measure it: try one stage now and then.
+            self._steps_since_probe = 0
+            return [first]
         return taken
 
     def _train_context(self, inference: StepShape) -> TrainContext:

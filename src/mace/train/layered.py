@@ -34,7 +34,7 @@ class _SamplePass:
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (layer input, layer output) per layer
         self.grad: torch.Tensor | None = None  # d loss / d the output of the layer to back-propagate next
-        self.loss = math.nan
+        self.loss_value: torch.Tensor | None = None  # kept on the device: reading it would wait for the GPU
 
     @property
     def num_answer_tokens(self) -> int:
@@ -66,17 +66,16 @@ class _SamplePass:
         hidden = self.carry[:, start:-1]  # [1, A, hidden]
         logits = self.causal_lm.lm_head(self.causal_lm.model.norm(hidden))  # [1, A, vocab]
         loss = F.cross_entropy(logits[0].float(), self.ids[0, start + 1 :])
-        self.loss = float(loss.detach())
-        if math.isfinite(self.loss):
-            (loss * self.scale).backward()  # type: ignore[no-untyped-call]
-            self.grad = self.carry.grad
+        self.loss_value = loss.detach()
+        # A non-finite loss back-propagates non-finite gradients; the optimizer then skips the step.
+        (loss * self.scale).backward()  # type: ignore[no-untyped-call]
+        self.grad = self.carry.grad
         self.carry = None
 
     def backward_layer(self) -> None:
         layer_input, output = self.saved.pop()
-        if self.grad is not None:  # None after a non-finite loss: nothing to learn from this sample
-            torch.autograd.backward(output, self.grad)
-            self.grad = layer_input.grad if layer_input.requires_grad else None
+        torch.autograd.backward(output, self.grad)
+        self.grad = layer_input.grad if layer_input.requires_grad else None
 
 
 class LayeredMicroStep:
@@ -88,6 +87,7 @@ class LayeredMicroStep:
         self._passes = [_SamplePass(causal_lm, s, s.weight / batch_size) for s in samples]
         self._stages = [stage for p in self._passes for stage in p.stages(len(self.layers))]
         self._next = 0
+        self._done: torch.cuda.Event | None = None  # recorded after the last stage's kernels on CUDA
 
     @property
     def remaining(self) -> list[TrainStage]:
@@ -98,8 +98,13 @@ class LayeredMicroStep:
         return self._next == len(self._stages)
 
     @property
+    def is_settled(self) -> bool:
+        """Done, and (on CUDA) its kernels finished, so reading its losses does not stall the engine."""
+        return self.is_done and (self._done is None or bool(self._done.query()))  # type: ignore[no-untyped-call]
+
+    @property
     def losses(self) -> list[float]:
-        return [p.loss for p in self._passes]
+        return [math.nan if p.loss_value is None else float(p.loss_value) for p in self._passes]
 
     def run_next(self) -> None:
         stages_per_sample = 2 * len(self.layers) + 1
@@ -113,3 +118,6 @@ class LayeredMicroStep:
             else:
                 sample_pass.backward_layer()
         self._next += 1
+        if self.is_done and self._passes[0].ids.is_cuda:
+            self._done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._done.record()

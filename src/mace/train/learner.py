@@ -7,20 +7,24 @@ and one frozen `v<N>` per published version still in use. Version 0 is the base 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from mace.config import TrainConfig
 from mace.train.layered import LayeredMicroStep
 from mace.train.replay import TrainSample
 
 LEARNER = "learner"
+BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
 
 
 def adapter_name(version: int) -> str:
-    return "__base__" if version == 0 else f"v{version}"
+    return BASE if version == 0 else f"v{version}"
 
 
 class Learner:
@@ -38,17 +42,38 @@ class Learner:
         self.num_optimizer_steps = 0
         self.num_skipped_steps = 0
         self.loaded_versions: set[int] = set()
+        self._lora_layers: list[Any] = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
 
     def _learner_params(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.peft_model.named_parameters() if f".{LEARNER}." in n]
 
-    def forward_hooks(self, adapter_names: list[str]) -> Any:
-        """Context in which LoRA layers apply a per-token adapter (mixed-version batches)."""
-        return self.peft_model.base_model._enable_peft_forward_hooks(adapter_names=adapter_names)
+    def serving(self, adapter_names: list[str]) -> AbstractContextManager[None]:
+        """Context in which token i of the next forward runs with adapter `adapter_names[i]`."""
+        unique = set(adapter_names)
+        if len(unique) == 1:
+            return self._uniform(unique.pop())
+        return self.peft_model.base_model._enable_peft_forward_hooks(adapter_names=adapter_names)  # type: ignore[no-any-return]
 
-    def base_only(self) -> Any:
-        """Context in which LoRA layers are bypassed (version 0 for every token)."""
-        return self.peft_model.disable_adapter()
+    @contextmanager
+    def _uniform(self, name: str) -> Iterator[None]:
+        """One adapter (or none) for the whole batch.
+
+        peft's own switches (`disable_adapter`, `set_adapter`) walk every module and toggle
+        requires_grad, which costs as much as a decode step's kernel launches on a GPU; flipping the
+        LoRA layers' two state fields directly is the same switch without the walk.
+        """
+        layers = self._lora_layers
+        for layer in layers:
+            if name == BASE:
+                layer._disable_adapters = True
+            else:
+                layer._active_adapter = [name]
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._disable_adapters = False
+                layer._active_adapter = [LEARNER]
 
     def micro_step(self, samples: list[TrainSample]) -> LayeredMicroStep:
         """Forward and backward of `samples` on the learner, in layer stages; gradients accumulate."""
@@ -62,17 +87,18 @@ class Learner:
 
     def optimizer_step(self) -> bool:
         """Apply the accumulated gradients unless any is NaN/inf; True if the weights changed."""
-        params = self._learner_params()
-        grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-        if grads_finite:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        params = [p for p in self._learner_params() if p.grad is not None]
+        # One norm over all gradients: a single device read instead of one per parameter.
+        total_norm = torch.nn.utils.clip_grad_norm_(params, 1.0) if params else torch.tensor(0.0)
+        finite = bool(params) and bool(torch.isfinite(total_norm))
+        if finite:
             self.optimizer.step()
             self.num_optimizer_steps += 1
         else:
             self.num_skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.num_accumulated = 0
-        return grads_finite
+        return finite
 
     def discard_gradients(self) -> None:
         """Forget a half-accumulated batch (a training stage failed mid-way)."""
@@ -95,7 +121,7 @@ class Learner:
         labels[:, : sample.num_prompt_tokens] = -100  # learn the answer, not the question
         if adapter is None:
             return self.peft_model(input_ids=ids, labels=labels).loss  # type: ignore[no-any-return]
-        with self.forward_hooks([adapter]):
+        with self.serving([adapter]):
             return self.peft_model(input_ids=ids, labels=labels).loss  # type: ignore[no-any-return]
 
     def publish(self, version: int) -> None:

@@ -109,6 +109,8 @@ class Trainer:
         return [item.stage for item in self._upkeep]
 
     def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
+        if self._job is None and self._finished_jobs:
+            return []  # the optimizer may have to step on the finished one before more gradients accumulate
         if self._job is None:
             room = self.config.batch_size - self.learner.num_accumulated  # a micro-step never spans two batches
             chunk = self.replay.pick(max_job_tokens, time.time(), max(1, room), at_least_one=True)
@@ -174,9 +176,8 @@ class Trainer:
             self._job = None
 
     def after_step(self) -> None:
-        for job in self._finished_jobs:
-            self._account(job)
-        self._finished_jobs.clear()
+        while self._finished_jobs and self._finished_jobs[0].is_settled:
+            self._account(self._finished_jobs.pop(0))
         if time.monotonic() - self._last_checkpoint_s > self.config.checkpoint_interval_s:
             self.checkpoint()
 
