@@ -41,6 +41,10 @@ class EngineConfig(_Section):
     kv_block_size: int = Field(16, ge=1)
     kv_budget_bytes: int = Field(2 * 1024**3, ge=1024**2, description="memory for the KV cache")
     overlap_streams: bool = Field(True, description="CUDA: training on a low-priority stream beside inference")
+    scheduling: Literal["slo", "fcfs"] = Field("slo", description="waiting order: earliest TTFT deadline, or arrival")
+    shed_queue_depth: int = Field(
+        16, ge=0, description="past this many waiting requests, one predicted to miss its TTFT gets 429"
+    )
 
 
 Scope = Literal["infer", "train", "admin"]
@@ -99,9 +103,31 @@ class ServerConfig(_Section):
         return tuple(ApiKey.from_plain(item) if isinstance(item, str) else item for item in items if item != "")
 
 
+class SloTarget(_Section):
+    ttft_s: float = Field(gt=0)
+    tpot_s: float = Field(gt=0)
+
+
+INTERACTIVE = "interactive"
+
+
 class SloConfig(_Section):
+    """Latency targets by class. `ttft_s`/`tpot_s` are the `interactive` class's; `classes` adds others."""
+
     ttft_s: float = Field(1.0, gt=0)
     tpot_s: float = Field(0.35, gt=0)
+    classes: dict[str, SloTarget] = Field(default_factory=lambda: {"batch": SloTarget(ttft_s=30.0, tpot_s=2.0)})
+    default_class: str = INTERACTIVE
+
+    def target(self, name: str) -> SloTarget:
+        """Raises KeyError for a class that is not configured."""
+        if name == INTERACTIVE:
+            return SloTarget(ttft_s=self.ttft_s, tpot_s=self.tpot_s)
+        return self.classes[name]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [INTERACTIVE, *self.classes]
 
 
 class TrainConfig(_Section):

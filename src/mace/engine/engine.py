@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import queue
 import threading
 import time
@@ -39,6 +40,14 @@ class RequestRejected(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class Overloaded(RuntimeError):
+    """Admitting the request now would only make it miss its TTFT target: shed it (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ class Engine:
             policy=trainer.policy if trainer is not None else None, train_source=trainer,
         )
         self.adapter_version = trainer.active_version if trainer is not None else 0
+        self.num_shed: dict[str, int] = {}  # requests answered 429 by admission control, by SLO class
         self.num_steps = 0
         self.last_plan: IterationPlan | None = None
         self.step_time_s_total = 0.0
@@ -157,11 +167,39 @@ class Engine:
                 param="messages",
             )
 
+    def resolve_slo_class(self, name: str | None) -> str:
+        """The configured class `name` (the default class if None); RequestRejected if unknown."""
+        slo = self.config.slo
+        chosen = slo.default_class if name is None else name
+        if chosen not in slo.class_names:
+            raise RequestRejected(f"unknown SLO class {chosen!r}; this server has {', '.join(slo.class_names)}",
+                                  param="mace_slo")
+        return chosen
+
+    def check_admission(self, num_prompt_tokens: int, slo_class: str) -> None:
+        """Shed a request (Overloaded) when the queue is past its bound and the latency model predicts
+        that, even admitted now, it would miss its TTFT target. First-come-first-served sheds nothing."""
+        engine = self.config.engine
+        if engine.scheduling != "slo" or len(self.scheduler.waiting) < engine.shed_queue_depth:
+            return
+        target_s = self.config.slo.target(slo_class).ttft_s
+        predicted_s = self.scheduler.predict_ttft_s(num_prompt_tokens, target_s, time.monotonic())
+        if predicted_s > target_s:
+            self.num_shed[slo_class] = self.num_shed.get(slo_class, 0) + 1
+            raise Overloaded(
+                f"the server is overloaded: a {slo_class} request would get its first token in about "
+                f"{predicted_s:.1f}s, past its {target_s:g}s target; retry shortly",
+                retry_after_s=max(1, math.ceil(predicted_s - target_s)),
+            )
+
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+        slo_class: str | None = None, priority: int = 0,
     ) -> AsyncIterator[GenerationDelta]:
         """Yields text deltas until the request finishes; closing the iterator early aborts it."""
         self.check_request(len(prompt_token_ids))
+        slo_class = self.resolve_slo_class(slo_class)
+        target = self.config.slo.target(slo_class)
         request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
         if request_id in self._streams:
             raise RequestRejected(f"request id {request_id!r} is already in flight", param="request_id")
@@ -173,6 +211,10 @@ class Engine:
             max_model_len=self.max_model_len,
             arrival_time_s=time.monotonic(),
             adapter_version=self.adapter_version,
+            slo_class=slo_class,
+            ttft_s=target.ttft_s,
+            tpot_s=target.tpot_s,
+            priority=priority,
         )
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = stream

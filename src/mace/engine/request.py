@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 
@@ -54,7 +55,9 @@ class Request:
 
     `num_computed_tokens` counts tokens whose KV is in the cache; the tokens still to run through
     the model are `all_token_ids[num_computed_tokens:]` (the prompt's rest while prefilling, the last
-    sampled token while decoding, everything again after a preemption).
+    sampled token while decoding, everything again after a preemption). A prefix found in the
+    prefix cache starts it at `num_cached_tokens` instead of 0. Lower `priority` is more important:
+    admitted first, preempted last.
     """
 
     request_id: str
@@ -64,13 +67,26 @@ class Request:
     max_model_len: int
     arrival_time_s: float
     adapter_version: int = 0
+    slo_class: str = "interactive"
+    ttft_s: float = math.inf  # the class's targets; infinite when no SLO applies
+    tpot_s: float = math.inf
+    priority: int = 0  # lower is more important (the vLLM convention): preemption takes the highest first
+    queue_seq: int = 0  # set by the scheduler: ties in the waiting order go to the earlier enqueued
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
+    num_saved_blocks: int = 0  # full blocks already offered to the prefix cache
+    num_admission_skips: int = 0  # steps a smaller request was admitted past this one
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks
     first_scheduled_time_s: float | None = None
     first_token_time_s: float | None = None
     error: str | None = None
+
+    @property
+    def ttft_deadline_s(self) -> float:
+        return self.arrival_time_s + self.ttft_s
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -10,8 +10,9 @@ KV freed, recomputed when it is admitted again).
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -68,11 +69,12 @@ class Scheduler:
         self.policy: RetrainPolicy = policy or NoTraining()
         self.train_source = train_source
         self.latency = LatencyModel()
-        self.waiting: deque[Request] = deque()
+        self.waiting: list[Request] = []  # in queue order (see _queue_key)
         self.running: list[Request] = []
         self._released: list[str] = []
         self._prefill_room = 0  # prompt tokens this step may still take (set by schedule)
         self._steps_since_probe = 0
+        self._num_enqueued = 0
         self.num_preemptions = 0
 
     @property
@@ -88,7 +90,39 @@ class Scheduler:
         return source.num_trainable > 0 and self.policy.decide(self._train_context(StepShape())).budget_s > 0
 
     def add_request(self, request: Request) -> None:
-        self.waiting.append(request)
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        self._num_enqueued += 1
+        request.queue_seq = self._num_enqueued
+        bisect.insort(self.waiting, request, key=self._queue_key)
+
+    def _queue_key(self, request: Request) -> tuple[float, float, int]:
+        """Earliest TTFT deadline first ("slo"), or arrival order ("fcfs").
+
+        Deadlines age by themselves: a relaxed class's deadline passes too, and then it is served
+        before newer interactive requests, so nothing starves. A preempted request keeps its early
+        deadline (or arrival) and goes back near the front.
+        """
+        if self.config.scheduling == "slo":
+            return (request.ttft_deadline_s, request.arrival_time_s, request.queue_seq)
+        return (request.arrival_time_s, 0.0, request.queue_seq)
+
+    def predict_ttft_s(self, num_prompt_tokens: int, ttft_s: float, now_s: float) -> float:
+        """How long a request arriving now would wait for its first token (read from the event loop).
+
+        The prompt tokens queued ahead of it (by deadline) are prefilled at the rate the latency model
+        predicts for steps beside the current decodes.
+        """
+        deadline = now_s + ttft_s
+        ahead = sum(r.num_uncomputed_tokens for r in list(self.waiting)
+                    if self.config.scheduling == "fcfs" or r.ttft_deadline_s <= deadline)
+        running = list(self.running)
+        num_decoding = sum(1 for r in running if not r.is_prefilling)
+        ahead += sum(r.num_uncomputed_tokens for r in running if r.is_prefilling)
+        room = max(1, self._prefill_budget(running))
+        step_s = self.latency.predict(StepShape(room, num_decoding))
+        return math.ceil((ahead + num_prompt_tokens) / room) * step_s
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         for request in self.waiting:
@@ -171,25 +205,30 @@ class Scheduler:
             now_s=self.clock(),
             has_inference=inference.has_inference,
             predicted_inference_s=self.latency.predict(inference) if inference.has_inference else 0.0,
-            tpot_s=self.slo.tpot_s,
+            tpot_s=min(self._tpot_target_s([r for r in self.running if not r.is_prefilling]), self.slo.tpot_s),
             ttft_s=self.slo.ttft_s,
             num_trainable=source.num_trainable,
             num_new_samples=source.num_new_samples,
             drift=source.drift_ratio(),
         )
 
-    def _prefill_budget(self) -> int:
+    def _prefill_budget(self, running: list[Request] | None = None) -> int:
         """Prompt tokens that fit beside this step's decodes without passing their TPOT target.
 
         Long prompts are prefilled in chunks of this size, so an arrival never stalls the requests
         that are streaming; a minimum chunk keeps prefill moving on a pessimistic estimate.
         """
-        num_decoding = sum(1 for request in self.running if not request.is_prefilling)
+        decoding = [request for request in (running or self.running) if not request.is_prefilling]
         per_token_s = self.latency.marginal_s(StepShape(num_prefill_tokens=1))
-        if num_decoding == 0 or per_token_s <= 0:
+        if not decoding or per_token_s <= 0:
             return self.config.max_num_batched_tokens
-        spare_s = self.slo.tpot_s - self.latency.predict(StepShape(num_decode_tokens=num_decoding))
+        spare_s = self._tpot_target_s(decoding) - self.latency.predict(StepShape(num_decode_tokens=len(decoding)))
         return max(MIN_PREFILL_CHUNK, int(spare_s / per_token_s))
+
+    def _tpot_target_s(self, decoding: list[Request]) -> float:
+        """The tightest TPOT target among the requests decoding (a request without a class has the default)."""
+        targets = [r.tpot_s if math.isfinite(r.tpot_s) else self.slo.tpot_s for r in decoding]
+        return min(targets, default=self.slo.tpot_s)
 
     def _take_prefill(self, request: Request, num_new: int) -> int:
         if not request.is_prefilling:
@@ -229,7 +268,7 @@ class Scheduler:
             num_new = min(request.num_uncomputed_tokens, budget, self._prefill_room)
             if num_new == 0 or not self.blocks.grow(request.request_id, request.num_computed_tokens + num_new):
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time_s is None:
                 request.first_scheduled_time_s = self.clock()
@@ -246,7 +285,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self._enqueue(request)
 
     def update(self, plan: IterationPlan, output: RunnerOutput) -> list[RequestOutput]:
         """Advance counters, append sampled tokens, finish requests; one output per request that moved."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from mace.engine.engine import Engine, GenerationDelta, RequestRejected
+from mace.engine.engine import Engine, GenerationDelta, Overloaded, RequestRejected
 from mace.server.errors import ApiError
 from mace.server.protocol import ChatCompletionRequest, CompletionRequest
 from mace.server.runtime import Runtime
@@ -27,6 +27,7 @@ class PreparedRequest:
     body: ChatCompletionRequest | CompletionRequest
     max_tokens: int
     created: int
+    slo_class: str
 
 
 def prepare_chat(runtime: Runtime, body: ChatCompletionRequest, request_id: str | None = None) -> PreparedRequest:
@@ -89,7 +90,23 @@ def _prepared(
     max_tokens = requested if requested is not None else min(limits.default_max_tokens, limits.max_output_tokens, room)
     if runtime.stats() is not None and len(engine.scheduler.waiting) >= runtime.config.server.max_waiting_requests:
         raise ApiError(429, "the server is at capacity; retry shortly", code="queue_full", retry_after_s=1)
-    return PreparedRequest(request_id, ids, body, max_tokens, int(time.time()))
+    slo_class = _admitted_slo_class(runtime, engine, body, len(ids))
+    return PreparedRequest(request_id, ids, body, max_tokens, int(time.time()), slo_class)
+
+
+def _admitted_slo_class(
+    runtime: Runtime, engine: Engine, body: ChatCompletionRequest | CompletionRequest, num_prompt_tokens: int
+) -> str:
+    try:
+        slo_class = engine.resolve_slo_class(body.mace_slo)
+    except RequestRejected as exc:
+        raise ApiError(400, str(exc), param="mace_slo", code="invalid_slo_class") from None
+    try:
+        engine.check_admission(num_prompt_tokens, slo_class)
+    except Overloaded as exc:
+        runtime.metrics.requests_shed.labels(slo_class=slo_class).inc()
+        raise ApiError(429, str(exc), code="overloaded", retry_after_s=exc.retry_after_s) from None
+    return slo_class
 
 
 async def generate(runtime: Runtime, prepared: PreparedRequest) -> AsyncIterator[GenerationDelta]:
@@ -101,7 +118,8 @@ async def generate(runtime: Runtime, prepared: PreparedRequest) -> AsyncIterator
     first_token_s: float | None = None
     final: GenerationDelta | None = None
     try:
-        async for delta in engine.generate(prepared.prompt_token_ids, params, prepared.request_id):
+        async for delta in engine.generate(prepared.prompt_token_ids, params, prepared.request_id,
+                                           slo_class=prepared.slo_class, priority=prepared.body.priority):
             now = time.monotonic()
             if delta.token_ids:
                 if first_token_s is None:
@@ -134,6 +152,8 @@ def _record(
     metrics.request_success.labels(finished_reason=finish_reason).inc()
     if final is not None and final.queue_time_s is not None:
         metrics.queue_time.observe(final.queue_time_s)
+    if finish_reason in ("stop", "length") and first_token_s is not None:
+        _record_slo(runtime, prepared.slo_class, first_token_s, total_s, num_output)
     log.info(
         "request",
         request_id=prepared.request_id,
@@ -143,4 +163,19 @@ def _record(
         total_s=round(total_s, 4),
         finish_reason=finish_reason,
         adapter_version=final.adapter_version if final is not None else None,
+        slo_class=prepared.slo_class,
     )
+
+
+def _record_slo(runtime: Runtime, slo_class: str, ttft_s: float, total_s: float, num_output: int) -> None:
+    """Attainment per class and kind: TTFT, and TPOT as the mean gap after the first token."""
+    metrics = runtime.metrics
+    target = runtime.config.slo.target(slo_class)
+    tpot_s = (total_s - ttft_s) / (num_output - 1) if num_output > 1 else 0.0
+    metrics.slo_requests.labels(slo_class=slo_class).inc()
+    missed = {"ttft": ttft_s > target.ttft_s, "tpot": tpot_s > target.tpot_s}
+    for kind, is_missed in missed.items():
+        if is_missed:
+            metrics.slo_violations.labels(slo_class=slo_class, kind=kind).inc()
+    if not any(missed.values()):
+        metrics.slo_met.labels(slo_class=slo_class).inc()

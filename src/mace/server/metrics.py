@@ -38,6 +38,20 @@ class ServerMetrics:
         self.request_success = Counter(
             "mace:request_success", "Requests finished, by finish reason.", ["finished_reason"], registry=r
         )
+        self.slo_requests = Counter(
+            "mace:slo_requests", "Requests finished (stop or length), by SLO class.", ["slo_class"], registry=r
+        )
+        self.slo_met = Counter(
+            "mace:slo_met", "Requests that met all their SLOs (goodput = rate), by class.", ["slo_class"], registry=r
+        )
+        self.slo_violations = Counter(
+            "mace:slo_violations", "Requests that missed an SLO, by class and kind (ttft, tpot).",
+            ["slo_class", "kind"], registry=r,
+        )
+        self.requests_shed = Counter(
+            "mace:requests_shed", "Requests answered 429 because they were predicted to miss their TTFT.",
+            ["slo_class"], registry=r,
+        )
         self._gauge("mace:num_requests_running", "Requests in the running batch.", lambda s: s.num_running)
         self._gauge("mace:num_requests_waiting", "Requests waiting to be scheduled.", lambda s: s.num_waiting)
         self._gauge("mace:kv_cache_usage_perc", "Share of KV blocks in use (0-1).",

@@ -52,6 +52,9 @@ class _GenerationBody(_Body):
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(1, ge=1, le=1, description="only one choice per request")
     ignore_eos: StrictBool = Field(False, description="extension: generate max_tokens even past EOS")
+    mace_slo: str | None = Field(None, max_length=64, description="extension: the SLO class (e.g. interactive, batch)")
+    priority: StrictInt = Field(0, ge=-1000, le=1000,
+                                description="extension (vLLM): lower is more important when memory forces preemption")
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
 

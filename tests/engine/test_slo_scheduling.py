@@ -1,0 +1,74 @@
+"""SLO-aware queueing with a fake clock and no model: earliest deadline first, no starvation, FCFS."""
+
+from __future__ import annotations
+
+from mace.config import EngineConfig, SloConfig
+from mace.engine.kv_blocks import BlockPool
+from mace.engine.latency import StepShape
+from mace.engine.request import Request, SamplingParams
+from mace.engine.scheduler import Scheduler
+from tests.engine.test_scheduler import step
+
+TARGETS = {"interactive": (1.0, 0.1), "batch": (30.0, 2.0)}
+
+
+def request(request_id: str, slo_class: str, arrival_s: float, num_prompt: int = 8) -> Request:
+    ttft_s, tpot_s = TARGETS[slo_class]
+    return Request(request_id=request_id, prompt_token_ids=list(range(1, num_prompt + 1)),
+                   sampling_params=SamplingParams(max_tokens=2, temperature=0), eos_token_ids=frozenset(),
+                   max_model_len=4096, arrival_time_s=arrival_s, slo_class=slo_class, ttft_s=ttft_s, tpot_s=tpot_s)
+
+
+def scheduler(scheduling: str = "slo", max_num_seqs: int = 1) -> Scheduler:
+    config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=64, scheduling=scheduling)  # type: ignore[arg-type]
+    return Scheduler(config, BlockPool(512, 16), clock=lambda: 0.0, slo=SloConfig())
+
+
+def admission_order(s: Scheduler) -> list[str]:
+    order: list[str] = []
+    while s.waiting or s.running:
+        plan = step(s)
+        order += [c.request.request_id for c in plan.chunks if c.start_position == 0]
+    return order
+
+
+def test_earliest_deadline_first_puts_interactive_ahead_of_earlier_batch() -> None:
+    s = scheduler()
+    s.add_request(request("batch-early", "batch", arrival_s=0.0))
+    s.add_request(request("interactive-late", "interactive", arrival_s=5.0))
+    assert admission_order(s) == ["interactive-late", "batch-early"]
+
+
+def test_first_come_first_served_keeps_arrival_order() -> None:
+    s = scheduler("fcfs")
+    s.add_request(request("batch-early", "batch", arrival_s=0.0))
+    s.add_request(request("interactive-late", "interactive", arrival_s=5.0))
+    assert admission_order(s) == ["batch-early", "interactive-late"]
+
+
+def test_a_relaxed_request_ages_ahead_of_newer_interactive_ones() -> None:
+    s = scheduler()
+    s.add_request(request("batch", "batch", arrival_s=0.0))  # deadline 30 s
+    for i in range(40):  # a steady stream of interactive arrivals, one a second
+        s.add_request(request(f"i{i}", "interactive", arrival_s=float(i)))
+    order = admission_order(s)
+    position = order.index("batch")
+    assert order[:position] == [f"i{i}" for i in range(position)]
+    assert position < 40  # admitted before the interactive requests that arrived after its deadline
+    assert all(int(name[1:]) >= 29 for name in order[position + 1 :])
+
+
+def test_predicted_ttft_grows_with_the_queue_ahead_and_ignores_later_deadlines() -> None:
+    s = scheduler(max_num_seqs=8)
+    for prefill in (0, 16, 64):
+        for decode in range(4):
+            s.latency.observe(StepShape(prefill, decode), 0.01 + 0.001 * prefill + 0.005 * decode)
+    empty = s.predict_ttft_s(100, ttft_s=1.0, now_s=0.0)
+    for i in range(10):
+        s.add_request(request(f"i{i}", "interactive", arrival_s=0.0, num_prompt=100))
+    queued = s.predict_ttft_s(100, ttft_s=1.0, now_s=0.0)
+    assert queued > 5 * empty
+    # A batch request would be queued behind them; an interactive one arriving long before their
+    # deadlines would not.
+    assert s.predict_ttft_s(100, ttft_s=30.0, now_s=0.0) == queued
+    assert s.predict_ttft_s(100, ttft_s=0.01, now_s=-5.0) == empty
