@@ -83,7 +83,10 @@ class Journal:
                 ids = [self._insert(sample, now) for sample in samples]
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite rolls back by itself on some errors (a full disk); a second ROLLBACK would
+                # raise and hide the real cause.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
         return ids
 
