@@ -8,7 +8,7 @@ PORT ?= 8000
 CONFIG ?= configs/default.toml
 MINUTES ?= 10
 
-.PHONY: install browser serve test lint typecheck pytest bench bench-train soak clean
+.PHONY: install browser serve test lint typecheck pytest bench bench-train bench-slo soak clean
 
 install: $(STAMP)
 
@@ -53,6 +53,10 @@ bench-train: install
 # Not in CI: MINUTES of mixed load with random disconnects and a restart, against a subprocess server.
 soak: install
 	$(BIN)/python benchmarks/soak.py --minutes $(MINUTES)
+
+# SLO scheduling vs first-come-first-served at 1.5x and 3x the measured capacity, on the default model.
+bench-slo: install
+	$(BIN)/python benchmarks/slo.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
