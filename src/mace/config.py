@@ -38,13 +38,23 @@ class ModelConfig(_Section):
 class EngineConfig(_Section):
     max_num_seqs: int = Field(64, ge=1, description="requests running at once")
     max_num_batched_tokens: int = Field(512, ge=16, description="prompt + decode tokens per step")
-    kv_block_size: int = Field(16, ge=1)
-    kv_budget_bytes: int = Field(2 * 1024**3, ge=1024**2, description="memory for the KV cache")
     overlap_streams: bool = Field(True, description="CUDA: training on a low-priority stream beside inference")
     scheduling: Literal["slo", "fcfs"] = Field("slo", description="waiting order: earliest TTFT deadline, or arrival")
     shed_queue_depth: int = Field(
         16, ge=0, description="past this many waiting requests, one predicted to miss its TTFT gets 429"
     )
+
+
+class MemoryConfig(_Section):
+    """One budget for the KV cache, the training micro-batch's activations, the learner's optimizer
+    state and the adapter versions held in memory; what the others need is carved out, the rest is KV."""
+
+    budget_bytes: int = Field(2 * 1024**3, ge=1024**2, description="the whole budget")
+    device_fraction: float = Field(
+        0.0, ge=0, le=1, description="CUDA: this share of the device memory free after loading; 0: budget_bytes"
+    )
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    prefix_caching: bool = Field(True, description="reuse the KV of prompt prefixes computed before")
 
 
 Scope = Literal["infer", "train", "admin"]
@@ -163,6 +173,7 @@ class MaceConfig(_Section):
 
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
+    memory: MemoryConfig = MemoryConfig()
     server: ServerConfig = ServerConfig()
     slo: SloConfig = SloConfig()
     train: TrainConfig = TrainConfig()

@@ -23,7 +23,7 @@ import structlog
 
 from mace.config import MaceConfig
 from mace.engine.detokenizer import IncrementalDetokenizer
-from mace.engine.kv_blocks import BlockPool
+from mace.engine.memory import Memory
 from mace.engine.plan import IterationPlan, RunnerOutput
 from mace.engine.request import Request, RequestOutput, SamplingParams
 from mace.engine.runner import ModelRunner
@@ -63,6 +63,7 @@ class GenerationDelta:
     finish_reason: str | None = None
     error: str | None = None
     queue_time_s: float | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,13 @@ class EngineStats:
     kv_block_size: int
     kv_bytes_per_token: int
     kv_bytes_allocated: int
+    kv_blocks_cached: int
+    kv_bytes_cached: int
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # of those, tokens found
+    memory_budget_bytes: int
+    memory_learning_bytes: int  # adapter versions and the learner's optimizer state
+    memory_training_bytes: int  # activations reserved for training now
     num_preemptions: int
     num_steps: int
     step_time_s_total: float
@@ -87,10 +95,9 @@ class Engine:
         self.bundle = bundle
         self.config = config
         self.runner = ModelRunner(bundle.causal_lm, config.model.max_model_len, bundle.device,
-                                  overlap_streams=config.engine.overlap_streams)
-        block_size = config.engine.kv_block_size
-        num_blocks = config.engine.kv_budget_bytes // (self.runner.kv_bytes_per_token() * block_size)
-        self.blocks = BlockPool(num_blocks, block_size)
+                                  overlap_streams=config.engine.overlap_streams, kv_block_size=config.memory.block_size)
+        self.memory = Memory.build(config, bundle.causal_lm, self.runner.kv_bytes_per_token(), bundle.device)
+        self.blocks = self.memory.pool
         # A request that fits alone must always be servable, so the context never exceeds the budget.
         self.max_model_len = min(config.model.max_model_len, bundle.max_position, self.blocks.capacity_tokens)
         self.runner.kv.max_model_len = self.max_model_len
@@ -99,6 +106,7 @@ class Engine:
         self.scheduler = Scheduler(
             config.engine, self.blocks, slo=config.slo,
             policy=trainer.policy if trainer is not None else None, train_source=trainer,
+            prefix_cache=self.memory.prefix_cache, train_memory=self.memory.training,
         )
         self.adapter_version = trainer.active_version if trainer is not None else 0
         self.num_shed: dict[str, int] = {}  # requests answered 429 by admission control, by SLO class
@@ -139,6 +147,7 @@ class Engine:
             self.trainer.checkpoint()
 
     def stats(self) -> EngineStats:
+        plan, cache, training = self.memory.plan, self.memory.prefix_cache, self.memory.training
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -147,6 +156,13 @@ class Engine:
             kv_block_size=self.blocks.block_size,
             kv_bytes_per_token=self.runner.kv_bytes_per_token(),
             kv_bytes_allocated=self.runner.kv.nbytes(),
+            kv_blocks_cached=cache.num_cached_blocks if cache is not None else 0,
+            kv_bytes_cached=self.runner.block_store.nbytes(),
+            prefix_cache_queries=cache.num_queried_tokens if cache is not None else 0,
+            prefix_cache_hits=cache.num_hit_tokens if cache is not None else 0,
+            memory_budget_bytes=plan.budget_bytes,
+            memory_learning_bytes=plan.adapters_bytes + plan.learner_bytes,
+            memory_training_bytes=training.num_blocks * plan.kv_block_bytes if training is not None else 0,
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.num_steps,
             step_time_s_total=self.step_time_s_total,
@@ -242,6 +258,7 @@ class Engine:
                     finish_reason=finish_reason,
                     error=output.error,
                     queue_time_s=output.queue_time_s,
+                    num_cached_tokens=output.num_cached_tokens,
                 )
         finally:
             self._streams.pop(request_id, None)
@@ -324,6 +341,8 @@ class Engine:
             log.exception("engine step failed", num_requests=len(plan.chunks))
             message = f"the engine step failed: {type(exc).__name__}: {exc}"
             self.runner.release([chunk.request.request_id for chunk in plan.chunks])
+            if self.memory.prefix_cache is not None:  # the step's cache saves may not have happened
+                self.memory.prefix_cache.clear()
             failed = {chunk.request.request_id: message for chunk in plan.chunks}
             return RunnerOutput(sampled_token_ids={}, forward_time_s=0.0, failed_request_ids=failed)
 

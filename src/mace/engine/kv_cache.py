@@ -94,3 +94,44 @@ class SlotKVCache:
 
 def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
+
+
+class BlockStore:
+    """The prefix cache's KV tensors, by block id: one [2, layers, kv_heads, block_size, head_dim] each.
+
+    Cached blocks live outside the slots so that memory follows the number of cached blocks (the
+    budget's accounting), not slots x capacity. Applying a plan's `BlockCopy`s in order keeps a
+    block id that is evicted and reused within one plan correct.
+    """
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self._blocks: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def save(self, kv: SlotKVCache, request_id: str, first_block: int, block_ids: tuple[int, ...]) -> None:
+        slot, size = kv.slot(request_id), self.block_size
+        start, stop = first_block * size, (first_block + len(block_ids)) * size
+        keys = torch.stack([layer[slot, :, start:stop] for layer in kv.keys])  # [L, KVH, n * size, D]
+        values = torch.stack([layer[slot, :, start:stop] for layer in kv.values])
+        both = torch.stack([keys, values])  # [2, L, KVH, n * size, D]
+        for index, block_id in enumerate(block_ids):
+            self._blocks[block_id] = both[:, :, :, index * size : (index + 1) * size].clone()
+
+    def load(self, kv: SlotKVCache, request_id: str, block_ids: tuple[int, ...]) -> None:
+        """Write the blocks, in order, as the first positions of `request_id`'s slot (created if new)."""
+        num_tokens = len(block_ids) * self.block_size
+        slot = kv.ensure(request_id, num_tokens)
+        both = torch.cat([self._blocks[block_id] for block_id in block_ids], dim=3)  # [2, L, KVH, n * size, D]
+        for layer, (keys, values) in enumerate(zip(kv.keys, kv.values, strict=True)):
+            keys[slot, :, :num_tokens].copy_(both[0, layer])
+            values[slot, :, :num_tokens].copy_(both[1, layer])
+
+    def drop(self, block_ids: tuple[int, ...]) -> None:
+        for block_id in block_ids:
+            self._blocks.pop(block_id, None)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._blocks.values())

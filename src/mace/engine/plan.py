@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from mace.engine.latency import StepShape
 from mace.engine.request import Request
@@ -40,13 +41,32 @@ class ScheduledChunk:
 
 
 @dataclass(frozen=True)
+class BlockCopy:
+    """Whole KV blocks moved between a request's slot and the prefix cache's block store.
+
+    `save`: the request's blocks `first_block...` (its positions from `first_block * block_size`) are
+    copied into cache blocks `block_ids`; `load`: cache blocks `block_ids` become the request's first
+    positions. `drop`: cache blocks `block_ids` were evicted (no request involved).
+    """
+
+    kind: Literal["save", "load", "drop"]
+    block_ids: tuple[int, ...]
+    request_id: str = ""
+    first_block: int = 0
+
+
+@dataclass(frozen=True)
 class IterationPlan:
-    """Everything one step does. `released_request_ids` lost their KV since the previous plan."""
+    """Everything one step does. `released_request_ids` lost their KV since the previous plan.
+
+    The runner applies `kv_copies` in order, then the releases, then runs the chunks.
+    """
 
     chunks: list[ScheduledChunk]
     released_request_ids: list[str] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
     train: TrainWork | None = None
+    kv_copies: list[BlockCopy] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

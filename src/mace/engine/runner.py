@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from mace.engine.kv_cache import SlotKVCache
-from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk
+from mace.engine.kv_cache import BlockStore, SlotKVCache
+from mace.engine.plan import BlockCopy, IterationPlan, RunnerOutput, ScheduledChunk
 from mace.engine.sampler import Sampler
 from mace.engine.streams import StreamManager
 from mace.train.learner import adapter_name
@@ -43,7 +43,10 @@ class _Logits:
 
 
 class ModelRunner:
-    def __init__(self, causal_lm: Any, max_model_len: int, device: torch.device, overlap_streams: bool = True) -> None:
+    def __init__(
+        self, causal_lm: Any, max_model_len: int, device: torch.device, overlap_streams: bool = True,
+        kv_block_size: int = 16,
+    ) -> None:
         # Any: Hugging Face modules expose their submodules as dynamic attributes.
         decoder: Any = causal_lm.model
         config = causal_lm.config
@@ -59,6 +62,7 @@ class ModelRunner:
             self.kv = SlotKVCache(
                 len(decoder.layers), self.num_kv_heads, self.head_dim, max_model_len, dtype, device
             )
+        self.block_store = BlockStore(kv_block_size)
         self.sampler = Sampler()
         self.streams = StreamManager(device, overlap=overlap_streams)
         self.trainer: Trainer | None = None  # set when a retraining policy is on
@@ -74,6 +78,7 @@ class ModelRunner:
                 self.sampler.release(request_id)
 
     def run(self, plan: IterationPlan) -> RunnerOutput:
+        self._copy_blocks(plan.kv_copies)
         self.release(plan.released_request_ids)
         if plan.is_empty:
             return RunnerOutput(sampled_token_ids={}, forward_time_s=0.0)
@@ -93,6 +98,19 @@ class ModelRunner:
             with self.streams.inference(), torch.inference_mode():
                 sampled = self._sample(logits)
         return RunnerOutput(sampled_token_ids=sampled, forward_time_s=time.perf_counter() - start)
+
+    def _copy_blocks(self, copies: list[BlockCopy]) -> None:
+        """Prefix cache traffic, in the order the scheduler logged it (before releases drop the slots)."""
+        if not copies:
+            return
+        with self.streams.inference(), torch.inference_mode():
+            for copy in copies:
+                if copy.kind == "save":
+                    self.block_store.save(self.kv, copy.request_id, copy.first_block, copy.block_ids)
+                elif copy.kind == "load":
+                    self.block_store.load(self.kv, copy.request_id, copy.block_ids)
+                else:
+                    self.block_store.drop(copy.block_ids)
 
     def _serve_forward(self, inputs: _StepInputs) -> torch.Tensor:
         """Each token runs with its request's pinned adapter version (mixed versions in one batch)."""

@@ -4,8 +4,10 @@ Scheduling is by token budget, not by phases: running requests first (one token 
 decoding, the next prompt chunk while prefilling), then waiting requests admitted while the
 budget, the running-request limit and KV memory allow. While requests are decoding, prompt tokens
 are capped so the latency model predicts the step within the TPOT target (chunked prefill never
-stalls a stream). When KV memory runs out, the most recently admitted request is preempted (its
-KV freed, recomputed when it is admitted again).
+stalls a stream). Admission is by priority, and a request that does not fit is passed by smaller
+ones (best fit). When KV memory runs out, the pool first evicts unused cached prefixes and shrinks
+training; then the least important running request is preempted (its KV freed, recomputed when it
+is admitted again, from the prefix cache where it can).
 """
 
 from __future__ import annotations
@@ -14,17 +16,22 @@ import bisect
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mace.config import EngineConfig, SloConfig
 from mace.engine.kv_blocks import BlockPool
 from mace.engine.latency import LatencyModel, StepShape
 from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk, shape_of
+from mace.engine.prefix_cache import PrefixCache
 from mace.engine.request import Request, RequestOutput, RequestStatus
 from mace.train.policy import NoTraining, RetrainPolicy, TrainContext, TrainDecision
 from mace.train.work import TrainStage, TrainWork
 
+if TYPE_CHECKING:
+    from mace.engine.memory import TrainingReservation
+
 MIN_PREFILL_CHUNK = 16
+MAX_ADMISSION_SKIPS = 32  # steps smaller requests may pass one that does not fit, before it blocks them
 PROBE_EVERY_STEPS = 32
 
 
@@ -61,9 +68,13 @@ class Scheduler:
         slo: SloConfig | None = None,
         policy: RetrainPolicy | None = None,
         train_source: TrainSource | None = None,
+        prefix_cache: PrefixCache | None = None,
+        train_memory: TrainingReservation | None = None,
     ) -> None:
         self.config = config
         self.blocks = blocks
+        self.prefix_cache = prefix_cache
+        self.train_memory = train_memory
         self.clock = clock
         self.slo = slo or SloConfig()
         self.policy: RetrainPolicy = policy or NoTraining()
@@ -147,8 +158,10 @@ class Scheduler:
         if self.train_source is not None:
             chunks, train = self._plan_training(chunks)
         released, self._released = self._released, []
+        copies = self.prefix_cache.take_copies() if self.prefix_cache is not None else []
         return IterationPlan(
-            chunks=chunks, released_request_ids=released, preempted_request_ids=preempted, train=train
+            chunks=chunks, released_request_ids=released, preempted_request_ids=preempted, train=train,
+            kv_copies=copies,
         )
 
     def _plan_training(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], TrainWork | None]:
@@ -160,14 +173,19 @@ class Scheduler:
         context = self._train_context(inference)
         decision = self.policy.decide(context)
         stages = source.upkeep_stages()
-        if decision.budget_s > 0:
-            stages += source.job_stages(decision.max_job_tokens)
+        max_job_tokens = self._max_train_tokens(decision.max_job_tokens)
+        if decision.budget_s > 0 and max_job_tokens > 0:
+            stages += source.job_stages(max_job_tokens)
         taken = self._fit_stages(stages, context, decision)
         if not taken:
             return chunks, None
         if decision.pause_serving and any(not stage.kind.is_upkeep for stage in taken):
             return [], TrainWork(tuple(taken))
         return chunks, TrainWork(tuple(taken))
+
+    def _max_train_tokens(self, wanted: int) -> int:
+        """Training tokens the memory budget's training reservation holds now (KV pressure shrinks it)."""
+        return wanted if self.train_memory is None else min(wanted, self.train_memory.max_tokens())
 
     def _fit_stages(self, stages: list[TrainStage], context: TrainContext, decision: TrainDecision) -> list[TrainStage]:
         """The longest prefix of `stages` whose predicted cost fits its budget.
@@ -253,7 +271,11 @@ class Scheduler:
         return budget
 
     def _reserve(self, request: Request, num_new: int, preempted: list[str]) -> bool:
-        """Grow `request`'s KV by `num_new` tokens, preempting from the back until it fits."""
+        """Grow `request`'s KV by `num_new` tokens; short of memory (cached prefixes and training already
+        given back by the pool), preempt from the back of `running`: the least important request, the
+        latest admitted of equals (never one already planned this step)."""
+        if self.prefix_cache is not None:  # its prompt's KV, as soon as computed, for requests sharing it
+            self.prefix_cache.save(request, request.num_prompt_tokens)
         while not self.blocks.grow(request.request_id, request.num_computed_tokens + num_new):
             victim = self.running[-1]
             self._preempt(victim)
@@ -263,19 +285,45 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        """Admit by priority, then queue order; past one that does not fit, the largest that still fits
+        goes first (best fit, no head-of-line blocking) until it has been passed MAX_ADMISSION_SKIPS times."""
+        candidates = sorted(self.waiting, key=lambda r: r.priority)
+        passed: Request | None = None
+        while candidates and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = candidates.pop(0)
             num_new = min(request.num_uncomputed_tokens, budget, self._prefill_room)
-            if num_new == 0 or not self.blocks.grow(request.request_id, request.num_computed_tokens + num_new):
+            if num_new == 0:
                 break
-            self.waiting.pop(0)
+            if not self._allocate(request):
+                if request.num_admission_skips >= MAX_ADMISSION_SKIPS:
+                    break  # it fits alone: let memory drain until it does
+                if passed is None:
+                    passed = request
+                    candidates.sort(key=lambda r: (r.priority, -r.num_tokens))
+                continue
+            num_new = min(request.num_uncomputed_tokens, budget, self._prefill_room)
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time_s is None:
                 request.first_scheduled_time_s = self.clock()
-            self.running.append(request)
+            bisect.insort_right(self.running, request, key=lambda r: r.priority)  # least important last
             chunks.append(ScheduledChunk.of(request, num_new))
             budget -= num_new
             self._prefill_room -= num_new
+        if passed is not None:
+            passed.num_admission_skips += 1
+
+    def _allocate(self, request: Request) -> bool:
+        """KV blocks for all of `request`'s known tokens (no thrashing mid-prefill); a cached prefix is loaded."""
+        cache = self.prefix_cache
+        hit = cache.match(request) if cache is not None and request.num_computed_tokens == 0 else []
+        if not self.blocks.grow(request.request_id, request.num_tokens):
+            if cache is not None:
+                cache.unpin()
+            return False
+        if cache is not None and request.num_computed_tokens == 0:
+            cache.commit(request, hit)
+        return True
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -323,6 +371,8 @@ class Scheduler:
     def _finish(self, request: Request, status: RequestStatus, new_tokens: list[int]) -> RequestOutput:
         if request in self.running:
             self.running.remove(request)
+        if self.prefix_cache is not None and status is not RequestStatus.FINISHED_ERROR:
+            self.prefix_cache.save(request, request.num_computed_tokens)  # later chat turns start with it
         self.blocks.free(request.request_id)
         self._released.append(request.request_id)
         request.status = status
@@ -340,6 +390,7 @@ def _output(request: Request, new_tokens: list[int]) -> RequestOutput:
         finish_reason=finish_reason,
         error=request.error,
         queue_time_s=_queue_time_s(request) if finish_reason else None,
+        num_cached_tokens=request.num_cached_tokens,
     )
 
 

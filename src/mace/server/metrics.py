@@ -63,6 +63,7 @@ class ServerMetrics:
         self._gauge("mace:kv_cache_allocated_bytes", "Bytes of KV tensors allocated.",
                     lambda s: s.kv_bytes_allocated)
         self._gauge("mace:num_preemptions_total", "Requests preempted so far.", lambda s: s.num_preemptions)
+        self._memory_gauges()
         self._gauge("mace:engine_steps_total", "Engine iterations so far.", lambda s: s.num_steps)
         self._gauge("mace:engine_step_seconds_total", "Wall time inside engine steps.",
                     lambda s: s.step_time_s_total)
@@ -70,6 +71,22 @@ class ServerMetrics:
                     lambda s: s.forward_time_s_total)
 
         self._train_gauges()
+
+    def _memory_gauges(self) -> None:
+        """The one memory budget and the prefix cache (queries and hits count prompt tokens, as in vLLM)."""
+        gauge = self._gauge
+        gauge("mace:kv_cache_blocks_cached", "KV blocks holding cached prefixes no request uses (evictable).",
+              lambda s: s.kv_blocks_cached)
+        gauge("mace:kv_cache_cached_bytes", "Bytes of cached prefix KV.", lambda s: s.kv_bytes_cached)
+        gauge("mace:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
+              lambda s: s.prefix_cache_queries)
+        gauge("mace:prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", lambda s: s.prefix_cache_hits)
+        gauge("mace:memory_budget_bytes", "The one budget for KV, training and adapters.",
+              lambda s: s.memory_budget_bytes)
+        gauge("mace:memory_learning_bytes", "Budget held for adapter versions and the learner's optimizer state.",
+              lambda s: s.memory_learning_bytes)
+        gauge("mace:memory_training_reserved_bytes", "Budget reserved for training activations now.",
+              lambda s: s.memory_training_bytes)
 
     def _train_gauges(self) -> None:
         """Learning: zero (or NaN for losses) while no retraining policy runs."""

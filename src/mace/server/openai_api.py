@@ -71,7 +71,7 @@ def usage(final: GenerationDelta) -> dict[str, Any]:
         "prompt_tokens": final.num_prompt_tokens,
         "completion_tokens": final.num_output_tokens,
         "total_tokens": final.num_prompt_tokens + final.num_output_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": final.num_cached_tokens},
     }
 
 

@@ -1,0 +1,104 @@
+"""Prefix sharing end to end on builtin:tiny: same greedy tokens as without it, reported and counted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from mace.engine.engine import Engine, GenerationDelta
+from mace.engine.request import SamplingParams
+from mace.model.loader import ModelBundle
+from tests.conftest import RunningServer, tiny_config, wait_until
+from tests.engine.test_oracle import reference
+
+SYSTEM = "You are a terse assistant who answers in one line. " * 4  # ~200 byte tokens, 12 blocks
+QUESTIONS = ["What is 2+2?", "Name a colour.", "Say hi.", "What is the capital of Spain?", "Count to three."]
+
+
+def prompt_ids(bundle: ModelBundle, question: str) -> list[int]:
+    return list(bundle.tokenizer.encode(SYSTEM + question, add_special_tokens=False))
+
+
+async def collect(engine: Engine, ids: list[int], max_tokens: int, delay_s: float = 0.0) -> list[GenerationDelta]:
+    await asyncio.sleep(delay_s)  # staggered: later requests arrive while earlier ones decode
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return [delta async for delta in engine.generate(ids, params)]
+
+
+async def run_all(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[GenerationDelta]]:
+    engine.start()
+    try:
+        first = [await collect(engine, prompts[0], max_tokens)]  # computes and caches the shared prefix
+        rest = await asyncio.gather(*(collect(engine, ids, max_tokens, 0.02 * i) for i, ids in enumerate(prompts)))
+        return first + list(rest)
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("batched_tokens", [256, 24])  # 24: the suffix after a hit is chunked too
+async def test_greedy_outputs_equal_with_sharing_on_and_off(
+    tmp_path: Path, tiny_bundle: ModelBundle, batched_tokens: int
+) -> None:
+    prompts = [prompt_ids(tiny_bundle, q) for q in QUESTIONS]
+    outputs = {}
+    for sharing in (True, False):
+        config = tiny_config(tmp_path, engine={"max_num_batched_tokens": batched_tokens},
+                             memory={"prefix_caching": sharing})
+        engine = Engine(tiny_bundle, config)
+        results = await run_all(engine, prompts, max_tokens=12)
+        outputs[sharing] = [[t for d in deltas for t in d.token_ids] for deltas in results]
+        cached = [deltas[-1].num_cached_tokens for deltas in results]
+        if sharing:
+            assert all(n >= len(tiny_bundle.tokenizer.encode(SYSTEM)) // 16 * 16 for n in cached[1:]), cached
+            assert engine.stats().prefix_cache_hits == sum(cached) > 0
+        else:
+            assert cached == [0] * len(results)
+    assert outputs[True] == outputs[False]
+    assert outputs[True][0] == reference(tiny_bundle, prompts[0], 12)
+    assert outputs[True][1] == reference(tiny_bundle, prompts[0], 12)  # the first prompt again, from the cache
+
+
+async def test_kv_of_another_adapter_version_is_never_reused(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+    engine = Engine(tiny_bundle, tiny_config(tmp_path))
+    ids = prompt_ids(tiny_bundle, QUESTIONS[0])
+    engine.start()
+    try:
+        await collect(engine, ids, 2)
+        again = await collect(engine, ids, 2)
+        engine.adapter_version = 1  # what a publish does; new requests pin it
+        other = await collect(engine, ids, 2)
+    finally:
+        engine.shutdown()
+    assert again[-1].num_cached_tokens > 0
+    assert other[-1].num_cached_tokens == 0
+
+
+async def test_cached_tokens_in_usage_and_metrics(server: RunningServer, http: aiohttp.ClientSession) -> None:
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello there."}]
+    chat = {"model": "builtin:tiny", "messages": messages, "max_tokens": 3, "temperature": 0}
+    completion = {"model": "builtin:tiny", "prompt": SYSTEM + "Once upon", "max_tokens": 3, "temperature": 0}
+    for path, body in (("chat/completions", chat), ("completions", completion)):
+        async with http.post(f"{server.url}/v1/{path}", json=body) as response:
+            assert (await response.json())["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        async with http.post(f"{server.url}/v1/{path}", json=body) as response:
+            usage = (await response.json())["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= 192
+        assert usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        async with http.post(f"{server.url}/v1/{path}", json=stream) as response:
+            events = [json.loads(line[6:]) async for line in response.content if line.startswith(b"data: {")]
+        assert events[-1]["choices"] == []
+        assert events[-1]["usage"]["prompt_tokens_details"] == usage["prompt_tokens_details"]
+    await wait_until(server.idle, what="requests done")
+    async with http.get(f"{server.url}/metrics") as response:
+        text = await response.text()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("mace:")}
+    assert values["mace:prefix_cache_hits_total"] >= 4 * 192
+    assert values["mace:prefix_cache_queries_total"] > values["mace:prefix_cache_hits_total"]
+    assert values["mace:kv_cache_blocks_cached"] > 0 and values["mace:kv_cache_cached_bytes"] > 0
+    assert values["mace:kv_cache_blocks_used"] == 0
+    assert values["mace:kv_cache_blocks_total"] > 0 and values["mace:memory_budget_bytes"] == 268435456
