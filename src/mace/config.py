@@ -55,6 +55,11 @@ class MemoryConfig(_Section):
     )
     block_size: int = Field(16, ge=1, description="tokens per KV block")
     prefix_caching: bool = Field(True, description="reuse the KV of prompt prefixes computed before")
+    kv_pruning: bool = Field(False, description="prune long sequences' KV instead of preempting them")
+    prune_seq_tokens: int = Field(0, ge=0, description="per-sequence KV budget in tokens; 0: prune only when short")
+    prune_keep_ratio: float = Field(0.5, gt=0, lt=1, description="share of its KV kept when memory is short")
+    prune_sink_tokens: int = Field(4, ge=0, description="first tokens always kept (attention sinks)")
+    prune_recent_tokens: int = Field(32, ge=1, description="latest tokens always kept")
 
 
 Scope = Literal["infer", "train", "admin"]

@@ -103,10 +103,11 @@ class Engine:
         self.runner.kv.max_model_len = self.max_model_len
         self.trainer = trainer
         self.runner.trainer = trainer
+        self.runner.kv.track_importance = self.memory.pruner is not None
         self.scheduler = Scheduler(
             config.engine, self.blocks, slo=config.slo,
             policy=trainer.policy if trainer is not None else None, train_source=trainer,
-            prefix_cache=self.memory.prefix_cache, train_memory=self.memory.training,
+            prefix_cache=self.memory.prefix_cache, train_memory=self.memory.training, pruner=self.memory.pruner,
         )
         self.adapter_version = trainer.active_version if trainer is not None else 0
         self.num_shed: dict[str, int] = {}  # requests answered 429 by admission control, by SLO class

@@ -105,6 +105,14 @@ class BlockPool:
         self._free.extend(blocks)
         return len(blocks)
 
+    def shrink(self, owner: str, num_tokens: int) -> int:
+        """Give back `owner`'s blocks past those `num_tokens` need (its KV was pruned); returns how many."""
+        blocks = self._owned.get(owner, [])
+        extra = blocks[self.blocks_for(num_tokens) :]
+        if extra:
+            self.free_blocks(owner, extra)
+        return len(extra)
+
     def free_blocks(self, owner: str, blocks: list[int]) -> None:
         """Give back some of `owner`'s blocks (one evicted prefix block, a shrunk reservation)."""
         owned = self._owned[owner]

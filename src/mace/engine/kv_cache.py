@@ -2,6 +2,8 @@
 
     keys[layer], values[layer]: [num_slots, kv_heads, capacity, head_dim]
 
+    importance: [num_slots, capacity] attention each position received (only with KV pruning on)
+
 Running requests always occupy slots 0..n-1 (a released slot is refilled by moving the last one),
 so batched decode attention reads `keys[layer][:n, :, :max_len]`, a view, without gathering.
 Both dimensions grow on demand by doubling, so memory follows the load.
@@ -29,6 +31,8 @@ class SlotKVCache:
         self._device = device
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.importance = torch.zeros(0)
+        self.track_importance = False
         self._slot_of: dict[str, int] = {}
         self._owner_of: list[str] = []
         self._allocate(num_slots=8, capacity=min(256, max_model_len))
@@ -65,6 +69,7 @@ class SlotKVCache:
         slot = self.num_used_slots
         self._slot_of[request_id] = slot
         self._owner_of.append(request_id)
+        self.importance[slot].zero_()  # a previous owner's attention must not count for this one
         return slot
 
     def release(self, request_id: str) -> None:
@@ -74,7 +79,7 @@ class SlotKVCache:
         last = len(self._owner_of) - 1
         moved = self._owner_of.pop()
         if slot != last:
-            for tensor in self.keys + self.values:
+            for tensor in [*self.keys, *self.values, self.importance]:
                 tensor[slot].copy_(tensor[last])
             self._owner_of[slot] = moved
             self._slot_of[moved] = slot
@@ -83,13 +88,23 @@ class SlotKVCache:
         shape = (num_slots, self._shape_tail[0], capacity, self._shape_tail[1])
         self.keys = [torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(self.num_layers)]
         self.values = [torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(self.num_layers)]
+        self.importance = torch.zeros(num_slots, capacity, dtype=torch.float32, device=self._device)
 
     def _grow(self, num_slots: int, capacity: int) -> None:
-        old_keys, old_values = self.keys, self.values
+        old_keys, old_values, old_importance = self.keys, self.values, self.importance
         old_slots, old_capacity = self.num_slots, self.capacity
         self._allocate(num_slots, capacity)
         for new, old in zip(self.keys + self.values, old_keys + old_values, strict=True):
             new[:old_slots, :, :old_capacity].copy_(old)
+        self.importance[:old_slots, :old_capacity].copy_(old_importance)
+
+    def prune(self, request_id: str, keep: torch.Tensor, num_kv_tokens: int) -> None:
+        """Compact the slot to the positions `keep` ([K] ascending): they become positions 0..K-1."""
+        slot, num_keep = self._slot_of[request_id], keep.numel()
+        for tensor in self.keys + self.values:
+            tensor[slot, :, :num_keep] = tensor[slot, :, keep]  # the gather copies before the write
+        self.importance[slot, :num_keep] = self.importance[slot, keep]
+        self.importance[slot, num_keep:num_kv_tokens] = 0
 
 
 def _next_pow2(n: int) -> int:

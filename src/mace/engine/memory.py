@@ -20,6 +20,7 @@ import torch
 
 from mace.config import MaceConfig
 from mace.engine.kv_blocks import BlockPool
+from mace.engine.kv_pruning import KVPruner
 from mace.engine.prefix_cache import PrefixCache
 
 TRAIN_OWNER = "<training>"
@@ -130,6 +131,7 @@ class Memory:
     pool: BlockPool
     prefix_cache: PrefixCache | None
     training: TrainingReservation | None
+    pruner: KVPruner | None
 
     @classmethod
     def build(cls, config: MaceConfig, causal_lm: Any, kv_bytes_per_token: int, device: torch.device) -> Memory:
@@ -137,7 +139,8 @@ class Memory:
         pool = BlockPool(plan.num_blocks, config.memory.block_size, plan.kv_block_bytes)
         prefix_cache = PrefixCache(pool) if config.memory.prefix_caching else None
         training = TrainingReservation(pool, plan) if plan.training_bytes > 0 else None
-        return cls(plan, pool, prefix_cache, training)
+        pruner = KVPruner(config.memory, pool) if config.memory.kv_pruning else None
+        return cls(plan, pool, prefix_cache, training, pruner)
 
 
 def budget_bytes(config: MaceConfig, device: torch.device) -> int:

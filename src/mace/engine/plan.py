@@ -56,10 +56,22 @@ class BlockCopy:
 
 
 @dataclass(frozen=True)
+class KVPrune:
+    """Shrink a request's KV from `num_kv_tokens` to `keep_tokens`: the first `num_sink` and the last
+    `num_recent` stay, the runner keeps the most attended of the rest; positions compact to the front."""
+
+    request_id: str
+    num_kv_tokens: int
+    keep_tokens: int
+    num_sink: int
+    num_recent: int
+
+
+@dataclass(frozen=True)
 class IterationPlan:
     """Everything one step does. `released_request_ids` lost their KV since the previous plan.
 
-    The runner applies `kv_copies` in order, then the releases, then runs the chunks.
+    The runner applies `kv_copies` in order, then the releases, then `kv_prunes`, then runs the chunks.
     """
 
     chunks: list[ScheduledChunk]
@@ -67,6 +79,7 @@ class IterationPlan:
     preempted_request_ids: list[str] = field(default_factory=list)
     train: TrainWork | None = None
     kv_copies: list[BlockCopy] = field(default_factory=list)
+    kv_prunes: list[KVPrune] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

@@ -93,8 +93,8 @@ class PrefixCache:
     def save(self, request: Request, num_tokens: int) -> None:
         """Cache the full blocks of the request's first `num_tokens` computed tokens, from free memory only."""
         num_full = min(num_tokens, request.num_computed_tokens) // self.pool.block_size
-        if num_full <= request.num_saved_blocks:
-            return
+        if num_full <= request.num_saved_blocks or request.num_pruned_tokens:
+            return  # a pruned sequence's slot positions no longer match its tokens
         hashes = extend_block_hashes(request, self.pool.block_size)[:num_full]
         index = 0
         while index < num_full:

@@ -77,6 +77,7 @@ class Request:
     num_computed_tokens: int = 0
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
+    num_pruned_tokens: int = 0  # computed tokens whose KV was pruned away (slot positions shift left by this)
     num_saved_blocks: int = 0  # full blocks already offered to the prefix cache
     num_admission_skips: int = 0  # steps a smaller request was admitted past this one
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks
@@ -99,6 +100,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return self.num_prompt_tokens + self.num_output_tokens
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Tokens whose KV the slot holds: the computed ones, less those pruned."""
+        return self.num_computed_tokens - self.num_pruned_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -17,17 +17,20 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from mace.engine.kv_cache import BlockStore, SlotKVCache
-from mace.engine.plan import BlockCopy, IterationPlan, RunnerOutput, ScheduledChunk
+from mace.engine.plan import BlockCopy, IterationPlan, KVPrune, RunnerOutput, ScheduledChunk
 from mace.engine.sampler import Sampler
 from mace.engine.streams import StreamManager
 from mace.train.learner import adapter_name
 from mace.train.trainer import Trainer
 
+SNAP_WINDOW = 16  # last queries of a chunk whose attention scores tokens for KV pruning
+
 
 @dataclass(frozen=True)
 class _StepInputs:
     input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T] token positions (rotary)
+    kv_index: torch.Tensor  # [T] where each token's KV goes in its slot: its position less the pruned tokens
     slots: torch.Tensor  # [T] slot of each token's request
     singles: list[ScheduledChunk]  # one-token chunks, laid out first
     multis: list[ScheduledChunk]  # longer chunks, after the singles
@@ -80,6 +83,9 @@ class ModelRunner:
     def run(self, plan: IterationPlan) -> RunnerOutput:
         self._copy_blocks(plan.kv_copies)
         self.release(plan.released_request_ids)
+        if plan.kv_prunes:
+            with self.streams.inference(), torch.inference_mode():
+                self._prune(plan.kv_prunes)
         if plan.is_empty:
             return RunnerOutput(sampled_token_ids={}, forward_time_s=0.0)
         start = time.perf_counter()
@@ -126,25 +132,29 @@ class ModelRunner:
         multis = [chunk for chunk in plan.chunks if chunk.num_new_tokens > 1]
         ids: list[int] = []
         positions: list[int] = []
+        kv_index: list[int] = []
         slots: list[int] = []
         for chunk in singles + multis:
-            slot = self.kv.ensure(chunk.request.request_id, chunk.end_position)
+            shift = chunk.request.num_pruned_tokens
+            slot = self.kv.ensure(chunk.request.request_id, chunk.end_position - shift)
             ids.extend(chunk.request.token_ids_slice(chunk.start_position, chunk.end_position))
             positions.extend(range(chunk.start_position, chunk.end_position))
+            kv_index.extend(range(chunk.start_position - shift, chunk.end_position - shift))
             slots.extend([slot] * chunk.num_new_tokens)
         single_slots = [self.kv.slot(chunk.request.request_id) for chunk in singles]
         lengths = [1] * self.kv.num_used_slots
         for chunk, slot in zip(singles, single_slots, strict=True):
-            lengths[slot] = chunk.end_position
+            lengths[slot] = chunk.end_position - chunk.request.num_pruned_tokens
         return _StepInputs(
             input_ids=self._long(ids),
             positions=self._long(positions),
+            kv_index=self._long(kv_index),
             slots=self._long(slots),
             singles=singles,
             multis=multis,
             single_slots=self._long(single_slots),
             slot_lengths=self._long(lengths),
-            max_single_length=max((chunk.end_position for chunk in singles), default=0),
+            max_single_length=max(lengths[slot] for slot in single_slots) if singles else 0,
         )
 
     def _long(self, values: list[int]) -> torch.Tensor:
@@ -177,8 +187,8 @@ class ModelRunner:
         v = attn.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # q: [1, H, T, D], k: [1, KVH, T, D]
         keys, values = self.kv.keys[layer_index], self.kv.values[layer_index]
-        keys[inputs.slots, :, inputs.positions] = k[0].transpose(0, 1)
-        values[inputs.slots, :, inputs.positions] = v
+        keys[inputs.slots, :, inputs.kv_index] = k[0].transpose(0, 1)
+        values[inputs.slots, :, inputs.kv_index] = v
         queries = q[0].transpose(0, 1)  # [T, H, D]
         out = torch.empty_like(queries)
         num_singles = len(inputs.singles)
@@ -204,7 +214,10 @@ class ModelRunner:
         scores = torch.matmul(slot_queries, k.transpose(-1, -2)) * self.scaling  # [N, KVH, G, L]
         visible = torch.arange(length, device=self.device)[None, :] < inputs.slot_lengths[:, None]  # [N, L]
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-        probs = scores.float().softmax(dim=-1).to(v.dtype)
+        probs = scores.float().softmax(dim=-1)
+        if self.kv.track_importance:  # H2O: attention received, summed over heads and layers
+            self.kv.importance[inputs.single_slots, :length] += probs[inputs.single_slots].sum(dim=(1, 2))
+        probs = probs.to(v.dtype)
         out = torch.matmul(probs, v)  # [N, KVH, G, D]
         return out[inputs.single_slots].view(-1, self.num_heads, self.head_dim)
 
@@ -212,7 +225,9 @@ class ModelRunner:
         self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: ScheduledChunk
     ) -> torch.Tensor:
         """queries: [C, H, D] of one request's chunk -> [C, H, D], causal over its cached prefix."""
-        slot, start, end = self.kv.slot(chunk.request.request_id), chunk.start_position, chunk.end_position
+        shift = chunk.request.num_pruned_tokens
+        slot = self.kv.slot(chunk.request.request_id)
+        start, end = chunk.start_position - shift, chunk.end_position - shift  # in the slot, after pruning
         q = queries.transpose(0, 1)[None]  # [1, H, C, D]
         k = keys[slot : slot + 1, :, :end]  # [1, KVH, end, D]
         v = values[slot : slot + 1, :, :end]
@@ -222,7 +237,35 @@ class ModelRunner:
             rows = torch.arange(start, end, device=self.device)[:, None]
             mask = torch.arange(end, device=self.device)[None, :] <= rows  # [C, end]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+        if self.kv.track_importance:
+            self._observe_window(q, k, slot, end)
         return out[0].transpose(0, 1)
+
+    def _observe_window(self, q: torch.Tensor, k: torch.Tensor, slot: int, end: int) -> None:
+        """SnapKV: what the chunk's last queries attend to, so a prompt pruned right after prefill keeps it."""
+        window = min(SNAP_WINDOW, q.shape[2])
+        group = self.num_heads // self.num_kv_heads
+        last = q[0, :, -window:].reshape(self.num_kv_heads, group, window, self.head_dim)  # [KVH, G, W, D]
+        scores = torch.matmul(last, k[0].transpose(-1, -2)[:, None]) * self.scaling  # [KVH, G, W, end]
+        rows = torch.arange(end - window, end, device=self.device)[:, None]
+        visible = torch.arange(end, device=self.device)[None, :] <= rows  # [W, end]
+        probs = scores.masked_fill(~visible, float("-inf")).float().softmax(dim=-1)
+        self.kv.importance[slot, :end] += probs.sum(dim=(0, 1, 2))
+
+    def _prune(self, prunes: list[KVPrune]) -> None:
+        """Keep sinks, the recent window and the most attended middle positions of each pruned slot."""
+        for prune in prunes:
+            if not self.kv.has(prune.request_id):
+                continue  # preempted in the same plan
+            slot, num_kv = self.kv.slot(prune.request_id), prune.num_kv_tokens
+            num_middle = prune.keep_tokens - prune.num_sink - prune.num_recent
+            middle = self.kv.importance[slot, prune.num_sink : num_kv - prune.num_recent]
+            chosen = middle.topk(num_middle).indices.sort().values + prune.num_sink
+            keep = torch.cat([
+                torch.arange(prune.num_sink, device=self.device), chosen,
+                torch.arange(num_kv - prune.num_recent, num_kv, device=self.device),
+            ])
+            self.kv.prune(prune.request_id, keep, num_kv)
 
     def _logits(self, inputs: _StepInputs, hidden: torch.Tensor) -> _Logits | None:
         """The LM head on the last position of each chunk that samples a token."""

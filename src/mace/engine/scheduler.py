@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from mace.config import EngineConfig, SloConfig
 from mace.engine.kv_blocks import BlockPool
+from mace.engine.kv_pruning import KVPruner
 from mace.engine.latency import LatencyModel, StepShape
 from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk, shape_of
 from mace.engine.prefix_cache import PrefixCache
@@ -70,11 +71,13 @@ class Scheduler:
         train_source: TrainSource | None = None,
         prefix_cache: PrefixCache | None = None,
         train_memory: TrainingReservation | None = None,
+        pruner: KVPruner | None = None,
     ) -> None:
         self.config = config
         self.blocks = blocks
         self.prefix_cache = prefix_cache
         self.train_memory = train_memory
+        self.pruner = pruner
         self.clock = clock
         self.slo = slo or SloConfig()
         self.policy: RetrainPolicy = policy or NoTraining()
@@ -161,7 +164,7 @@ class Scheduler:
         copies = self.prefix_cache.take_copies() if self.prefix_cache is not None else []
         return IterationPlan(
             chunks=chunks, released_request_ids=released, preempted_request_ids=preempted, train=train,
-            kv_copies=copies,
+            kv_copies=copies, kv_prunes=self.pruner.take_prunes() if self.pruner is not None else [],
         )
 
     def _plan_training(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], TrainWork | None]:
@@ -276,7 +279,11 @@ class Scheduler:
         latest admitted of equals (never one already planned this step)."""
         if self.prefix_cache is not None:  # its prompt's KV, as soon as computed, for requests sharing it
             self.prefix_cache.save(request, request.num_prompt_tokens)
-        while not self.blocks.grow(request.request_id, request.num_computed_tokens + num_new):
+        if self.pruner is not None:
+            self.pruner.prune_over_budget(request, num_new)
+        while not self.blocks.grow(request.request_id, request.num_kv_tokens + num_new):
+            if self.pruner is not None and self.pruner.prune_for_memory(request):
+                continue
             victim = self.running[-1]
             self._preempt(victim)
             preempted.append(victim.request_id)
@@ -331,6 +338,7 @@ class Scheduler:
         self._released.append(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_pruned_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(request)

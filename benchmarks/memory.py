@@ -1,0 +1,150 @@
+"""The memory manager's figures, in process (no HTTP), on the default model. Prints; passes nothing.
+
+1. Prefix sharing: p50 time to first token when 90% of each prompt is a shared ~700-token system
+   prompt, with the prefix cache on and off (requests one at a time, so TTFT is the prefill alone).
+2. KV pruning at a fixed memory budget: how many sequences run at once and decode tokens/s, with
+   pruning to 50% of each sequence's KV against no pruning.
+3. Pruning's quality cost: perplexity of a held-out continuation of long prompts with the KV pruned
+   to 100/50/20% of the prompt (benchmarks/_pruning_quality.py).
+
+    make bench-memory
+    python benchmarks/memory.py --model builtin:tiny --parts ttft   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_utils import PROMPTS
+from _pruning_quality import print_quality_table
+from mace.config import MaceConfig, load_config
+from mace.engine.engine import Engine
+from mace.engine.request import SamplingParams
+from mace.model.loader import ModelBundle, load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM_TOKENS = 700
+USER_TOKENS = 78  # 10% of each prompt
+GUIDELINES = (
+    "You are a careful, friendly assistant for a public library. Answer questions about opening hours, "
+    "membership, borrowing rules, fines, events, study rooms, printing and the digital catalogue. Keep "
+    "answers short and concrete, quote the relevant rule when there is one, and say so plainly when you "
+    "do not know. Never invent a policy. Members may borrow up to twelve items for three weeks, renew "
+    "twice online unless someone has reserved the item, and pay no fines on children's books. Study rooms "
+    "are booked for two hours at a time, at most a week ahead. Printing costs ten cents a page in black "
+    "and white and fifty cents in colour. Events are free but some need a ticket from the front desk. "
+)
+
+
+def make_config(args: argparse.Namespace, budget_mib: int, **memory: Any) -> MaceConfig:
+    return load_config(ROOT / "configs" / "default.toml", {
+        "model": {"name": args.model, "max_model_len": 2048},
+        "engine": {"max_num_seqs": 64, "max_num_batched_tokens": 1024},
+        "memory": {"budget_bytes": budget_mib * 1024**2, **memory},
+        "train": {"policy": "none"},
+        "data_dir": tempfile.mkdtemp(prefix="mace-bench-memory-"),
+    }, environ={})
+
+
+def shared_prompts(bundle: ModelBundle, num_requests: int) -> tuple[list[int], list[list[int]]]:
+    """A ~700-token system prompt and `num_requests` distinct user turns of ~78 tokens after it."""
+    tokenizer = bundle.tokenizer
+    system = tokenizer.encode(GUIDELINES * 8, add_special_tokens=False)[:SYSTEM_TOKENS]
+    users = []
+    for index in range(num_requests):
+        text = f"Visitor {index} asks: " + " ".join(PROMPTS[(index + k) % len(PROMPTS)] for k in range(8))
+        users.append(system + tokenizer.encode(text, add_special_tokens=False)[:USER_TOKENS])
+    return system, users
+
+
+async def time_to_first_token(engine: Engine, ids: list[int]) -> float:
+    started = time.perf_counter()
+    async for delta in engine.generate(ids, SamplingParams(max_tokens=1, temperature=0)):
+        if delta.token_ids:
+            return time.perf_counter() - started
+    raise RuntimeError("no token")
+
+
+async def ttft_with_and_without_sharing(args: argparse.Namespace, bundle: ModelBundle) -> None:
+    _, prompts = shared_prompts(bundle, args.requests + 1)
+    p50 = {}
+    for sharing in (False, True):
+        engine = Engine(bundle, make_config(args, 1024, prefix_caching=sharing))
+        engine.start()
+        try:
+            await time_to_first_token(engine, prompts[0])  # warm-up; with sharing it also caches the system prompt
+            ttfts = [await time_to_first_token(engine, ids) for ids in prompts[1:]]
+            cached = engine.stats().prefix_cache_hits
+        finally:
+            engine.shutdown()
+        p50[sharing] = statistics.median(ttfts)
+        print(f"  prefix sharing {'on ' if sharing else 'off'}: TTFT p50 {p50[sharing] * 1000:7.1f} ms, "
+              f"p90 {sorted(ttfts)[int(0.9 * len(ttfts))] * 1000:7.1f} ms, cached prompt tokens {cached}")
+    print(f"  => {p50[False] / p50[True]:.1f}x lower p50 TTFT with sharing "
+          f"({len(prompts[1])} prompt tokens, {SYSTEM_TOKENS} shared)")
+
+
+async def concurrency_at_fixed_budget(args: argparse.Namespace, bundle: ModelBundle) -> None:
+    """512-token prompts, all submitted at once, in a budget too small for all of them without pruning;
+    with it, each sequence's KV is held to 256 tokens (50% of its prompt) once its prompt is in."""
+    tokenizer = bundle.tokenizer
+    prompts = [tokenizer.encode(f"Story {i}. " + GUIDELINES * 3, add_special_tokens=False)[:512]
+               for i in range(args.sequences)]
+    for label, memory in (("off", {"kv_pruning": False}), ("50%", {"kv_pruning": True, "prune_seq_tokens": 256})):
+        engine = Engine(bundle, make_config(args, args.budget_mib, prefix_caching=False, **memory))
+        peak = 0
+
+        async def one(ids: list[int], engine: Engine = engine) -> int:
+            nonlocal peak
+            count = 0
+            params = SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True)
+            async for delta in engine.generate(ids, params):
+                count += len(delta.token_ids)
+                peak = max(peak, len(engine.scheduler.running))
+            return count
+
+        engine.start()
+        started = time.perf_counter()
+        try:
+            tokens = sum(await asyncio.gather(*(one(ids) for ids in prompts)))
+        finally:
+            engine.shutdown()
+        elapsed = time.perf_counter() - started
+        stats = engine.stats()
+        print(f"  pruning {label}: {stats.kv_blocks_total} blocks, peak {peak} sequences at once, "
+              f"{tokens / elapsed:6.1f} tokens/s, {stats.num_preemptions} preemptions, {elapsed:5.1f} s")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:smollm2")
+    parser.add_argument("--parts", default="ttft,concurrency,quality")
+    parser.add_argument("--requests", type=int, default=10, help="measured requests per TTFT run")
+    parser.add_argument("--budget-mib", type=int, default=160, help="part 2's memory budget")
+    parser.add_argument("--sequences", type=int, default=24, help="part 2: long requests submitted at once")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="part 2: tokens each generates")
+    args = parser.parse_args()
+    config = make_config(args, args.budget_mib)
+    bundle = load_model(config.model, config.cache_dir)
+    parts = args.parts.split(",")
+    if "ttft" in parts:
+        print(f"1. Prefix sharing ({args.model}, {args.requests} requests one at a time)")
+        await ttft_with_and_without_sharing(args, bundle)
+    if "concurrency" in parts:
+        print(f"2. KV pruning at a fixed budget ({args.budget_mib} MiB, {args.sequences} x 512-token prompts)")
+        await concurrency_at_fixed_budget(args, bundle)
+    if "quality" in parts:
+        print("3. Pruning's quality cost (perplexity of a held-out continuation)")
+        print_quality_table(bundle)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
