@@ -8,7 +8,7 @@ PORT ?= 8000
 CONFIG ?= configs/default.toml
 MINUTES ?= 10
 
-.PHONY: install browser serve test lint typecheck pytest bench bench-train bench-slo soak clean
+.PHONY: install browser serve test lint typecheck pytest bench bench-train bench-slo bench-memory soak clean
 
 install: $(STAMP)
 
@@ -57,6 +57,10 @@ soak: install
 # SLO scheduling vs first-come-first-served at 1.5x and 3x the measured capacity, on the default model.
 bench-slo: install
 	$(BIN)/python benchmarks/slo.py
+
+# Prefix sharing's TTFT, KV pruning's concurrency and quality cost, on the default model; prints figures.
+bench-memory: install
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -50,8 +50,13 @@ class BlockPool:
 
     @property
     def num_used_blocks(self) -> int:
-        """Blocks held by requests (not by the prefix cache or reservations)."""
-        return sum(len(blocks) for owner, blocks in self._owned.items() if owner not in self.shared_owners)
+        """Blocks held by requests (not by the prefix cache or reservations).
+
+        Read from the event loop for /metrics while the engine thread allocates: single lookups
+        only, never an iteration over a dict that may change size.
+        """
+        shared = sum(len(self._owned.get(owner, ())) for owner in tuple(self.shared_owners))
+        return self.num_blocks - len(self._free) - shared
 
     def num_blocks_owned_by(self, owner: str) -> int:
         return len(self._owned.get(owner, ()))

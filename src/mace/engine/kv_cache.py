@@ -122,6 +122,7 @@ class BlockStore:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self._blocks: dict[int, torch.Tensor] = {}
+        self._nbytes = 0  # kept as a count: /metrics reads it from another thread
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -133,7 +134,9 @@ class BlockStore:
         values = torch.stack([layer[slot, :, start:stop] for layer in kv.values])
         both = torch.stack([keys, values])  # [2, L, KVH, n * size, D]
         for index, block_id in enumerate(block_ids):
-            self._blocks[block_id] = both[:, :, :, index * size : (index + 1) * size].clone()
+            self.drop((block_id,))
+            block = self._blocks[block_id] = both[:, :, :, index * size : (index + 1) * size].clone()
+            self._nbytes += block.numel() * block.element_size()
 
     def load(self, kv: SlotKVCache, request_id: str, block_ids: tuple[int, ...]) -> None:
         """Write the blocks, in order, as the first positions of `request_id`'s slot (created if new)."""
@@ -146,7 +149,9 @@ class BlockStore:
 
     def drop(self, block_ids: tuple[int, ...]) -> None:
         for block_id in block_ids:
-            self._blocks.pop(block_id, None)
+            block = self._blocks.pop(block_id, None)
+            if block is not None:
+                self._nbytes -= block.numel() * block.element_size()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._blocks.values())
+        return self._nbytes
