@@ -4,8 +4,8 @@ Each text is cut into a long prompt and the continuation that follows it. The ru
 prompt (its SnapKV window scores every prompt token), the prompt's KV is pruned to a share of its
 length, and the continuation is teacher-forced one token at a time, as decode steps, over the
 pruned KV. Two ways of choosing what survives are compared at the same budget: the engine's
-(sinks + recent window + most attended middle) and a plain sliding window (sinks + recent only,
-StreamingLLM), which costs nothing to score.
+(sinks + a recent window of at least half + the most attended middle) and a plain sliding window
+(sinks + recent only, StreamingLLM), which costs nothing to score.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from mace.engine.kv_pruning import split_keep
 from mace.engine.plan import IterationPlan, KVPrune, ScheduledChunk
 from mace.engine.request import Request, SamplingParams
 from mace.engine.runner import ModelRunner
@@ -32,7 +33,7 @@ SHARES = (1.0, 0.5, 0.2)
 def continuation_nll(bundle: ModelBundle, ids: list[int], share: float, selection: str) -> float:
     """Mean negative log-likelihood of `ids[PROMPT_TOKENS:]` given the prompt's KV pruned to `share`."""
     runner = ModelRunner(bundle.causal_lm, len(ids) + 1, bundle.device)
-    runner.kv.track_importance = True
+    runner.kv.enable_importance()
     request = Request("ppl", ids, SamplingParams(max_tokens=1), frozenset(), len(ids) + 1, 0.0)
     nll: list[float] = []
     with torch.inference_mode():
@@ -40,8 +41,8 @@ def continuation_nll(bundle: ModelBundle, ids: list[int], share: float, selectio
         request.num_computed_tokens = PROMPT_TOKENS
         keep = int(PROMPT_TOKENS * share)
         if keep < PROMPT_TOKENS:
-            recent = RECENT if selection == "importance" else keep - SINKS
-            runner._prune([KVPrune("ppl", PROMPT_TOKENS, keep, SINKS, recent)])
+            sinks, recent = split_keep(keep, SINKS, RECENT) if selection == "importance" else (SINKS, keep - SINKS)
+            runner._prune([KVPrune("ppl", PROMPT_TOKENS, keep, sinks, recent)])
             request.num_pruned_tokens = PROMPT_TOKENS - keep
         for position in range(PROMPT_TOKENS, len(ids)):
             nll.append(-torch.log_softmax(logits, dim=-1)[ids[position]].item())

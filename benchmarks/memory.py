@@ -44,12 +44,13 @@ GUIDELINES = (
 )
 
 
-def make_config(args: argparse.Namespace, budget_mib: int, **memory: Any) -> MaceConfig:
+def make_config(args: argparse.Namespace, budget_mib: int, tpot_s: float = 0.35, **memory: Any) -> MaceConfig:
     return load_config(ROOT / "configs" / "default.toml", {
         "model": {"name": args.model, "max_model_len": 2048},
         "engine": {"max_num_seqs": 64, "max_num_batched_tokens": 1024},
         "memory": {"budget_bytes": budget_mib * 1024**2, **memory},
         "train": {"policy": "none"},
+        "slo": {"tpot_s": tpot_s},
         "data_dir": tempfile.mkdtemp(prefix="mace-bench-memory-"),
     }, environ={})
 
@@ -94,12 +95,13 @@ async def ttft_with_and_without_sharing(args: argparse.Namespace, bundle: ModelB
 
 async def concurrency_at_fixed_budget(args: argparse.Namespace, bundle: ModelBundle) -> None:
     """512-token prompts, all submitted at once, in a budget too small for all of them without pruning;
-    with it, each sequence's KV is held to 256 tokens (50% of its prompt) once its prompt is in."""
+    with it, each sequence's KV is held to 256 tokens (50% of its prompt) once its prompt is in. A
+    loose TPOT target lets whole prompts in at once, so memory, not prefill pacing, limits the batch."""
     tokenizer = bundle.tokenizer
     prompts = [tokenizer.encode(f"Story {i}. " + GUIDELINES * 3, add_special_tokens=False)[:512]
                for i in range(args.sequences)]
     for label, memory in (("off", {"kv_pruning": False}), ("50%", {"kv_pruning": True, "prune_seq_tokens": 256})):
-        engine = Engine(bundle, make_config(args, args.budget_mib, prefix_caching=False, **memory))
+        engine = Engine(bundle, make_config(args, args.budget_mib, tpot_s=30.0, prefix_caching=False, **memory))
         peak = 0
 
         async def one(ids: list[int], engine: Engine = engine) -> int:
@@ -129,8 +131,8 @@ async def main() -> None:
     parser.add_argument("--parts", default="ttft,concurrency,quality")
     parser.add_argument("--requests", type=int, default=10, help="measured requests per TTFT run")
     parser.add_argument("--budget-mib", type=int, default=160, help="part 2's memory budget")
-    parser.add_argument("--sequences", type=int, default=24, help="part 2: long requests submitted at once")
-    parser.add_argument("--decode-tokens", type=int, default=32, help="part 2: tokens each generates")
+    parser.add_argument("--sequences", type=int, default=16, help="part 2: long requests submitted at once")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="part 2: tokens each generates")
     args = parser.parse_args()
     config = make_config(args, args.budget_mib)
     bundle = load_model(config.model, config.cache_dir)

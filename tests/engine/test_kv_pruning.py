@@ -23,7 +23,7 @@ from tests.engine.test_scheduler import make_request, step
 def test_pruned_decode_equals_transformers_on_the_same_kept_positions(tiny_bundle: ModelBundle) -> None:
     model = tiny_bundle.causal_lm
     runner = ModelRunner(model, 256, tiny_bundle.device)
-    runner.kv.track_importance = True
+    runner.kv.enable_importance()
     prompt = [(7 * i) % 250 + 3 for i in range(60)]
     request = Request("r", prompt, SamplingParams(max_tokens=8, temperature=0), frozenset(), 256, 0.0)
     token = runner.run(IterationPlan(chunks=[ScheduledChunk.of(request, 60)])).sampled_token_ids["r"]
@@ -38,14 +38,16 @@ def test_pruned_decode_equals_transformers_on_the_same_kept_positions(tiny_bundl
     runner.kv.prune = spy  # type: ignore[method-assign]
     request.num_pruned_tokens = 60 - 24
     runner.run(IterationPlan(chunks=[], kv_prunes=[KVPrune("r", 60, 24, num_sink=4, num_recent=8)]))
-    keep = kept[0]
-    assert keep[:4].tolist() == [0, 1, 2, 3] and keep[-8:].tolist() == list(range(52, 60))
-    assert keep.numel() == 24 and bool((keep[1:] > keep[:-1]).all())
+    keep = kept[0]  # [layers, kv_heads, 24]: each head of each layer keeps its own positions
+    assert keep.shape[-1] == 24 and bool((keep[..., 1:] > keep[..., :-1]).all())
+    assert (keep[..., :4] == torch.arange(4)).all() and (keep[..., -8:] == torch.arange(52, 60)).all()
+    assert len({tuple(row) for row in keep.flatten(0, 1).tolist()}) > 1
 
     with torch.inference_mode():
         cache = model(input_ids=torch.tensor([prompt]), use_cache=True).past_key_values
-        for layer in cache.layers:  # the same positions cut from transformers' own cache
-            layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+        for layer, positions in zip(cache.layers, keep, strict=True):  # the same cut of transformers' cache
+            index = positions[None, :, :, None].expand(-1, -1, -1, layer.keys.shape[-1])
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
         for position in range(60, 68):  # decode over the pruned KV, one token at a time
             request.append_output_token(token)
             sampled = runner.run(IterationPlan(chunks=[ScheduledChunk.of(request, 1)])).sampled_token_ids["r"]

@@ -103,7 +103,8 @@ class Engine:
         self.runner.kv.max_model_len = self.max_model_len
         self.trainer = trainer
         self.runner.trainer = trainer
-        self.runner.kv.track_importance = self.memory.pruner is not None
+        if self.memory.pruner is not None:
+            self.runner.kv.enable_importance()
         self.scheduler = Scheduler(
             config.engine, self.blocks, slo=config.slo,
             policy=trainer.policy if trainer is not None else None, train_source=trainer,

@@ -2,7 +2,8 @@
 
     keys[layer], values[layer]: [num_slots, kv_heads, capacity, head_dim]
 
-    importance: [num_slots, capacity] attention each position received (only with KV pruning on)
+    importance: [num_slots, layers, kv_heads, capacity] attention each position received, per layer
+                and KV head (only with KV pruning on: `track_importance`)
 
 Running requests always occupy slots 0..n-1 (a released slot is refilled by moving the last one),
 so batched decode attention reads `keys[layer][:n, :, :max_len]`, a view, without gathering.
@@ -32,7 +33,7 @@ class SlotKVCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.importance = torch.zeros(0)
-        self.track_importance = False
+        self.track_importance = False  # see enable_importance
         self._slot_of: dict[str, int] = {}
         self._owner_of: list[str] = []
         self._allocate(num_slots=8, capacity=min(256, max_model_len))
@@ -88,7 +89,16 @@ class SlotKVCache:
         shape = (num_slots, self._shape_tail[0], capacity, self._shape_tail[1])
         self.keys = [torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(self.num_layers)]
         self.values = [torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(self.num_layers)]
-        self.importance = torch.zeros(num_slots, capacity, dtype=torch.float32, device=self._device)
+        self._allocate_importance(num_slots, capacity)
+
+    def _allocate_importance(self, num_slots: int, capacity: int) -> None:
+        shape = [num_slots, self.num_layers, self._shape_tail[0], capacity] if self.track_importance else [num_slots]
+        self.importance = torch.zeros(shape, dtype=torch.float32, device=self._device)
+
+    def enable_importance(self) -> None:
+        """Record the attention each position receives (for KV pruning); call before any request runs."""
+        self.track_importance = True
+        self._allocate_importance(self.num_slots, self.capacity)
 
     def _grow(self, num_slots: int, capacity: int) -> None:
         old_keys, old_values, old_importance = self.keys, self.values, self.importance
@@ -96,15 +106,19 @@ class SlotKVCache:
         self._allocate(num_slots, capacity)
         for new, old in zip(self.keys + self.values, old_keys + old_values, strict=True):
             new[:old_slots, :, :old_capacity].copy_(old)
-        self.importance[:old_slots, :old_capacity].copy_(old_importance)
+        if self.track_importance:
+            self.importance[:old_slots, :, :, :old_capacity].copy_(old_importance)
 
     def prune(self, request_id: str, keep: torch.Tensor, num_kv_tokens: int) -> None:
-        """Compact the slot to the positions `keep` ([K] ascending): they become positions 0..K-1."""
-        slot, num_keep = self._slot_of[request_id], keep.numel()
-        for tensor in self.keys + self.values:
-            tensor[slot, :, :num_keep] = tensor[slot, :, keep]  # the gather copies before the write
-        self.importance[slot, :num_keep] = self.importance[slot, keep]
-        self.importance[slot, num_keep:num_kv_tokens] = 0
+        """Compact the slot to the positions `keep` ([layers, kv_heads, K], ascending per head): each
+        layer and head keeps its own positions, which become positions 0..K-1."""
+        slot, num_keep = self._slot_of[request_id], keep.shape[-1]
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
+            index = keep[layer][:, :, None].expand(-1, -1, keys.shape[-1])  # [KVH, K, D]
+            keys[slot, :, :num_keep] = keys[slot].gather(1, index)  # the gather copies before the write
+            values[slot, :, :num_keep] = values[slot].gather(1, index)
+        self.importance[slot, :, :, :num_keep] = self.importance[slot].gather(-1, keep)
+        self.importance[slot, :, :, num_keep:num_kv_tokens] = 0
 
 
 def _next_pow2(n: int) -> int:

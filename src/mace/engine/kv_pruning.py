@@ -3,8 +3,9 @@
 A sequence is pruned when its KV would pass `memory.prune_seq_tokens` (down to 7/8 of it, so
 pruning recurs every budget/8 tokens, not every token), or when memory is short and it would
 otherwise be preempted (down to `memory.prune_keep_ratio` of its KV). What survives is chosen by
-the runner, H2O/SnapKV style: the first `prune_sink_tokens` (attention sinks), the last
-`prune_recent_tokens`, and the middle tokens that received the most attention so far. Pruned
+the runner, H2O/SnapKV style: the first `prune_sink_tokens` (attention sinks), a recent window
+(at least `prune_recent_tokens`, at least half of the rest), and the middle tokens that received
+the most attention so far, smoothed over neighbours. Pruned
 positions are gone for good: the request's slot compacts, `num_pruned_tokens` counts them, and
 its blocks shrink in the pool. A pruned sequence's KV no longer matches its token positions, so
 it is never saved to the prefix cache.
@@ -18,6 +19,14 @@ from mace.engine.plan import KVPrune
 from mace.engine.request import Request
 
 HYSTERESIS = 7 / 8
+
+
+def split_keep(keep_tokens: int, sink_tokens: int, recent_tokens: int) -> tuple[int, int]:
+    """(sinks, recent window) of a pruned sequence keeping `keep_tokens`: as in H2O, at least half of
+    what is not a sink goes to the recent window, the rest to the most attended middle tokens."""
+    num_sink = min(sink_tokens, keep_tokens)
+    num_recent = min(max(recent_tokens, (keep_tokens - num_sink) // 2), keep_tokens - num_sink)
+    return num_sink, num_recent
 
 
 class KVPruner:
@@ -46,8 +55,7 @@ class KVPruner:
         num_kv = request.num_kv_tokens
         if keep_tokens >= num_kv:
             return 0
-        num_sink = min(self.config.prune_sink_tokens, keep_tokens)
-        num_recent = min(self.config.prune_recent_tokens, keep_tokens - num_sink)
+        num_sink, num_recent = split_keep(keep_tokens, self.config.prune_sink_tokens, self.config.prune_recent_tokens)
         self._pending.append(KVPrune(request.request_id, num_kv, keep_tokens, num_sink, num_recent))
         request.num_pruned_tokens += num_kv - keep_tokens
         self.num_pruned_tokens += num_kv - keep_tokens

@@ -24,6 +24,7 @@ from mace.train.learner import adapter_name
 from mace.train.trainer import Trainer
 
 SNAP_WINDOW = 16  # last queries of a chunk whose attention scores tokens for KV pruning
+POOL_KERNEL = 7  # neighbours whose scores a token shares when pruning (odd: the output keeps its length)
 
 
 @dataclass(frozen=True)
@@ -193,16 +194,16 @@ class ModelRunner:
         out = torch.empty_like(queries)
         num_singles = len(inputs.singles)
         if num_singles:
-            out[:num_singles] = self._single_token_attention(queries[:num_singles], keys, values, inputs)
+            out[:num_singles] = self._single_token_attention(queries[:num_singles], keys, values, inputs, layer_index)
         offset = num_singles
         for chunk in inputs.multis:
             span = slice(offset, offset + chunk.num_new_tokens)
-            out[span] = self._chunk_attention(queries[span], keys, values, chunk)
+            out[span] = self._chunk_attention(queries[span], keys, values, chunk, layer_index)
             offset += chunk.num_new_tokens
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def _single_token_attention(
-        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: _StepInputs
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: _StepInputs, layer_index: int
     ) -> torch.Tensor:
         """queries: [S, H, D] for S one-token chunks -> [S, H, D], reading all used slots as one view."""
         num_slots, length = self.kv.num_used_slots, inputs.max_single_length
@@ -215,14 +216,14 @@ class ModelRunner:
         visible = torch.arange(length, device=self.device)[None, :] < inputs.slot_lengths[:, None]  # [N, L]
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
         probs = scores.float().softmax(dim=-1)
-        if self.kv.track_importance:  # H2O: attention received, summed over heads and layers
-            self.kv.importance[inputs.single_slots, :length] += probs[inputs.single_slots].sum(dim=(1, 2))
+        if self.kv.track_importance:  # H2O: attention received, per layer and KV head
+            self.kv.importance[inputs.single_slots, layer_index, :, :length] += probs[inputs.single_slots].sum(dim=2)
         probs = probs.to(v.dtype)
         out = torch.matmul(probs, v)  # [N, KVH, G, D]
         return out[inputs.single_slots].view(-1, self.num_heads, self.head_dim)
 
     def _chunk_attention(
-        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: ScheduledChunk
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: ScheduledChunk, layer_index: int
     ) -> torch.Tensor:
         """queries: [C, H, D] of one request's chunk -> [C, H, D], causal over its cached prefix."""
         shift = chunk.request.num_pruned_tokens
@@ -238,10 +239,10 @@ class ModelRunner:
             mask = torch.arange(end, device=self.device)[None, :] <= rows  # [C, end]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
         if self.kv.track_importance:
-            self._observe_window(q, k, slot, end)
+            self._observe_window(q, k, slot, end, layer_index)
         return out[0].transpose(0, 1)
 
-    def _observe_window(self, q: torch.Tensor, k: torch.Tensor, slot: int, end: int) -> None:
+    def _observe_window(self, q: torch.Tensor, k: torch.Tensor, slot: int, end: int, layer_index: int) -> None:
         """SnapKV: what the chunk's last queries attend to, so a prompt pruned right after prefill keeps it."""
         window = min(SNAP_WINDOW, q.shape[2])
         group = self.num_heads // self.num_kv_heads
@@ -250,21 +251,23 @@ class ModelRunner:
         rows = torch.arange(end - window, end, device=self.device)[:, None]
         visible = torch.arange(end, device=self.device)[None, :] <= rows  # [W, end]
         probs = scores.masked_fill(~visible, float("-inf")).float().softmax(dim=-1)
-        self.kv.importance[slot, :end] += probs.sum(dim=(0, 1, 2))
+        self.kv.importance[slot, layer_index, :, :end] += probs.sum(dim=(1, 2))
 
     def _prune(self, prunes: list[KVPrune]) -> None:
-        """Keep sinks, the recent window and the most attended middle positions of each pruned slot."""
+        """Keep sinks, the recent window and, per layer and KV head, the most attended middle positions."""
         for prune in prunes:
             if not self.kv.has(prune.request_id):
                 continue  # preempted in the same plan
             slot, num_kv = self.kv.slot(prune.request_id), prune.num_kv_tokens
             num_middle = prune.keep_tokens - prune.num_sink - prune.num_recent
-            middle = self.kv.importance[slot, prune.num_sink : num_kv - prune.num_recent]
-            chosen = middle.topk(num_middle).indices.sort().values + prune.num_sink
-            keep = torch.cat([
-                torch.arange(prune.num_sink, device=self.device), chosen,
-                torch.arange(num_kv - prune.num_recent, num_kv, device=self.device),
-            ])
+            scores = self.kv.importance[slot, :, :, prune.num_sink : num_kv - prune.num_recent]  # [L, KVH, M]
+            # SnapKV's pooling: a token's neighbours count too, so kept spans stay contiguous.
+            pooled = F.avg_pool1d(scores.flatten(0, 1)[:, None], POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)
+            chosen = pooled[:, 0].topk(num_middle).indices.sort().values.view(*scores.shape[:2], -1) + prune.num_sink
+            fixed = (torch.arange(prune.num_sink, device=self.device),
+                     torch.arange(num_kv - prune.num_recent, num_kv, device=self.device))
+            keep = torch.cat([fixed[0].expand(*scores.shape[:2], -1), chosen,
+                              fixed[1].expand(*scores.shape[:2], -1)], dim=-1)  # [L, KVH, K] per layer and head
             self.kv.prune(prune.request_id, keep, num_kv)
 
     def _logits(self, inputs: _StepInputs, hidden: torch.Tensor) -> _Logits | None:
