@@ -102,3 +102,25 @@ async def test_cached_tokens_in_usage_and_metrics(server: RunningServer, http: a
     assert values["mace:kv_cache_blocks_cached"] > 0 and values["mace:kv_cache_cached_bytes"] > 0
     assert values["mace:kv_cache_blocks_used"] == 0
     assert values["mace:kv_cache_blocks_total"] > 0 and values["mace:memory_budget_bytes"] == 268435456
+
+
+@pytest.mark.slow
+async def test_greedy_with_a_shared_system_prompt_equals_generate_on_default_model(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from mace.model.loader import load_model
+    from tests.model.test_smollm2 import shared_cache_dir
+
+    config = tiny_config(tmp_path_factory.mktemp("smol"), model={"name": "builtin:smollm2", "max_model_len": 2048},
+                         cache_dir=str(shared_cache_dir()))
+    bundle = load_model(config.model, config.cache_dir)
+    prompts = [list(bundle.tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+        add_generation_prompt=True, tokenize=False,
+    )) for q in QUESTIONS[:3]]
+    ids = [list(bundle.tokenizer.encode(text, add_special_tokens=False)) for text in map("".join, prompts)]
+    results = await run_all(Engine(bundle, config), ids, max_tokens=8)
+    assert all(deltas[-1].num_cached_tokens >= 48 for deltas in results[1:])
+    for prompt, deltas in zip([ids[0], *ids], results, strict=True):
+        expected = reference(bundle, prompt, 8)  # stops at EOS, where the engine (ignore_eos) goes on
+        assert [t for d in deltas for t in d.token_ids][: len(expected)] == expected
