@@ -119,7 +119,7 @@ def check_result(result: ChatResult | CompletionResult, max_tokens: int) -> None
     assert result.usage.completion_tokens == max_tokens
     assert result.usage.prompt_tokens > 0
     assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
-    assert result.usage.cached_tokens == 0
+    assert 0 <= result.usage.cached_tokens < result.usage.prompt_tokens  # a repeated prefix is reused
     assert result.adapter_version == 0
     assert result.system_fingerprint == "mace-adapter-v0"
     assert result.model == MODEL
