@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import sys
 import time
@@ -65,7 +66,8 @@ class PolicyServer:
                    "--model", self.spec.model, "--port", str(self.port), "--host", "127.0.0.1"]
         if self.spec.command is not None:
             command = [part.replace("{port}", str(self.port)) for part in self.spec.command]
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.data_dir, ignore_errors=True)  # a rerun must not inherit the last run's journal
+        self.data_dir.mkdir(parents=True)
         with self.log_path.open("wb") as log:
             self._process = await asyncio.create_subprocess_exec(
                 *command, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)

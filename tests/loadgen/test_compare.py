@@ -21,6 +21,9 @@ async def test_compare_runs_each_policy_and_reports_a_broken_one(tmp_path: Path)
     # PYTHONPATH: the fake is this test package's module, whatever directory pytest runs from.
     spec = ServerSpec(model="fake", command=command, ready_timeout_s=60.0, extra_env={"PYTHONPATH": str(ROOT)})
     run = RunConfig(url="", arrival="replay", time_scale=0.01, poll_s=0)
+    stale = tmp_path / "mace" / "data" / "journal.sqlite3"  # an earlier run's, which must not carry over
+    stale.parent.mkdir(parents=True)
+    stale.write_text("old feedback")
     result = await compare(["none", "broken", "mace"], items, spec, run, tmp_path, {"ttft": 2.0}, progress=False,
                            trace_name="personalization")
     assert list(result["summaries"]) == ["none", "mace"]
@@ -30,6 +33,7 @@ async def test_compare_runs_each_policy_and_reports_a_broken_one(tmp_path: Path)
     assert "invalid configuration" in (tmp_path / "broken" / "server.log").read_text()
     for policy in ("none", "mace"):
         assert (tmp_path / policy / "requests.jsonl").exists() and (tmp_path / policy / "summary.md").exists()
+    assert not stale.exists()
     assert (tmp_path / "alignment_over_time.png").exists() or not plots_available()
 
 
