@@ -71,9 +71,10 @@ def _encode(body: Any) -> bytes:
 
 @st.composite
 def _openapi_request(draw: st.DrawFn) -> tuple[str, str, bytes | None, str | None, dict[str, Any]]:
-    others = ["/v1/adapters/{version}/activate", "/v1/models", "/v1/feedback"]
+    others = ["/v1/adapters/{version}/activate", "/v1/models", "/v1/feedback", "/v1/stats"]
     path = draw(st.sampled_from([*_POSTS, *_POSTS[:2], *others]))  # generation weighs more: it reaches the engine
-    method = "GET" if path == "/v1/models" or (path == "/v1/feedback" and draw(st.booleans())) else "POST"
+    method = "GET" if path in ("/v1/models", "/v1/stats") or (path == "/v1/feedback" and draw(st.booleans())) \
+        else "POST"
     case = draw(_case_strategy(path, method))
     body = case.body if isinstance(case.body, dict | list | bytes | str | int | float | bool) else None
     if isinstance(body, dict) and "model" in body and draw(st.integers(0, 3)) > 0:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from mace.model.loader import ModelBundle
-from mace.train.learner import Learner
+from mace.train.learner import BASE, CANDIDATE, LEARNER, Learner
 from mace.train.replay import TrainSample
 from mace.train.work import StageKind
 from tests.conftest import tiny_config
@@ -75,5 +75,51 @@ def test_non_finite_loss_skips_the_optimizer_step(tmp_path: Path, tiny_bundle: M
         assert learner.optimizer_step() is False and learner.num_skipped_steps == 1
         for param, old in zip(learner._learner_params(), before, strict=True):
             assert torch.equal(param, old) and param.grad is None
+    finally:
+        learner.peft_model.unload()
+
+
+def test_staged_loss_equals_the_whole_model_loss_under_each_adapter(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+    learner = _learner(tmp_path, tiny_bundle)
+    try:
+        sample = TrainSample(1, list(range(5, 45)), 12, 0.0)
+        ids = torch.tensor([sample.token_ids])
+        labels = ids.clone()
+        labels[:, : sample.num_prompt_tokens] = -100
+
+        def whole_model_loss() -> float:
+            with torch.no_grad():
+                return float(learner.peft_model(input_ids=ids, labels=labels).loss)
+
+        learner_loss = whole_model_loss()
+        with learner.peft_model.disable_adapter():
+            base_loss = whole_model_loss()
+        assert not math.isclose(learner_loss, base_loss, rel_tol=1e-4)
+        for adapter, want in ((LEARNER, learner_loss), (BASE, base_loss)):
+            loss_pass = learner.loss_pass(sample, adapter)
+            assert all(stage.is_upkeep for stage in loss_pass.remaining)
+            while not loss_pass.is_done:
+                loss_pass.run_next()
+                assert math.isclose(whole_model_loss(), learner_loss)  # between stages the learner is active
+            assert math.isclose(loss_pass.loss, want, rel_tol=1e-5)
+    finally:
+        learner.peft_model.unload()
+
+
+def test_publishing_the_candidate_publishes_the_snapshot_not_later_training(
+        tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+    learner = _learner(tmp_path, tiny_bundle)
+    try:
+        learner.snapshot_candidate()
+        snapshot = [p.detach().clone() for p in learner._learner_params()]
+        for param in learner._learner_params():  # training goes on while the gate evaluates
+            torch.nn.init.normal_(param, std=0.02)
+        learner.publish(1, CANDIDATE)
+        published = {n: p for n, p in learner.peft_model.named_parameters() if ".v1." in n}
+        assert len(published) == len(snapshot)
+        for value, old in zip(published.values(), snapshot, strict=True):
+            assert torch.equal(value, old)
+        assert all(p.requires_grad for p in learner._learner_params())
+        assert not any(p.requires_grad for p in published.values())
     finally:
         learner.peft_model.unload()

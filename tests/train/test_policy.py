@@ -94,17 +94,31 @@ def test_mace_trains_more_when_drift_rises_and_nearly_nothing_when_flat() -> Non
     assert budgets == sorted(budgets) and budgets[-1] > budgets[1]
 
 
+SCORE_PASS = [*[TrainStage(StageKind.FORWARD, SAMPLE_TOKENS, is_upkeep=True)] * NUM_LAYERS,
+              TrainStage(StageKind.HEAD, 4, is_upkeep=True)]
+
+
 def test_scoring_new_samples_uses_the_slack_even_when_aligned() -> None:
-    upkeep = [TrainStage(StageKind.SCORE, 8)] * 3
+    upkeep = SCORE_PASS * 3
     scheduler = make("mace", FakeSource(drift=1.0, upkeep=upkeep), tpot_s=0.3)
     teach_latency(scheduler)
     plan = decoding_plan(scheduler, 2)
     assert plan.train is not None
-    assert [stage.kind for stage in plan.train.stages] == [StageKind.SCORE] * 3  # scored, but no training
+    assert list(plan.train.stages) == upkeep  # scored, but no training
+
+
+def test_upkeep_is_cut_to_the_slack_layer_by_layer() -> None:
+    """A long backlog of scoring takes what fits this step (some layers of it), not all or nothing."""
+    upkeep = SCORE_PASS * 50
+    scheduler = make("mace", FakeSource(drift=1.0, upkeep=upkeep), tpot_s=0.05)
+    teach_latency(scheduler)
+    plan = decoding_plan(scheduler, 2)
+    assert plan.train is not None and 0 < len(plan.train.stages) < len(upkeep)
+    assert scheduler.latency.predict(plan.shape) <= 0.05
 
 
 def test_upkeep_runs_before_training_stages() -> None:
-    upkeep = [TrainStage(StageKind.SCORE, 8), TrainStage(StageKind.EVAL, 8)]
+    upkeep = SCORE_PASS
     scheduler = make("continuous", FakeSource(upkeep=upkeep), chunk_tokens=8)
     plan = decoding_plan(scheduler, 1)
     assert plan.train is not None

@@ -4,8 +4,8 @@
              + c·train_forward_tokens + d·train_backward_tokens + e·train_head_tokens
 
 Training features count tokens per decoder-layer stage (a sample of 64 tokens whose forward runs
-through 3 layers this step adds 192 forward tokens); forward-only training upkeep (scoring,
-evaluation) counts as prefill.
+through 3 layers this step adds 192 forward tokens); forward-only upkeep (scoring, evaluation) is
+staged the same way and counts with the training forward (a little cautious: it keeps no graph).
 
 Fitted by least squares over a sliding window of measured steps (non-negative coefficients), so it
 follows the machine as load and thermal state change. Before enough data it uses cautious priors.

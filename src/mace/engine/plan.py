@@ -106,7 +106,7 @@ def shape_of(num_prefill_tokens: int, num_decode_tokens: int, train: TrainWork |
     if train is None:
         return StepShape(num_prefill_tokens, num_decode_tokens)
     return StepShape(
-        num_prefill_tokens + train.num_tokens(StageKind.SCORE, StageKind.EVAL),
+        num_prefill_tokens,
         num_decode_tokens,
         train.num_tokens(StageKind.FORWARD),
         train.num_tokens(StageKind.BACKWARD),

@@ -182,7 +182,7 @@ class Scheduler:
         taken = self._fit_stages(stages, context, decision)
         if not taken:
             return chunks, None
-        if decision.pause_serving and any(not stage.kind.is_upkeep for stage in taken):
+        if decision.pause_serving and any(not stage.is_upkeep for stage in taken):
             return [], TrainWork(tuple(taken))
         return chunks, TrainWork(tuple(taken))
 
@@ -201,13 +201,13 @@ class Scheduler:
         taken: list[TrainStage] = []
         cost_s = 0.0  # the latency model is linear: a prefix costs the sum of its stages
         for stage in stages:
-            limit_s = upkeep_s if stage.kind.is_upkeep else decision.budget_s
+            limit_s = upkeep_s if stage.is_upkeep else decision.budget_s
             cost_s += self.latency.marginal_s(shape_of(0, 0, TrainWork((stage,))))
             if cost_s > limit_s:
                 break
             taken.append(stage)
         first = stages[0] if stages else None
-        if taken or first is None or not (first.kind.is_upkeep or decision.budget_s > 0):
+        if taken or first is None or not (first.is_upkeep or decision.budget_s > 0):
             return taken
         if not context.has_inference:
             return [first]

@@ -16,6 +16,7 @@ from mace.server.errors import dumps
 from mace.server.feedback_api import FeedbackSample
 from mace.server.keys import RUNTIME
 from mace.server.protocol import ChatCompletionRequest, CompletionRequest
+from mace.server.stats_api import MAX_WINDOW_S
 
 routes = web.RouteTableDef()
 
@@ -59,6 +60,8 @@ def _operation(summary: str, scope: str | None, body: dict[str, Any] | None = No
 def _paths() -> dict[str, Any]:
     feedback_body = {"anyOf": [_ref(FeedbackSample), {"type": "array", "items": _ref(FeedbackSample)}]}
     version = [{"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}]
+    window = [{"name": "window_s", "in": "query", "required": False,
+               "schema": {"type": "number", "minimum": 0.5, "maximum": MAX_WINDOW_S}}]
     api_key = [{"name": "api_key", "in": "query", "required": False, "schema": {"type": "string"},
                 "description": "for browsers, which cannot set headers on a websocket upgrade"}]
     return {
@@ -71,6 +74,7 @@ def _paths() -> dict[str, Any]:
         "/v1/feedback": {"post": _operation("Store training samples", "train", feedback_body, ok="202"),
                          "get": _operation("Journal counts", "train")},
         "/v1/adapters": {"get": _operation("Adapter versions", "infer")},
+        "/v1/stats": {"get": _operation("Live figures for the dashboard over a recent window", "infer", params=window)},
         "/v1/adapters/{version}/activate": {"post": _operation("Activate (roll back or forward) a version", "admin",
                                                                params=version)},
         "/health": {"get": _operation("Liveness", None)},

@@ -6,11 +6,16 @@ and back-propagates into the last layer's output; then `torch.autograd.backward(
 walks the layers from the last down, handing each input's gradient to the layer below. The LoRA
 gradients equal those of one whole-model backward (tests/train/test_layered.py), but the work is
 cut into stages of a few milliseconds that the scheduler spreads over iterations.
+
+`LayeredLoss` is the forward-only counterpart (scoring and held-out evaluation): the same layer
+stages under a chosen adapter, without a graph, ending with the answer's loss.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -20,11 +25,18 @@ from mace.train.replay import TrainSample
 from mace.train.work import StageKind, TrainStage
 
 
+def loss_stages(sample: TrainSample, num_layers: int) -> list[TrainStage]:
+    """The upkeep stages of a forward-only loss: each layer, then the head on the answer."""
+    return [*[TrainStage(StageKind.FORWARD, sample.num_tokens, is_upkeep=True)] * num_layers,
+            TrainStage(StageKind.HEAD, sample.num_tokens - sample.num_prompt_tokens, is_upkeep=True)]
+
+
 class _SamplePass:
     """The state of one sample between its stages."""
 
-    def __init__(self, causal_lm: Any, sample: TrainSample, scale: float) -> None:
+    def __init__(self, causal_lm: Any, sample: TrainSample, scale: float, keep_graph: bool = True) -> None:
         self.causal_lm = causal_lm
+        self.keep_graph = keep_graph  # False: forward only, nothing kept for a backward
         self.sample = sample
         self.scale = scale  # sample weight / batch size: the accumulated gradient is the batch mean
         device = causal_lm.lm_head.weight.device
@@ -42,6 +54,8 @@ class _SamplePass:
 
     def stages(self, num_layers: int) -> list[TrainStage]:
         tokens = self.sample.num_tokens
+        if not self.keep_graph:
+            return loss_stages(self.sample, num_layers)
         return [
             *[TrainStage(StageKind.FORWARD, tokens)] * num_layers,
             TrainStage(StageKind.HEAD, self.num_answer_tokens),
@@ -57,19 +71,28 @@ class _SamplePass:
         layer_input = self.carry
         output = layer(layer_input, attention_mask=None, position_ids=self.positions,
                        position_embeddings=self.rotary)  # no mask: causal attention over the whole sample
+        if not self.keep_graph:
+            self.carry = output
+            return
         self.saved.append((layer_input, output))
         self.carry = output.detach().requires_grad_(True)
 
-    def head(self) -> None:
+    def answer_loss(self) -> torch.Tensor:
         assert self.carry is not None
         start = self.sample.num_prompt_tokens - 1  # the position whose logits predict the first answer token
         hidden = self.carry[:, start:-1]  # [1, A, hidden]
         logits = self.causal_lm.lm_head(self.causal_lm.model.norm(hidden))  # [1, A, vocab]
         loss = F.cross_entropy(logits[0].float(), self.ids[0, start + 1 :])
         self.loss_value = loss.detach()
+        return loss
+
+    def head(self) -> None:
+        carry = self.carry
+        assert carry is not None
+        loss = self.answer_loss()
         # A non-finite loss back-propagates non-finite gradients; the optimizer then skips the step.
         (loss * self.scale).backward()  # type: ignore[no-untyped-call]
-        self.grad = self.carry.grad
+        self.grad = carry.grad
         self.carry = None
 
     def backward_layer(self) -> None:
@@ -121,3 +144,43 @@ class LayeredMicroStep:
         if self.is_done and self._passes[0].ids.is_cuda:
             self._done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             self._done.record()
+
+
+class LayeredLoss:
+    """One sample's answer loss under one adapter, forward only, in the same layer stages.
+
+    `adapter` opens the adapter choice around each stage: other work (serving, training) runs
+    between the stages with its own.
+    """
+
+    def __init__(self, causal_lm: Any, sample: TrainSample,
+                 adapter: Callable[[], AbstractContextManager[None]]) -> None:
+        self.layers: list[Any] = list(causal_lm.model.layers)
+        self.sample = sample
+        self._adapter = adapter
+        self._pass = _SamplePass(causal_lm, sample, 1.0, keep_graph=False)
+        self._stages = self._pass.stages(len(self.layers))
+        self._next = 0
+
+    @property
+    def remaining(self) -> list[TrainStage]:
+        return self._stages[self._next :]
+
+    @property
+    def is_done(self) -> bool:
+        return self._next == len(self._stages)
+
+    @property
+    def loss(self) -> float:
+        """The loss once done (reading it waits for the device: call it at a step boundary)."""
+        value = self._pass.loss_value
+        return math.nan if value is None else float(value)
+
+    def run_next(self) -> None:
+        with torch.no_grad(), self._adapter():
+            if self._next < len(self.layers):
+                self._pass.forward_layer(self.layers[self._next])
+            else:
+                self._pass.answer_loss()
+                self._pass.carry = None
+        self._next += 1

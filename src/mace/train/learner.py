@@ -1,12 +1,13 @@
 """The LoRA learner beside the served adapter versions, on one peft model (engine thread only).
 
-Adapters on the model: `learner` (trainable; not `training`, which collides with nn.Module.training)
-and one frozen `v<N>` per published version still in use. Version 0 is the base model (`__base__`).
+Adapters on the model: `learner` (trainable; not `training`, which collides with nn.Module.training),
+`candidate` (the learner frozen at a publish gate's start: what the gate evaluates and publishes,
+while training goes on) and one frozen `v<N>` per published version still in use. Version 0 is the
+base model (`__base__`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -16,10 +17,11 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from mace.config import TrainConfig
-from mace.train.layered import LayeredMicroStep
+from mace.train.layered import LayeredLoss, LayeredMicroStep
 from mace.train.replay import TrainSample
 
 LEARNER = "learner"
+CANDIDATE = "candidate"
 BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
 
 
@@ -43,6 +45,10 @@ class Learner:
         self.num_skipped_steps = 0
         self.loaded_versions: set[int] = set()
         self._lora_layers: list[Any] = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.peft_model.base_model.model.model.layers)
 
     def _learner_params(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.peft_model.named_parameters() if f".{LEARNER}." in n]
@@ -105,36 +111,34 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         self.num_accumulated = 0
 
-    @torch.no_grad()
-    def evaluate(self, samples: list[TrainSample], version: int | None) -> float:
-        """Mean completion loss of `samples` under a served version, or the learner if None."""
-        if not samples:
-            return math.nan
-        losses = [float(self._loss(sample, adapter=None if version is None else adapter_name(version)))
-                  for sample in samples]
-        return sum(losses) / len(losses)
+    def loss_pass(self, sample: TrainSample, adapter: str) -> LayeredLoss:
+        """`sample`'s answer loss under `adapter` (a `v<N>`, BASE, CANDIDATE or LEARNER), in layer stages."""
+        return LayeredLoss(self.peft_model.base_model.model, sample, lambda: self._uniform(adapter))
 
-    def _loss(self, sample: TrainSample, adapter: str | None) -> torch.Tensor:
-        device = next(self.peft_model.parameters()).device
-        ids = torch.tensor([sample.token_ids], device=device)
-        labels = ids.clone()
-        labels[:, : sample.num_prompt_tokens] = -100  # learn the answer, not the question
-        if adapter is None:
-            return self.peft_model(input_ids=ids, labels=labels).loss  # type: ignore[no-any-return]
-        with self.serving([adapter]):
-            return self.peft_model(input_ids=ids, labels=labels).loss  # type: ignore[no-any-return]
+    def snapshot_candidate(self) -> None:
+        """Freeze the learner's weights as they are now as the `candidate` adapter."""
+        if not self._has_adapter(CANDIDATE):
+            self.peft_model.add_adapter(CANDIDATE, self.lora_config)
+            self._freeze_all_but_learner()
+        self._copy_adapter(LEARNER, CANDIDATE)
 
-    def publish(self, version: int) -> None:
-        """Freeze a copy of the learner's weights as adapter `v<version>`."""
+    def publish(self, version: int, source: str = LEARNER) -> None:
+        """Freeze a copy of `source`'s weights (the learner's, or the gate's candidate) as adapter `v<version>`."""
         name = adapter_name(version)
         self.peft_model.add_adapter(name, self.lora_config)
+        self._copy_adapter(source, name)
+        self._freeze_all_but_learner()
+        self.loaded_versions.add(version)
+
+    def _has_adapter(self, name: str) -> bool:
+        return name in self.peft_model.peft_config
+
+    def _copy_adapter(self, source: str, target: str) -> None:
         params = dict(self.peft_model.named_parameters())
         with torch.no_grad():
             for param_name, param in params.items():
-                if f".{LEARNER}." in param_name:
-                    params[param_name.replace(f".{LEARNER}.", f".{name}.")].copy_(param)
-        self._freeze_all_but_learner()
-        self.loaded_versions.add(version)
+                if f".{source}." in param_name:
+                    params[param_name.replace(f".{source}.", f".{target}.")].copy_(param)
 
     def load_version(self, version: int, path: str) -> None:
         self.peft_model.load_adapter(path, adapter_name=adapter_name(version), is_trainable=False)

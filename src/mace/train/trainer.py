@@ -24,8 +24,8 @@ import torch
 from mace.config import MaceConfig
 from mace.train.adapters import AdapterStore, AdapterVersion
 from mace.train.journal import Journal
-from mace.train.layered import LayeredMicroStep
-from mace.train.learner import Learner
+from mace.train.layered import LayeredLoss, LayeredMicroStep, loss_stages
+from mace.train.learner import CANDIDATE, LEARNER, Learner, adapter_name
 from mace.train.policy import RetrainPolicy, make_policy
 from mace.train.replay import DriftSignal, ReplayBuffer, TrainSample
 from mace.train.work import StageKind, TrainStage, TrainWork
@@ -49,10 +49,26 @@ class TrainStats:
     num_trainable: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Upkeep:
-    stage: TrainStage
-    run: Callable[[], None]
+    """Forward-only work in layer stages: a sample's loss under an adapter, then what is done with it.
+
+    The pass is built at its first stage, so a score is taken under the version serving by then.
+    """
+
+    stages: list[TrainStage]  # those left
+    begin: Callable[[], LayeredLoss] | None  # None: bookkeeping only (`finish` gets NaN)
+    finish: Callable[[float], None]
+    loss_pass: LayeredLoss | None = None
+
+    def run_next(self) -> None:
+        self.stages.pop(0)
+        if self.begin is not None:
+            if self.loss_pass is None:
+                self.loss_pass = self.begin()
+            self.loss_pass.run_next()
+        if not self.stages:
+            self.finish(self.loss_pass.loss if self.loss_pass is not None else math.nan)
 
 
 @dataclass
@@ -106,7 +122,7 @@ class Trainer:
         return self.drift.ratio
 
     def upkeep_stages(self) -> list[TrainStage]:
-        return [item.stage for item in self._upkeep]
+        return [stage for item in self._upkeep for stage in item.stages]
 
     def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
         if self._job is None and self._finished_jobs:
@@ -127,8 +143,7 @@ class Trainer:
         for row in stored:
             sample = self._tokenize(row.sample_id, row.prompt, row.completion, row.created_at, row.weight)
             sample.num_trained = row.num_trained
-            stage = TrainStage(StageKind.SCORE, sample.num_tokens)
-            self._upkeep.append(_Upkeep(stage, partial(self._score, sample, row.held_out)))
+            self._queue_loss(sample, None, partial(self._score, sample, row.held_out))
             self._last_seen_id = row.sample_id
         self.num_new_samples += len(stored)
         return len(stored)
@@ -141,9 +156,16 @@ class Trainer:
         prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False)[-(max_tokens - len(answer_ids)) :]
         return TrainSample(sample_id, prompt_ids + answer_ids, len(prompt_ids), created_at, weight)
 
-    def _score(self, sample: TrainSample, held_out: bool) -> None:
+    def _queue_loss(self, sample: TrainSample, adapter: str | None, finish: Callable[[float], None]) -> None:
+        """Queue `sample`'s loss under `adapter` as upkeep stages (None: the version serving when it starts)."""
+        def begin() -> LayeredLoss:
+            return self.learner.loss_pass(sample, adapter or adapter_name(self.active_version))
+
+        self._upkeep.append(_Upkeep(loss_stages(sample, self.learner.num_layers), begin, finish))
+
+    def _score(self, sample: TrainSample, held_out: bool, loss: float) -> None:
         """A sample's value: its loss under the version users are served now."""
-        sample.loss = self.learner.evaluate([sample], self.active_version)
+        sample.loss = loss
         self.drift.observe(sample.loss)
         if held_out:
             self.heldout = [*self.heldout[-self.config.heldout_size :], sample]
@@ -157,8 +179,8 @@ class Trainer:
         started = time.perf_counter()
         try:
             for stage in work.stages:
-                if stage.kind.is_upkeep:
-                    self._upkeep.popleft().run()
+                if stage.is_upkeep:
+                    self._run_upkeep_stage()
                 else:
                     self._run_job_stage()
         except Exception:
@@ -166,6 +188,12 @@ class Trainer:
             self._job = None
             self.learner.discard_gradients()
         self.train_seconds_total += time.perf_counter() - started
+
+    def _run_upkeep_stage(self) -> None:
+        item = self._upkeep[0]
+        item.run_next()
+        if not item.stages:
+            self._upkeep.popleft()
 
     def _run_job_stage(self) -> None:
         job = self._job
@@ -199,7 +227,7 @@ class Trainer:
     # ---- publishing ----
 
     def _queue_publish_gate(self) -> None:
-        """Queue the held-out evaluation (one upkeep stage per sample) that decides a publish."""
+        """Freeze the learner as the candidate and queue its held-out evaluation (upkeep stages)."""
         heldout = self.heldout[-self.config.heldout_size :]
         since_publish_s = time.monotonic() - self.last_publish_s
         if self._gate_pending or not heldout or self.publishing_held:
@@ -208,21 +236,17 @@ class Trainer:
             return
         if self._serving_losses_version != self.active_version:
             self._serving_losses, self._serving_losses_version = {}, self.active_version
+        # Training goes on during the evaluation; the gate judges, and publishes, this snapshot.
+        self.learner.snapshot_candidate()
         gate = _PublishGate(heldout, self.active_version)
+        serving = adapter_name(self.active_version)
         for sample in heldout:
-            self._upkeep.append(_Upkeep(TrainStage(StageKind.EVAL, sample.num_tokens),
-                                        partial(self._eval_learner, gate, sample)))
+            self._queue_loss(sample, CANDIDATE, gate.learner_losses.append)
             if sample.sample_id not in self._serving_losses:
-                self._upkeep.append(_Upkeep(TrainStage(StageKind.EVAL, sample.num_tokens),
-                                            partial(self._eval_serving, sample)))
-        self._upkeep.append(_Upkeep(TrainStage(StageKind.EVAL, 0), partial(self._decide_publish, gate)))
+                self._queue_loss(sample, serving, partial(self._serving_losses.__setitem__, sample.sample_id))
+        self._upkeep.append(_Upkeep([TrainStage(StageKind.HEAD, 0, is_upkeep=True)], None,
+                                    lambda _: self._decide_publish(gate)))
         self._gate_pending = True
-
-    def _eval_learner(self, gate: _PublishGate, sample: TrainSample) -> None:
-        gate.learner_losses.append(self.learner.evaluate([sample], None))
-
-    def _eval_serving(self, sample: TrainSample) -> None:
-        self._serving_losses[sample.sample_id] = self.learner.evaluate([sample], self._serving_losses_version)
 
     def _decide_publish(self, gate: _PublishGate) -> None:
         self._gate_pending = False
@@ -236,11 +260,11 @@ class Trainer:
         better = learner < serving * (1.0 - self.config.publish_margin)
         stale = time.monotonic() - self.last_publish_s > self.config.max_staleness_s and learner <= serving
         if better or stale:
-            self.publish(serving, learner, "better on held-out" if better else "stale, no worse")
+            self.publish(serving, learner, "better on held-out" if better else "stale, no worse", source=CANDIDATE)
 
-    def publish(self, serving_loss: float, learner_loss: float, reason: str) -> int:
+    def publish(self, serving_loss: float, learner_loss: float, reason: str, source: str = LEARNER) -> int:
         version = self.store.next_version()
-        self.learner.publish(version)
+        self.learner.publish(version, source)
         meta = AdapterVersion(version, self.store.now(), serving_loss, learner_loss,
                               self.learner.num_optimizer_steps, reason)
         self.store.write(meta, lambda directory: self.learner.save_version(version, directory))

@@ -4,7 +4,7 @@ A micro-step on one sample is not one indivisible chunk: it is the forward of ea
 (activations kept between iterations), the LM head and loss with their backward, then each layer's
 backward from the last down. Each stage costs a few milliseconds, so training can fill whatever
 latency slack an iteration leaves. Forward-only upkeep (scoring new samples, evaluating the publish
-gate) is staged the same way.
+gate) is staged the same way, layer by layer, so that it never needs more slack than a step has.
 """
 
 from __future__ import annotations
@@ -14,21 +14,19 @@ from enum import StrEnum
 
 
 class StageKind(StrEnum):
-    SCORE = "score"  # forward only: a new sample's loss under the serving version (its value, the drift)
-    EVAL = "eval"  # forward only: a held-out sample under the learner or the serving version (publish gate)
-    FORWARD = "forward"  # one decoder layer's forward on the learner, activations kept
-    HEAD = "head"  # final norm, LM head and loss on the answer positions, and their backward
+    FORWARD = "forward"  # one decoder layer's forward (activations kept when training)
+    HEAD = "head"  # final norm, LM head and loss on the answer positions (and their backward when training)
     BACKWARD = "backward"  # one decoder layer's backward
-
-    @property
-    def is_upkeep(self) -> bool:
-        return self in (StageKind.SCORE, StageKind.EVAL)
 
 
 @dataclass(frozen=True)
 class TrainStage:
     kind: StageKind
     num_tokens: int  # tokens the stage processes (answer tokens for HEAD)
+    # Forward-only upkeep: scoring a new sample under the serving version (its value, the drift) or
+    # evaluating a held-out sample for the publish gate. It runs before training and may use all of
+    # a step's slack, whatever the policy's training budget.
+    is_upkeep: bool = False
 
 
 @dataclass(frozen=True)
