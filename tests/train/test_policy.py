@@ -188,3 +188,31 @@ def test_a_stage_kind_never_measured_is_probed_now_and_then() -> None:
     probes = [plan for plan in plans if plan.train is not None]
     assert 1 <= len(probes) <= 3 and all(len(p.train.stages) == 1 for p in probes if p.train)
     assert all(plan.chunks for plan in plans)  # serving went on in every step
+
+
+def test_training_keeps_the_latency_models_error_free_under_the_target() -> None:
+    """Steps that overrun their prediction now and then shrink the slack training may take."""
+    budgets = []
+    for noise_s in (0.0, 0.01):
+        scheduler = make("mace", FakeSource(drift=5.0), tpot_s=0.1)
+        teach_latency(scheduler)
+        for step in range(64):  # every other step runs `noise_s` slower than the model says
+            shape = StepShape(0, 2, 8, 0, 0)
+            scheduler.latency.observe(shape, scheduler.latency.predict(shape) + noise_s * (step % 2))
+        plan = decoding_plan(scheduler, 2)
+        budgets.append(train_seconds(scheduler, plan))
+        assert scheduler.latency.predict(plan.shape) + scheduler.latency.error_margin_s <= 0.1
+    assert scheduler.latency.error_margin_s > 0.005
+    assert budgets[1] < budgets[0]
+
+
+def test_idle_slack_leaves_the_error_margin_but_never_stops_training() -> None:
+    from mace.train.policy import TrainContext
+
+    def idle(margin_s: float) -> float:
+        return TrainContext(now_s=0.0, has_inference=False, predicted_inference_s=0.0, tpot_s=0.3, ttft_s=1.0,
+                            num_trainable=1, num_new_samples=0, drift=2.0, margin_s=margin_s).slack_s
+
+    assert idle(0.0) == 0.5
+    assert idle(0.2) < idle(0.0)
+    assert idle(5.0) > 0

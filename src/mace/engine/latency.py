@@ -9,6 +9,10 @@ staged the same way and counts with the training forward (a little cautious: it 
 
 Fitted by least squares over a sliding window of measured steps (non-negative coefficients), so it
 follows the machine as load and thermal state change. Before enough data it uses cautious priors.
+
+A step planned to end exactly at the TPOT target misses it whenever the machine is a little slower
+than predicted, so planners keep `error_margin_s` free: the 90th percentile of how much recent steps
+overran their prediction (made before the step, so it is an honest out-of-sample error).
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class StepShape:
         return self.num_prefill_tokens + self.num_decode_tokens > 0
 
 
+ERROR_QUANTILE = 0.9
+
+
 class LatencyModel:
     def __init__(self, window: int = 512, refit_every: int = 16,
                  prior: tuple[float, ...] = (0.005, 0.002, 0.004, 0.0002, 0.0003, 0.003)) -> None:
@@ -47,6 +54,8 @@ class LatencyModel:
         self._refit_every = refit_every
         self._since_fit = 0
         self._fitted = np.zeros(len(prior), dtype=bool)  # columns whose coefficient came from measurements
+        self._errors: deque[float] = deque(maxlen=window)
+        self.error_margin_s = 0.0
         self.last_error_s = 0.0
 
     def predict(self, shape: StepShape) -> float:
@@ -63,6 +72,7 @@ class LatencyModel:
 
     def observe(self, shape: StepShape, measured_s: float) -> None:
         self.last_error_s = measured_s - self.predict(shape)
+        self._errors.append(self.last_error_s)
         self._samples.append((shape.features(), measured_s))
         self._since_fit += 1
         if self._since_fit >= self._refit_every and len(self._samples) >= 8:
@@ -80,3 +90,4 @@ class LatencyModel:
         updated[used] = np.maximum(coef, 0.0)
         self._coef = updated
         self._fitted |= used
+        self.error_margin_s = max(0.0, float(np.quantile(np.array(self._errors), ERROR_QUANTILE)))

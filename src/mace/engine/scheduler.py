@@ -231,6 +231,7 @@ class Scheduler:
             num_trainable=source.num_trainable,
             num_new_samples=source.num_new_samples,
             drift=source.drift_ratio(),
+            margin_s=self.latency.error_margin_s,
         )
 
     def _prefill_budget(self, running: list[Request] | None = None) -> int:
@@ -243,7 +244,8 @@ class Scheduler:
         per_token_s = self.latency.marginal_s(StepShape(num_prefill_tokens=1))
         if not decoding or per_token_s <= 0:
             return self.config.max_num_batched_tokens
-        spare_s = self._tpot_target_s(decoding) - self.latency.predict(StepShape(num_decode_tokens=len(decoding)))
+        spare_s = (self._tpot_target_s(decoding) - self.latency.predict(StepShape(num_decode_tokens=len(decoding)))
+                   - self.latency.error_margin_s)
         return max(MIN_PREFILL_CHUNK, int(spare_s / per_token_s))
 
     def _tpot_target_s(self, decoding: list[Request]) -> float:

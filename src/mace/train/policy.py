@@ -23,17 +23,19 @@ class TrainContext:
     num_trainable: int  # samples the trainer could draw now
     num_new_samples: int  # samples that arrived since the last training round or publish
     drift: float  # running mean of intake loss / its value at the last publish (1.0: aligned)
+    margin_s: float = 0.0  # headroom kept under the target for the latency model's error
 
     @property
     def slack_s(self) -> float:
         """Time this step can add beside its inference without passing the TPOT target.
 
         With nothing to serve, a request may still arrive mid-step, so an idle step stays short
-        enough (half the TTFT target) that its wait leaves room for the prefill.
+        enough (half the TTFT target, less the model's error) that its wait leaves room for the
+        prefill; never under a tenth of the target, so that idle training always moves.
         """
         if not self.has_inference:
-            return 0.5 * self.ttft_s
-        return max(0.0, self.tpot_s - self.predicted_inference_s)
+            return max(0.1 * self.ttft_s, 0.5 * self.ttft_s - self.margin_s)
+        return max(0.0, self.tpot_s - self.predicted_inference_s - self.margin_s)
 
 
 @dataclass(frozen=True)
