@@ -47,7 +47,7 @@ bench: install
 # Every retraining policy on the same drifting trace and seed, one server each, on the default model.
 bench-train: install
 	$(BIN)/python -m loadgen compare --policies none,periodic,continuous,mace --trace personalization \
-		--model builtin:smollm2 --arrival replay --seed 0 --slo ttft=1.0,tpot=0.35 --out docs/results/train \
+		--model builtin:smollm2 --arrival replay --seed 0 --trace-rate 1.0 --slo ttft=1.0,tpot=0.35 --out docs/results/train \
 		--no-progress
 
 # Not in CI: MINUTES of mixed load with random disconnects and a restart, against a subprocess server.
