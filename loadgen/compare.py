@@ -16,6 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
 from loadgen.metrics import summarize
 from loadgen.plots import PlotRun, phase_starts_of, write_plots
 from loadgen.progress import Progress
@@ -86,6 +89,24 @@ class PolicyServer:
                                        + self.log_tail())
                 await asyncio.sleep(0.5)
 
+    async def training_figures(self) -> dict[str, float]:
+        """The server's training counters from /metrics (empty when it exposes none)."""
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, \
+                    http.get(self.url + "/metrics") as response:
+                text = await response.text() if response.status == 200 else ""
+        except (aiohttp.ClientError, TimeoutError):
+            return {}
+        wanted = {"mace:train_tokens_total": "train_tokens", "mace:train_optimizer_steps_total": "optimizer_steps",
+                  "mace:heldout_loss_serving": "heldout_loss_serving",
+                  "mace:heldout_loss_learner": "heldout_loss_learner"}
+        figures: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in wanted:
+                    figures[wanted[sample.name]] = sample.value
+        return figures
+
     def log_tail(self, lines: int = 20) -> str:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -118,12 +139,15 @@ async def compare(policies: list[str], items: list[TraceItem], spec: ServerSpec,
             await server.start()
             with Progress(progress, title=f"loadgen compare: {policy}") as live:
                 result = await Runner(replace(run, url=server.url), items, on_tick=live.update).run()
+            training = await server.training_figures()
         except ServerFailed as exc:
             notes.append(f"- {policy}: {str(exc).splitlines()[0]} (see {workdir / 'server.log'})")
             continue
         finally:
             await server.stop()
         summary = summarize(result.records, slo, result.duration_s, result.events)
+        if "train_tokens" in training:
+            summary["training"] = {**training, "tokens_per_s": training["train_tokens"] / result.duration_s}
         write_records(workdir, result.records, result.events)
         write_summary(workdir, summary, f"policy {policy}")
         summaries[policy] = summary

@@ -4,6 +4,7 @@ side-by-side Markdown table of several runs."""
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def _ms(value: Any) -> str:
 
 
 def _num(value: Any, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
 def _pct(value: Any) -> str:
@@ -85,6 +86,13 @@ def rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     publishes = summary.get("adapter_publishes") or []
     out.append(("adapter publishes (first at s)",
                 f"{len(publishes)} ({publishes[0]['time_s']:.1f})" if publishes else "0"))
+    training = summary.get("training")
+    if training:
+        out.append(("training tokens/s (optimizer steps)",
+                    f"{_num(training['tokens_per_s'], 1)} ({int(training.get('optimizer_steps', 0))})"))
+        out.append(("held-out loss at the end (serving / learner)",
+                    f"{_num(training.get('heldout_loss_serving', math.nan))} / "
+                    f"{_num(training.get('heldout_loss_learner', math.nan))}"))
     for phase, stats in summary["alignment"].items():
         out.append((f"alignment phase {phase} (exact / prefix, n)",
                     f"{_pct(stats['exact'])} / {_pct(stats['prefix'])}, {int(stats['n'])}"))

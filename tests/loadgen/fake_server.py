@@ -23,6 +23,14 @@ def fake_app(chunk_delay_s: float = 0.02) -> web.Application:
     async def ready(request: web.Request) -> web.Response:
         return web.json_response({"status": "ready"})
 
+    @routes.get("/metrics")
+    async def metrics(request: web.Request) -> web.Response:
+        policy = os.environ.get("MACE_TRAIN__POLICY", "none")
+        tokens = 0 if policy == "none" else 300
+        text = (f"mace:train_tokens_total {tokens}.0\nmace:train_optimizer_steps_total {tokens // 100}.0\n"
+                "mace:heldout_loss_serving 2.5\nmace:heldout_loss_learner NaN\n")
+        return web.Response(text=text, content_type="text/plain")
+
     @routes.get("/v1/models")
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
