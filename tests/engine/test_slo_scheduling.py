@@ -9,13 +9,13 @@ from mace.engine.request import Request, SamplingParams
 from mace.engine.scheduler import Scheduler
 from tests.engine.test_scheduler import step
 
-TARGETS = {"interactive": (1.0, 0.1), "batch": (30.0, 2.0)}
+TARGETS = {"interactive": (1.0, 0.35), "batch": (30.0, 2.0)}
 
 
-def request(request_id: str, slo_class: str, arrival_s: float, num_prompt: int = 8) -> Request:
+def request(request_id: str, slo_class: str, arrival_s: float, num_prompt: int = 8, max_tokens: int = 2) -> Request:
     ttft_s, tpot_s = TARGETS[slo_class]
     return Request(request_id=request_id, prompt_token_ids=list(range(1, num_prompt + 1)),
-                   sampling_params=SamplingParams(max_tokens=2, temperature=0), eos_token_ids=frozenset(),
+                   sampling_params=SamplingParams(max_tokens=max_tokens, temperature=0), eos_token_ids=frozenset(),
                    max_model_len=4096, arrival_time_s=arrival_s, slo_class=slo_class, ttft_s=ttft_s, tpot_s=tpot_s)
 
 
@@ -72,3 +72,35 @@ def test_predicted_ttft_grows_with_the_queue_ahead_and_ignores_later_deadlines()
     # deadlines would not.
     assert s.predict_ttft_s(100, ttft_s=30.0, now_s=0.0) == queued
     assert s.predict_ttft_s(100, ttft_s=0.01, now_s=-5.0) == empty
+
+
+def _teach_decode_cost(s: Scheduler, base_s: float, per_token_s: float) -> None:
+    for n in range(1, 33):
+        s.latency.observe(StepShape(num_decode_tokens=n), base_s + per_token_s * n)
+
+
+def test_slo_scheduling_caps_the_batch_at_the_tightest_tpot() -> None:
+    """Relaxed requests alone never grow the batch past what an interactive request could join."""
+    slo_scheduler, fcfs_scheduler = scheduler(max_num_seqs=32), scheduler("fcfs", max_num_seqs=32)
+    for s in (slo_scheduler, fcfs_scheduler):
+        _teach_decode_cost(s, 0.015, 0.02)  # the interactive TPOT (0.35 s) holds up to 16 decodes
+        for i in range(30):
+            s.add_request(request(f"b{i}", "batch", arrival_s=0.0, max_tokens=100))
+        for _ in range(8):  # 64 prompt tokens a step: all 30 would be in after 4
+            step(s)
+    cap = slo_scheduler.decode_cap()
+    assert slo_scheduler.latency.predict(StepShape(num_decode_tokens=cap)) <= 0.35
+    assert slo_scheduler.latency.predict(StepShape(num_decode_tokens=cap + 1)) > 0.35
+    assert len(slo_scheduler.running) == cap < 30
+    assert len(fcfs_scheduler.running) == 30
+
+
+def test_a_full_batch_adds_the_wait_for_a_slot_to_the_predicted_ttft() -> None:
+    s = scheduler(max_num_seqs=32)
+    _teach_decode_cost(s, 0.01, 0.02)
+    empty = s.predict_ttft_s(8, 1.0, now_s=0.0)
+    for i in range(30):
+        s.add_request(request(f"b{i}", "batch", arrival_s=0.0, max_tokens=100))
+    for _ in range(8):
+        step(s)
+    assert s.predict_ttft_s(8, 1.0, now_s=0.0) > empty + 0.35  # at least one decode wave of the running batch

@@ -11,8 +11,8 @@ Fitted by least squares over a sliding window of measured steps (non-negative co
 follows the machine as load and thermal state change. Before enough data it uses cautious priors.
 
 A step planned to end exactly at the TPOT target misses it whenever the machine is a little slower
-than predicted, so planners keep `error_margin_s` free: the 90th percentile of how much recent steps
-overran their prediction (made before the step, so it is an honest out-of-sample error).
+than predicted, so planners keep `error_margin_s` free: the 90th percentile of how much the steps in
+the window overrun the fitted model (the machine's noise, not the priors' first guesses).
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ class LatencyModel:
         self._refit_every = refit_every
         self._since_fit = 0
         self._fitted = np.zeros(len(prior), dtype=bool)  # columns whose coefficient came from measurements
-        self._errors: deque[float] = deque(maxlen=window)
         self.error_margin_s = 0.0
         self.last_error_s = 0.0
 
@@ -72,7 +71,6 @@ class LatencyModel:
 
     def observe(self, shape: StepShape, measured_s: float) -> None:
         self.last_error_s = measured_s - self.predict(shape)
-        self._errors.append(self.last_error_s)
         self._samples.append((shape.features(), measured_s))
         self._since_fit += 1
         if self._since_fit >= self._refit_every and len(self._samples) >= 8:
@@ -90,4 +88,4 @@ class LatencyModel:
         updated[used] = np.maximum(coef, 0.0)
         self._coef = updated
         self._fitted |= used
-        self.error_margin_s = max(0.0, float(np.quantile(np.array(self._errors), ERROR_QUANTILE)))
+        self.error_margin_s = max(0.0, float(np.quantile(y - x @ updated, ERROR_QUANTILE)))

@@ -129,14 +129,26 @@ class Scheduler:
         predicts for steps beside the current decodes.
         """
         deadline = now_s + ttft_s
-        ahead = sum(r.num_uncomputed_tokens for r in list(self.waiting)
-                    if self.config.scheduling == "fcfs" or r.ttft_deadline_s <= deadline)
+        queued = [r for r in list(self.waiting) if self.config.scheduling == "fcfs" or r.ttft_deadline_s <= deadline]
+        ahead = sum(r.num_uncomputed_tokens for r in queued)
+        num_ahead = len(queued)
         running = list(self.running)
         num_decoding = sum(1 for r in running if not r.is_prefilling)
         ahead += sum(r.num_uncomputed_tokens for r in running if r.is_prefilling)
         room = max(1, self._prefill_budget(running))
         step_s = self.latency.predict(StepShape(room, num_decoding))
-        return math.ceil((ahead + num_prompt_tokens) / room) * step_s
+        prefill_s = math.ceil((ahead + num_prompt_tokens) / room) * step_s
+        return prefill_s + self._slot_wait_s(running, num_ahead + 1)
+
+    def _slot_wait_s(self, running: list[Request], num_wanting: int) -> float:
+        """How long `num_wanting` requests wait for room under the decode cap: whole waves of the running
+        requests finishing, each as long as their mean remaining output at the capped batch's step time."""
+        cap = self.decode_cap()
+        short = num_wanting - (cap - len(running))
+        if short <= 0 or not running:
+            return 0.0
+        remaining = sum(r.sampling_params.max_tokens - r.num_output_tokens for r in running) / len(running)
+        return math.ceil(short / cap) * remaining * self.latency.predict(StepShape(num_decode_tokens=cap))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         for request in self.waiting:
@@ -298,7 +310,8 @@ class Scheduler:
         goes first (best fit, no head-of-line blocking) until it has been passed MAX_ADMISSION_SKIPS times."""
         candidates = sorted(self.waiting, key=lambda r: r.priority)
         passed: Request | None = None
-        while candidates and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        max_running = self.decode_cap()
+        while candidates and budget > 0 and len(self.running) < max_running:
             request = candidates.pop(0)
             num_new = min(request.num_uncomputed_tokens, budget, self._prefill_room)
             if num_new == 0:
@@ -321,6 +334,18 @@ class Scheduler:
             self._prefill_room -= num_new
         if passed is not None:
             passed.num_admission_skips += 1
+
+    def decode_cap(self) -> int:
+        """How many requests may run at once ("slo" scheduling): as many as decode together within the
+        tightest TPOT target of any class, less the latency model's error, so that the batch can always
+        take an interactive request without breaking its streams. FCFS admits up to `max_num_seqs`."""
+        if self.config.scheduling != "slo":
+            return self.config.max_num_seqs
+        target_s = min(self.slo.target(name).tpot_s for name in self.slo.class_names) - self.latency.error_margin_s
+        cap = 1
+        while cap < self.config.max_num_seqs and self.latency.predict(StepShape(num_decode_tokens=cap + 1)) <= target_s:
+            cap += 1
+        return cap
 
     def _allocate(self, request: Request) -> bool:
         """KV blocks for all of `request`'s known tokens (no thrashing mid-prefill); a cached prefix is loaded."""
