@@ -104,3 +104,26 @@ def test_a_full_batch_adds_the_wait_for_a_slot_to_the_predicted_ttft() -> None:
     for _ in range(8):
         step(s)
     assert s.predict_ttft_s(8, 1.0, now_s=0.0) > empty + 0.35  # at least one decode wave of the running batch
+
+
+def test_an_interactive_arrival_takes_a_relaxed_requests_slot_at_the_cap() -> None:
+    s = scheduler(max_num_seqs=2)
+    s.add_request(request("b0", "batch", arrival_s=0.0, max_tokens=100))
+    s.add_request(request("b1", "batch", arrival_s=0.1, max_tokens=100))
+    step(s)
+    step(s)
+    s.add_request(request("i0", "interactive", arrival_s=1.0, max_tokens=100))
+    plan = step(s)
+    assert plan.preempted_request_ids == ["b1"]  # the loosest deadline gives way
+    assert {r.request_id for r in s.running} == {"b0", "i0"}
+    assert [r.request_id for r in s.waiting] == ["b1"]  # and waits to be recomputed
+
+
+def test_a_request_past_its_deadline_keeps_its_slot() -> None:
+    s = scheduler(max_num_seqs=1)
+    s.add_request(request("b0", "batch", arrival_s=0.0, max_tokens=100))
+    step(s)
+    s.add_request(request("i0", "interactive", arrival_s=40.0, max_tokens=100))  # b0's deadline (30 s) is earlier
+    plan = step(s)
+    assert plan.preempted_request_ids == []
+    assert [r.request_id for r in s.running] == ["b0"]

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 MIN_PREFILL_CHUNK = 16
 MAX_ADMISSION_SKIPS = 32  # steps smaller requests may pass one that does not fit, before it blocks them
 PROBE_EVERY_STEPS = 32
+MAX_SLOT_YIELDS = 2  # times a running request gives its slot to a more urgent class before it keeps it
 
 
 class TrainSource(Protocol):
@@ -138,7 +139,8 @@ class Scheduler:
         room = max(1, self._prefill_budget(running))
         step_s = self.latency.predict(StepShape(room, num_decoding))
         prefill_s = math.ceil((ahead + num_prompt_tokens) / room) * step_s
-        return prefill_s + self._slot_wait_s(running, num_ahead + 1)
+        # Running requests of a looser class give their slot up (`_yield_slots`): only the others block it.
+        return prefill_s + self._slot_wait_s([r for r in running if r.ttft_s <= ttft_s], num_ahead + 1)
 
     def _slot_wait_s(self, running: list[Request], num_wanting: int) -> float:
         """How long `num_wanting` requests wait for room under the decode cap: whole waves of the running
@@ -166,9 +168,11 @@ class Scheduler:
         self._steps_since_probe += 1
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
+        yielded = self._yield_slots()
         budget = self._schedule_running(budget, chunks, preempted)
-        if not preempted:
+        if not preempted:  # short of memory: admit nobody this step
             self._admit_waiting(budget, chunks)
+        preempted += yielded
         train = None
         if self.train_source is not None:
             chunks, train = self._plan_training(chunks)
@@ -346,6 +350,27 @@ class Scheduler:
         while cap < self.config.max_num_seqs and self.latency.predict(StepShape(num_decode_tokens=cap + 1)) <= target_s:
             cap += 1
         return cap
+
+    def _yield_slots(self) -> list[str]:
+        """At the decode cap, a waiting request with a tighter TTFT target than a running one takes its
+        slot: the loosest running request is preempted (recomputed later; its own target has room)."""
+        yielded: list[str] = []
+        if self.config.scheduling != "slo":
+            return yielded
+        free = self.decode_cap() - len(self.running)
+        for request in list(self.waiting):  # earliest deadline first
+            if free > 0:
+                free -= 1
+                continue
+            # Only for a more urgent deadline, and a bounded number of times, so nothing starves.
+            looser = [r for r in self.running if r.ttft_s > request.ttft_s
+                      and r.ttft_deadline_s > request.ttft_deadline_s and r.num_preemptions < MAX_SLOT_YIELDS]
+            if not looser:
+                break
+            victim = max(looser, key=lambda r: (r.ttft_deadline_s, r.queue_seq))
+            self._preempt(victim)
+            yielded.append(victim.request_id)
+        return yielded
 
     def _allocate(self, request: Request) -> bool:
         """KV blocks for all of `request`'s known tokens (no thrashing mid-prefill); a cached prefix is loaded."""
