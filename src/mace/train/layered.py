@@ -101,16 +101,13 @@ class _SamplePass:
         self.grad = layer_input.grad if layer_input.requires_grad else None
 
 
-class LayeredMicroStep:
-    """The stages of `samples`' forward and backward, run one at a time in order."""
+class _Staged:
+    """Work over a model's decoder layers, run one stage at a time in order."""
 
-    def __init__(self, causal_lm: Any, samples: list[TrainSample], batch_size: int) -> None:
+    def __init__(self, causal_lm: Any) -> None:
         self.layers: list[Any] = list(causal_lm.model.layers)
-        self.samples = samples
-        self._passes = [_SamplePass(causal_lm, s, s.weight / batch_size) for s in samples]
-        self._stages = [stage for p in self._passes for stage in p.stages(len(self.layers))]
+        self._stages: list[TrainStage] = []
         self._next = 0
-        self._done: torch.cuda.Event | None = None  # recorded after the last stage's kernels on CUDA
 
     @property
     def remaining(self) -> list[TrainStage]:
@@ -119,6 +116,17 @@ class LayeredMicroStep:
     @property
     def is_done(self) -> bool:
         return self._next == len(self._stages)
+
+
+class LayeredMicroStep(_Staged):
+    """The stages of `samples`' forward and backward, run one at a time in order."""
+
+    def __init__(self, causal_lm: Any, samples: list[TrainSample], batch_size: int) -> None:
+        super().__init__(causal_lm)
+        self.samples = samples
+        self._passes = [_SamplePass(causal_lm, s, s.weight / batch_size) for s in samples]
+        self._stages = [stage for p in self._passes for stage in p.stages(len(self.layers))]
+        self._done: torch.cuda.Event | None = None  # recorded after the last stage's kernels on CUDA
 
     @property
     def is_settled(self) -> bool:
@@ -146,7 +154,7 @@ class LayeredMicroStep:
             self._done.record()
 
 
-class LayeredLoss:
+class LayeredLoss(_Staged):
     """One sample's answer loss under one adapter, forward only, in the same layer stages.
 
     `adapter` opens the adapter choice around each stage: other work (serving, training) runs
@@ -155,20 +163,11 @@ class LayeredLoss:
 
     def __init__(self, causal_lm: Any, sample: TrainSample,
                  adapter: Callable[[], AbstractContextManager[None]]) -> None:
-        self.layers: list[Any] = list(causal_lm.model.layers)
+        super().__init__(causal_lm)
         self.sample = sample
         self._adapter = adapter
         self._pass = _SamplePass(causal_lm, sample, 1.0, keep_graph=False)
         self._stages = self._pass.stages(len(self.layers))
-        self._next = 0
-
-    @property
-    def remaining(self) -> list[TrainStage]:
-        return self._stages[self._next :]
-
-    @property
-    def is_done(self) -> bool:
-        return self._next == len(self._stages)
 
     @property
     def loss(self) -> float:
