@@ -90,9 +90,10 @@ def rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     if training:
         out.append(("training tokens/s (optimizer steps)",
                     f"{_num(training['tokens_per_s'], 1)} ({int(training.get('optimizer_steps', 0))})"))
-        out.append(("held-out loss at the end (serving / learner)",
-                    f"{_num(training.get('heldout_loss_serving', math.nan))} / "
-                    f"{_num(training.get('heldout_loss_learner', math.nan))}"))
+        if training.get("optimizer_steps"):  # a server that never trained has no held-out losses
+            out.append(("held-out loss at the end (serving / learner)",
+                        f"{_num(training.get('heldout_loss_serving', math.nan))} / "
+                        f"{_num(training.get('heldout_loss_learner', math.nan))}"))
     for phase, stats in summary["alignment"].items():
         out.append((f"alignment phase {phase} (exact / prefix, n)",
                     f"{_pct(stats['exact'])} / {_pct(stats['prefix'])}, {int(stats['n'])}"))
