@@ -25,6 +25,7 @@ from mace.engine.latency import LatencyModel, StepShape
 from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk, shape_of
 from mace.engine.prefix_cache import PrefixCache
 from mace.engine.request import Request, RequestOutput, RequestStatus
+from mace.engine.slots import decode_cap, slot_victims, slot_wait_s
 from mace.train.policy import NoTraining, RetrainPolicy, TrainContext, TrainDecision
 from mace.train.work import TrainStage, TrainWork
 
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 MIN_PREFILL_CHUNK = 16
 MAX_ADMISSION_SKIPS = 32  # steps smaller requests may pass one that does not fit, before it blocks them
 PROBE_EVERY_STEPS = 32
-MAX_SLOT_YIELDS = 2  # times a running request gives its slot to a more urgent class before it keeps it
 
 
 class TrainSource(Protocol):
@@ -140,17 +140,8 @@ class Scheduler:
         step_s = self.latency.predict(StepShape(room, num_decoding))
         prefill_s = math.ceil((ahead + num_prompt_tokens) / room) * step_s
         # Running requests of a looser class give their slot up (`_yield_slots`): only the others block it.
-        return prefill_s + self._slot_wait_s([r for r in running if r.ttft_s <= ttft_s], num_ahead + 1)
-
-    def _slot_wait_s(self, running: list[Request], num_wanting: int) -> float:
-        """How long `num_wanting` requests wait for room under the decode cap: whole waves of the running
-        requests finishing, each as long as their mean remaining output at the capped batch's step time."""
-        cap = self.decode_cap()
-        short = num_wanting - (cap - len(running))
-        if short <= 0 or not running:
-            return 0.0
-        remaining = sum(r.sampling_params.max_tokens - r.num_output_tokens for r in running) / len(running)
-        return math.ceil(short / cap) * remaining * self.latency.predict(StepShape(num_decode_tokens=cap))
+        blocking = [r for r in running if r.ttft_s <= ttft_s]
+        return prefill_s + slot_wait_s(self.latency, blocking, num_ahead + 1, self.decode_cap())
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         for request in self.waiting:
@@ -340,37 +331,20 @@ class Scheduler:
             passed.num_admission_skips += 1
 
     def decode_cap(self) -> int:
-        """How many requests may run at once ("slo" scheduling): as many as decode together within the
-        tightest TPOT target of any class, less the latency model's error, so that the batch can always
-        take an interactive request without breaking its streams. FCFS admits up to `max_num_seqs`."""
+        """How many requests may run at once: the TPOT-bound cap under "slo" scheduling (engine/slots.py),
+        `max_num_seqs` under FCFS."""
         if self.config.scheduling != "slo":
             return self.config.max_num_seqs
-        target_s = min(self.slo.target(name).tpot_s for name in self.slo.class_names) - self.latency.error_margin_s
-        cap = 1
-        while cap < self.config.max_num_seqs and self.latency.predict(StepShape(num_decode_tokens=cap + 1)) <= target_s:
-            cap += 1
-        return cap
+        return decode_cap(self.latency, self.slo, self.config.max_num_seqs)
 
     def _yield_slots(self) -> list[str]:
-        """At the decode cap, a waiting request with a tighter TTFT target than a running one takes its
-        slot: the loosest running request is preempted (recomputed later; its own target has room)."""
-        yielded: list[str] = []
+        """At the decode cap, more urgent waiting requests take the slots of the loosest running ones."""
         if self.config.scheduling != "slo":
-            return yielded
-        free = self.decode_cap() - len(self.running)
-        for request in list(self.waiting):  # earliest deadline first
-            if free > 0:
-                free -= 1
-                continue
-            # Only for a more urgent deadline, and a bounded number of times, so nothing starves.
-            looser = [r for r in self.running if r.ttft_s > request.ttft_s
-                      and r.ttft_deadline_s > request.ttft_deadline_s and r.num_preemptions < MAX_SLOT_YIELDS]
-            if not looser:
-                break
-            victim = max(looser, key=lambda r: (r.ttft_deadline_s, r.queue_seq))
+            return []
+        victims = slot_victims(list(self.waiting), self.running, self.decode_cap())
+        for victim in victims:
             self._preempt(victim)
-            yielded.append(victim.request_id)
-        return yielded
+        return [victim.request_id for victim in victims]
 
     def _allocate(self, request: Request) -> bool:
         """KV blocks for all of `request`'s known tokens (no thrashing mid-prefill); a cached prefix is loaded."""

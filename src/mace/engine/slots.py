@@ -1,0 +1,57 @@
+"""How many requests run at once under SLO scheduling, and who gives way (tensor-free).
+
+A CPU or small GPU decodes a bigger batch more slowly per token, so past some size every stream
+misses a tight TPOT target. The decode cap keeps the batch at what the latency model puts inside
+the tightest TPOT of any class; at the cap, an arrival with a tighter TTFT target takes the slot of
+the running request with the loosest deadline, which is preempted and recomputed later.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from mace.config import SloConfig
+from mace.engine.latency import LatencyModel, StepShape
+from mace.engine.request import Request
+
+MAX_SLOT_YIELDS = 2  # times a running request gives its slot to a more urgent class before it keeps it
+
+
+def decode_cap(latency: LatencyModel, slo: SloConfig, max_num_seqs: int) -> int:
+    """The most requests that decode together within the tightest class's TPOT, less the model's error."""
+    target_s = min(slo.target(name).tpot_s for name in slo.class_names) - latency.error_margin_s
+    cap = 1
+    while cap < max_num_seqs and latency.predict(StepShape(num_decode_tokens=cap + 1)) <= target_s:
+        cap += 1
+    return cap
+
+
+def slot_victims(waiting: Iterable[Request], running: list[Request], cap: int) -> list[Request]:
+    """Running requests to preempt so that more urgent waiting ones (in queue order) get a slot.
+
+    Only for a tighter TTFT target and an earlier deadline, and a bounded number of times per
+    request, so nothing starves.
+    """
+    victims: list[Request] = []
+    free = cap - len(running)
+    for request in waiting:
+        if free > 0:
+            free -= 1
+            continue
+        looser = [r for r in running if r not in victims and r.ttft_s > request.ttft_s
+                  and r.ttft_deadline_s > request.ttft_deadline_s and r.num_preemptions < MAX_SLOT_YIELDS]
+        if not looser:
+            break
+        victims.append(max(looser, key=lambda r: (r.ttft_deadline_s, r.queue_seq)))
+    return victims
+
+
+def slot_wait_s(latency: LatencyModel, blocking: list[Request], num_wanting: int, cap: int) -> float:
+    """How long `num_wanting` requests wait for room under the cap: whole waves of the `blocking`
+    running requests finishing, each as long as their mean remaining output at the capped step time."""
+    short = num_wanting - (cap - len(blocking))
+    if short <= 0 or not blocking:
+        return 0.0
+    remaining = sum(r.sampling_params.max_tokens - r.num_output_tokens for r in blocking) / len(blocking)
+    return math.ceil(short / cap) * remaining * latency.predict(StepShape(num_decode_tokens=cap))
