@@ -67,8 +67,10 @@ class _Upkeep:
             if self.loss_pass is None:
                 self.loss_pass = self.begin()
             self.loss_pass.run_next()
-        if not self.stages:
-            self.finish(self.loss_pass.loss if self.loss_pass is not None else math.nan)
+
+    def complete(self) -> None:
+        """Hand the loss on; at a step boundary, since reading it waits for the device."""
+        self.finish(self.loss_pass.loss if self.loss_pass is not None else math.nan)
 
 
 @dataclass
@@ -105,6 +107,7 @@ class Trainer:
         self._last_checkpoint_s = time.monotonic()
         self._last_seen_id = 0
         self._upkeep: deque[_Upkeep] = deque()
+        self._finished_upkeep: list[_Upkeep] = []  # completed at the next step boundary, in order
         self._job: LayeredMicroStep | None = None
         self._finished_jobs: list[LayeredMicroStep] = []
         self._gate_pending = False
@@ -193,7 +196,7 @@ class Trainer:
         item = self._upkeep[0]
         item.run_next()
         if not item.stages:
-            self._upkeep.popleft()
+            self._finished_upkeep.append(self._upkeep.popleft())
 
     def _run_job_stage(self) -> None:
         job = self._job
@@ -204,6 +207,9 @@ class Trainer:
             self._job = None
 
     def after_step(self) -> None:
+        finished, self._finished_upkeep = self._finished_upkeep, []
+        for item in finished:
+            item.complete()
         while self._finished_jobs and self._finished_jobs[0].is_settled:
             self._account(self._finished_jobs.pop(0))
         if time.monotonic() - self._last_checkpoint_s > self.config.checkpoint_interval_s:
