@@ -84,6 +84,26 @@ def test_mace_training_never_pushes_predicted_step_past_tpot() -> None:
             IterationPlan(chunks=plan.chunks).shape)) - 0.005
 
 
+def test_training_gives_way_to_a_request_about_to_miss_its_first_token() -> None:
+    """A prompt still prefilling with its TTFT deadline near: training takes less than beside a fresh one."""
+    budgets = []
+    for waited_s in (0.0, 0.9):
+        scheduler = make("mace", FakeSource(drift=5.0), tpot_s=0.3)
+        teach_latency(scheduler)
+        for prefill in (8, 16, 32) * 3:  # and prefill: 1 ms a token
+            for decode in (1, 2):
+                scheduler.latency.observe(StepShape(prefill, decode), 0.01 + 0.001 * prefill + 0.002 * decode)
+        plan = decoding_plan(scheduler, 1)
+        late = make_request(f"late-{waited_s}", 40, max_tokens=4)
+        late.arrival_time_s, late.ttft_s = scheduler.clock() - waited_s, 1.0
+        scheduler.add_request(late)
+        plan = scheduler.schedule()
+        assert any(chunk.request is late for chunk in plan.chunks)
+        budgets.append(train_seconds(scheduler, plan))
+    assert budgets[0] > 0.0
+    assert budgets[1] < budgets[0]
+
+
 def test_mace_trains_more_when_drift_rises_and_nearly_nothing_when_flat() -> None:
     budgets = []
     for drift in (1.0, 1.1, 1.3, 2.0):

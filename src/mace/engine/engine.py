@@ -304,7 +304,7 @@ class Engine:
         while not self._stopping.is_set():
             self._drain_inbox()
             if not self.scheduler.has_work:
-                self._release_idle()
+                self.release_idle()
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
                 continue
@@ -361,7 +361,7 @@ class Engine:
         if output is not None:
             self._publish([output])
 
-    def _release_idle(self) -> None:
+    def release_idle(self) -> None:
         plan = self.scheduler.schedule()  # empty: only hands back KV slots released since the last step
         self.runner.run(plan)
 

@@ -1,18 +1,25 @@
 """Online latency model: predicts a step's wall time from its token counts.
 
-    step_s ≈ base + a·prefill_tokens + b·decode_tokens
+    step_s ≈ base + f·[the step runs an inference forward] + a·prefill_tokens + b·decode_tokens
              + c·train_forward_tokens + d·train_backward_tokens + e·train_head_tokens
 
+An inference forward has a fixed cost of its own (every decoder layer runs, whatever the batch) that
+a training-only step does not pay, so it is a feature, not folded into the per-token terms.
 Training features count tokens per decoder-layer stage (a sample of 64 tokens whose forward runs
 through 3 layers this step adds 192 forward tokens); forward-only upkeep (scoring, evaluation) is
 staged the same way and counts with the training forward (a little cautious: it keeps no graph).
 
-Fitted by least squares over a sliding window of measured steps (non-negative coefficients), so it
-follows the machine as load and thermal state change. Before enough data it uses cautious priors.
+Fitted by least squares over a sliding window of measured steps (coefficients kept non-negative by
+refitting without the columns that came out negative), so it follows the machine as load and
+thermal state change. Before enough data it uses cautious priors.
 
 A step planned to end exactly at the TPOT target misses it whenever the machine is a little slower
-than predicted, so planners keep `error_margin_s` free: the 90th percentile of how much the steps in
-the window overrun the fitted model (the machine's noise, not the priors' first guesses).
+than predicted, so planners keep `error_margin_s` free. It has two parts:
+- the 95th percentile of how much the window's steps that served requests overran the fitted model
+  (the machine's noise as the streams feel it; training-only steps are short and regular, and would
+  hide it);
+- `TpotGuard`'s extra, learned from outcomes: each finished request that still missed its TPOT target
+  raises it, each that met it lowers it a little, so that about 1% miss whatever the model leaves out.
 """
 
 from __future__ import annotations
@@ -32,30 +39,60 @@ class StepShape:
     num_train_head_tokens: int = 0
 
     def features(self) -> list[float]:
-        return [1.0, float(self.num_prefill_tokens), float(self.num_decode_tokens),
-                float(self.num_train_forward_tokens), float(self.num_train_backward_tokens),
-                float(self.num_train_head_tokens)]
+        return [1.0, 1.0 if self.has_inference else 0.0, float(self.num_prefill_tokens),
+                float(self.num_decode_tokens), float(self.num_train_forward_tokens),
+                float(self.num_train_backward_tokens), float(self.num_train_head_tokens)]
 
     @property
     def has_inference(self) -> bool:
         return self.num_prefill_tokens + self.num_decode_tokens > 0
 
 
-ERROR_QUANTILE = 0.9
+ERROR_QUANTILE = 0.95
+MIN_INFERENCE_SAMPLES = 8  # steps with inference in the window before the margin is read from them alone
+FORWARD = 1  # the column of the inference-forward indicator
+
+
+class TpotGuard:
+    """Extra margin from outcomes: a running quantile estimate (stochastic approximation) that settles
+    where `miss_rate` of finished requests miss their TPOT target."""
+
+    def __init__(self, miss_rate: float = 0.01, step_fraction: float = 0.1, max_fraction: float = 0.5) -> None:
+        self.miss_rate = miss_rate
+        self.step_fraction = step_fraction  # of the request's target, added per miss
+        self.max_fraction = max_fraction  # never more than this share of a target
+        self.extra_s = 0.0
+        self.num_missed = 0
+        self.num_met = 0
+
+    def observe(self, tpot_s: float, target_s: float) -> None:
+        step_s = self.step_fraction * target_s
+        if tpot_s > target_s:
+            self.num_missed += 1
+            self.extra_s = min(self.extra_s + step_s, self.max_fraction * target_s)
+        else:
+            self.num_met += 1
+            self.extra_s = max(0.0, self.extra_s - step_s * self.miss_rate / (1.0 - self.miss_rate))
 
 
 class LatencyModel:
     def __init__(self, window: int = 512, refit_every: int = 16,
-                 prior: tuple[float, ...] = (0.005, 0.002, 0.004, 0.0002, 0.0003, 0.003)) -> None:
-        # Priors err on the slow side (about 3x the default model on a 2-core CPU): until measured,
-        # training takes less slack than it could rather than more.
+                 prior: tuple[float, ...] = (0.005, 0.1, 0.01, 0.02, 0.0005, 0.001, 0.01)) -> None:
+        # Priors err on the slow side (a little slower than the default model on a 2-core CPU): until
+        # measured, training takes less slack than it could rather than more.
         self._samples: deque[tuple[list[float], float]] = deque(maxlen=window)
         self._coef = np.array(prior, dtype=np.float64)
         self._refit_every = refit_every
         self._since_fit = 0
         self._fitted = np.zeros(len(prior), dtype=bool)  # columns whose coefficient came from measurements
-        self.error_margin_s = 0.0
+        self.model_margin_s = 0.0
+        self.guard = TpotGuard()
         self.last_error_s = 0.0
+
+    @property
+    def error_margin_s(self) -> float:
+        """Headroom planners keep under a TPOT target."""
+        return self.model_margin_s + self.guard.extra_s
 
     def predict(self, shape: StepShape) -> float:
         return float(np.dot(self._coef, shape.features()))
@@ -66,14 +103,19 @@ class LatencyModel:
         return bool(self._fitted[1:][features].all())
 
     def marginal_s(self, shape: StepShape) -> float:
-        """What `shape`'s tokens add to a step that runs anyway (the prediction without the base)."""
-        return self.predict(shape) - float(self._coef[0])
+        """What `shape`'s training and prompt tokens add to a step that runs anyway (no base, no forward)."""
+        return self.predict(shape) - float(np.dot(self._coef[: FORWARD + 1], shape.features()[: FORWARD + 1]))
 
     def observe(self, shape: StepShape, measured_s: float) -> None:
         self.last_error_s = measured_s - self.predict(shape)
         self._samples.append((shape.features(), measured_s))
         self._since_fit += 1
         if self._since_fit >= self._refit_every and len(self._samples) >= 8:
+            self._fit()
+
+    def refit(self) -> None:
+        """Fit now on what the window holds (the warm-up's steps, say), not at the next `refit_every`."""
+        if self._samples:
             self._fit()
 
     def _fit(self) -> None:
@@ -83,9 +125,28 @@ class LatencyModel:
         # Columns never exercised in the window keep their prior instead of collapsing to zero.
         used = np.asarray(x.any(axis=0), dtype=bool)
         used[0] = True
-        coef, *_ = np.linalg.lstsq(x[:, used], y, rcond=None)
+        forward_always = bool(x[:, FORWARD].all())
+        if forward_always:  # every step served: the base already holds the forward's cost
+            used[FORWARD] = False
         updated = self._coef.copy()
-        updated[used] = np.maximum(coef, 0.0)
+        if forward_always:
+            updated[FORWARD] = 0.0
+        active = used.copy()
+        while active.any():  # least squares, refit without columns that came out negative
+            coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+            negative = coef < 0
+            if not negative.any():
+                break
+            active[np.flatnonzero(active)[negative]] = False
+        updated[used] = 0.0
+        if active.any():
+            updated[active] = coef
         self._coef = updated
         self._fitted |= used
-        self.error_margin_s = max(0.0, float(np.quantile(y - x @ updated, ERROR_QUANTILE)))
+        if forward_always:
+            self._fitted[FORWARD] = True
+        residuals = y - x @ updated
+        serving = x[:, FORWARD] > 0
+        if serving.sum() >= MIN_INFERENCE_SAMPLES:
+            residuals = residuals[serving]
+        self.model_margin_s = max(0.0, float(np.quantile(residuals, ERROR_QUANTILE)))

@@ -204,6 +204,8 @@ class Scheduler:
         budget. With nothing to serve the first stage always goes, so work never stalls on a
         cautious latency estimate; a kind of stage never measured yet is tried alone now and then.
         """
+        if context.has_inference and not context.inference_measured and math.isfinite(decision.budget_s):
+            return []  # the streams' own step time is still a guess: a latency-bound policy adds nothing to it
         upkeep_s = max(context.slack_s, decision.budget_s)
         taken: list[TrainStage] = []
         cost_s = 0.0  # the latency model is linear: a prefix costs the sum of its stages
@@ -239,7 +241,26 @@ class Scheduler:
             num_new_samples=source.num_new_samples,
             drift=source.drift_ratio(),
             margin_s=self.latency.error_margin_s,
+            inference_measured=self.latency.is_measured(inference),
+            ttft_slack_s=self._ttft_slack_s(),
         )
+
+    def _ttft_slack_s(self) -> float:
+        """How long training may delay the requests still waiting for their first token: the least
+        of their deadlines less when their prompts, and those ahead of them, finish prefilling at the
+        rate the latency model predicts beside the current decodes (the prefill this step plans is
+        the first of those steps)."""
+        pending = [r for r in [*self.running, *self.waiting] if r.first_token_time_s is None]
+        if not pending:
+            return math.inf
+        room = max(1, self._prefill_budget())
+        num_decoding = sum(1 for r in self.running if not r.is_prefilling)
+        step_s = self.latency.predict(StepShape(room, num_decoding))
+        now_s, ahead, slack_s = self.clock(), 0, math.inf
+        for request in pending:
+            ahead += request.num_uncomputed_tokens
+            slack_s = min(slack_s, request.ttft_deadline_s - now_s - math.ceil(ahead / room) * step_s)
+        return slack_s
 
     def _prefill_budget(self, running: list[Request] | None = None) -> int:
         """Prompt tokens that fit beside this step's decodes without passing their TPOT target.
@@ -392,10 +413,20 @@ class Scheduler:
                 request.first_token_time_s = self.clock()
             stop = request.check_stop()
             if stop is not None:
+                self._observe_tpot(request)
                 outputs.append(self._finish(request, stop, [token]))
             else:
                 outputs.append(_output(request, [token]))
         return outputs
+
+    def _observe_tpot(self, request: Request) -> None:
+        """A finished request's TPOT against its target teaches the latency margin (`TpotGuard`). One that
+        was preempted waited without decoding, which says nothing about the margin."""
+        first_s = request.first_token_time_s
+        if first_s is None or request.num_output_tokens < 2 or request.num_preemptions:
+            return
+        tpot_s = (self.clock() - first_s) / (request.num_output_tokens - 1)
+        self.latency.guard.observe(tpot_s, self._tpot_target_s([request]))
 
     def fail_all(self, plan: IterationPlan, error: str) -> list[RequestOutput]:
         """The step's forward raised: end only the requests that were in it."""

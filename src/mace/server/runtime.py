@@ -15,6 +15,7 @@ from aiohttp import WSCloseCode, web
 
 from mace.config import MaceConfig
 from mace.engine.engine import Engine, EngineStats
+from mace.engine.warmup import warm_up
 from mace.model.loader import ModelBundle, load_model
 from mace.server.errors import ApiError
 from mace.server.metrics import ServerMetrics
@@ -112,6 +113,9 @@ class Runtime:
                     self._model_thread, lambda: Trainer(bundle.causal_lm, bundle.tokenizer, journal, self.config)
                 )
             engine = Engine(bundle, self.config, trainer)
+            steps = await loop.run_in_executor(self._model_thread, lambda: warm_up(engine))
+            log.info("engine warmed up", steps=steps,
+                     latency_margin_s=round(engine.scheduler.latency.error_margin_s, 4))
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("model failed to load; /ready will answer 503 with the reason")

@@ -24,18 +24,24 @@ class TrainContext:
     num_new_samples: int  # samples that arrived since the last training round or publish
     drift: float  # running mean of intake loss / its value at the last publish (1.0: aligned)
     margin_s: float = 0.0  # headroom kept under the target for the latency model's error
+    inference_measured: bool = True  # the latency model has measured this step's kind of inference
+    # Least time to spare before a request waiting for its first token would miss its TTFT target,
+    # its prompt and those ahead of it prefilled at the predicted rate (inf: none waits).
+    ttft_slack_s: float = math.inf
 
     @property
     def slack_s(self) -> float:
-        """Time this step can add beside its inference without passing the TPOT target.
+        """Time this step can add beside its inference without passing the TPOT target, nor the TTFT
+        target of a request still waiting for its first token (every second trained delays it too).
 
         With nothing to serve, a request may still arrive mid-step, so an idle step stays short
         enough (half the TTFT target, less the model's error) that its wait leaves room for the
         prefill; never under a tenth of the target, so that idle training always moves.
         """
+        ttft_slack_s = self.ttft_slack_s - self.margin_s
         if not self.has_inference:
-            return max(0.1 * self.ttft_s, 0.5 * self.ttft_s - self.margin_s)
-        return max(0.0, self.tpot_s - self.predicted_inference_s - self.margin_s)
+            return max(0.1 * self.ttft_s, min(0.5 * self.ttft_s - self.margin_s, ttft_slack_s))
+        return max(0.0, min(self.tpot_s - self.predicted_inference_s - self.margin_s, ttft_slack_s))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,101 @@
+"""The online latency model and its margin, with synthetic step times (no tensors)."""
+
+from __future__ import annotations
+
+import random
+
+from mace.engine.latency import LatencyModel, StepShape, TpotGuard
+from mace.engine.plan import RunnerOutput
+from mace.engine.scheduler import Scheduler
+from tests.engine.test_scheduler import make_request
+from tests.train.test_policy import FakeSource, decoding_plan, make, teach_latency, train_seconds
+
+
+def true_step_s(shape: StepShape) -> float:
+    """A machine where any inference forward costs 80 ms whatever its batch, training only per token."""
+    forward_s = 0.08 if shape.has_inference else 0.0
+    return (0.002 + forward_s + 0.008 * shape.num_prefill_tokens + 0.015 * shape.num_decode_tokens
+            + 0.0003 * shape.num_train_forward_tokens + 0.0004 * shape.num_train_backward_tokens)
+
+
+def test_an_inference_forwards_fixed_cost_is_not_charged_to_training_alone() -> None:
+    model = LatencyModel()
+    shapes = [StepShape(0, d, f, b) for d in (0, 1, 2, 4) for f in (0, 64, 256) for b in (0, 128)]
+    for shape in shapes * 4:
+        if shape != StepShape():
+            model.observe(shape, true_step_s(shape))
+    train_only = StepShape(0, 0, 256, 128)
+    assert abs(model.predict(train_only) - true_step_s(train_only)) < 0.002
+    assert abs(model.predict(StepShape(0, 3)) - true_step_s(StepShape(0, 3))) < 0.002
+    # What training adds beside decodes is its own tokens' cost, not a second forward.
+    assert abs(model.marginal_s(train_only) - (true_step_s(train_only) - 0.002)) < 0.002
+
+
+def test_coefficients_stay_non_negative_on_noisy_data() -> None:
+    rng = random.Random(0)
+    model = LatencyModel()
+    for _ in range(256):
+        shape = StepShape(0, rng.randint(1, 4), rng.choice([0, 64]))
+        model.observe(shape, max(0.0, true_step_s(shape) + rng.gauss(0.0, 0.05)))
+    for shape in (StepShape(), StepShape(1), StepShape(0, 1), StepShape(0, 0, 1), StepShape(0, 0, 0, 1)):
+        assert model.predict(shape) >= 0.0
+        assert model.marginal_s(shape) >= 0.0
+
+
+def test_the_margin_reads_the_noise_of_steps_that_serve_not_of_training_alone() -> None:
+    rng = random.Random(1)
+    model = LatencyModel()
+    for step in range(512):
+        if step % 3:  # two thirds are short, exact training-only steps
+            shape = StepShape(0, 0, 64)
+            model.observe(shape, true_step_s(shape))
+        else:  # serving steps overrun by up to 60 ms
+            shape = StepShape(0, 2)
+            model.observe(shape, true_step_s(shape) + rng.uniform(0.0, 0.06))
+    assert model.model_margin_s > 0.02
+
+
+def test_guard_settles_where_about_one_request_in_a_hundred_misses() -> None:
+    rng = random.Random(2)
+    guard = TpotGuard()
+    target_s, missed = 0.35, 0
+    for _ in range(20_000):  # a request's TPOT: what was planned under the margin, plus noise
+        tpot_s = target_s - guard.extra_s + rng.gauss(0.0, 0.03)
+        missed += tpot_s > target_s
+        guard.observe(tpot_s, target_s)
+    assert 0.005 < missed / 20_000 < 0.03
+    assert 0.03 < guard.extra_s < 0.12  # near the noise's 99th percentile (0.07 s)
+
+
+def test_guard_never_takes_more_than_half_the_target() -> None:
+    guard = TpotGuard()
+    for _ in range(100):
+        guard.observe(1.0, 0.1)
+    assert guard.extra_s <= 0.05 + 1e-12
+
+
+def test_a_request_that_missed_its_tpot_shrinks_later_steps_training() -> None:
+    def taught(now: list[float]) -> Scheduler:
+        scheduler = make("mace", FakeSource(drift=5.0), tpot_s=0.1)
+        scheduler.clock = lambda: now[0]
+        teach_latency(scheduler)
+        return scheduler
+
+    baseline = train_seconds(taught([0.0]), decoding_plan(taught([0.0]), 1))
+    now = [1000.0]
+    scheduler = taught(now)
+    scheduler.add_request(make_request("slow", 4, max_tokens=4))
+    while scheduler.running or scheduler.waiting:  # each token takes twice the 0.1 s target
+        plan = scheduler.schedule()
+        now[0] += 0.2
+        scheduler.update(plan, RunnerOutput({c.request.request_id: 7 for c in plan.chunks if c.samples_token}, 0.0))
+    assert scheduler.latency.guard.num_missed == 1
+    assert train_seconds(scheduler, decoding_plan(scheduler, 1)) < baseline
+
+
+def test_no_latency_bound_training_beside_inference_the_model_never_measured() -> None:
+    scheduler = make("mace", FakeSource(drift=5.0), tpot_s=1.0)
+    plan = decoding_plan(scheduler, 1)  # priors only
+    assert plan.chunks and plan.train is None
+    continuous = make("continuous", FakeSource(), tpot_s=1.0, chunk_tokens=8)
+    assert decoding_plan(continuous, 1).train is not None  # a policy that ignores latency still trains
