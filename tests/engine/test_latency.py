@@ -15,7 +15,18 @@ def true_step_s(shape: StepShape) -> float:
     """A machine where any inference forward costs 80 ms whatever its batch, training only per token."""
     forward_s = 0.08 if shape.has_inference else 0.0
     return (0.002 + forward_s + 0.008 * shape.num_prefill_tokens + 0.015 * shape.num_decode_tokens
-            + 0.0003 * shape.num_train_forward_tokens + 0.0004 * shape.num_train_backward_tokens)
+            + 0.0003 * shape.num_train_forward_tokens + 0.0004 * shape.num_train_backward_tokens
+            + 0.05 * shape.num_prefill_chunks)
+
+
+def test_each_prompt_chunk_has_a_fixed_cost_of_its_own() -> None:
+    model = LatencyModel()
+    for prefill, chunks in ((8, 1), (16, 1), (64, 1), (32, 2), (128, 2), (256, 1)) * 4:
+        for decode in (0, 2):
+            shape = StepShape(prefill, decode, num_prefill_chunks=chunks)
+            model.observe(shape, true_step_s(shape))
+    for shape in (StepShape(10, 1, num_prefill_chunks=1), StepShape(200, 0, num_prefill_chunks=1)):
+        assert abs(model.predict(shape) - true_step_s(shape)) < 0.002
 
 
 def test_an_inference_forwards_fixed_cost_is_not_charged_to_training_alone() -> None:

@@ -92,7 +92,8 @@ def test_training_gives_way_to_a_request_about_to_miss_its_first_token() -> None
         teach_latency(scheduler)
         for prefill in (8, 16, 32) * 3:  # and prefill: 1 ms a token
             for decode in (1, 2):
-                scheduler.latency.observe(StepShape(prefill, decode), 0.01 + 0.001 * prefill + 0.002 * decode)
+                scheduler.latency.observe(StepShape(prefill, decode, num_prefill_chunks=1),
+                                          0.01 + 0.001 * prefill + 0.002 * decode)
         plan = decoding_plan(scheduler, 1)
         late = make_request(f"late-{waited_s}", 40, max_tokens=4)
         late.arrival_time_s, late.ttft_s = scheduler.clock() - waited_s, 1.0

@@ -2,9 +2,12 @@
 
     step_s ≈ base + f·[the step runs an inference forward] + a·prefill_tokens + b·decode_tokens
              + c·train_forward_tokens + d·train_backward_tokens + e·train_head_tokens
+             + g·prefill_chunks
 
 An inference forward has a fixed cost of its own (every decoder layer runs, whatever the batch) that
-a training-only step does not pay, so it is a feature, not folded into the per-token terms.
+a training-only step does not pay, so it is a feature, not folded into the per-token terms; so has
+each prompt chunk (its attention runs on its own, and a prompt's first chunk comes with the work of
+its arrival), which a per-token prefill term would spread wrongly over short and long prompts.
 Training features count tokens per decoder-layer stage (a sample of 64 tokens whose forward runs
 through 3 layers this step adds 192 forward tokens); forward-only upkeep (scoring, evaluation) is
 staged the same way and counts with the training forward (a little cautious: it keeps no graph).
@@ -37,11 +40,13 @@ class StepShape:
     num_train_forward_tokens: int = 0
     num_train_backward_tokens: int = 0
     num_train_head_tokens: int = 0
+    num_prefill_chunks: int = 0  # prompts (or parts of one) in the step: each attends on its own
 
     def features(self) -> list[float]:
         return [1.0, 1.0 if self.has_inference else 0.0, float(self.num_prefill_tokens),
                 float(self.num_decode_tokens), float(self.num_train_forward_tokens),
-                float(self.num_train_backward_tokens), float(self.num_train_head_tokens)]
+                float(self.num_train_backward_tokens), float(self.num_train_head_tokens),
+                float(self.num_prefill_chunks)]
 
     @property
     def has_inference(self) -> bool:
@@ -77,7 +82,7 @@ class TpotGuard:
 
 class LatencyModel:
     def __init__(self, window: int = 512, refit_every: int = 16,
-                 prior: tuple[float, ...] = (0.005, 0.1, 0.01, 0.02, 0.0005, 0.001, 0.01)) -> None:
+                 prior: tuple[float, ...] = (0.005, 0.1, 0.01, 0.02, 0.0005, 0.001, 0.01, 0.05)) -> None:
         # Priors err on the slow side (a little slower than the default model on a 2-core CPU): until
         # measured, training takes less slack than it could rather than more.
         self._samples: deque[tuple[list[float], float]] = deque(maxlen=window)

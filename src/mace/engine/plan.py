@@ -94,23 +94,29 @@ class IterationPlan:
         return self.num_batched_tokens - self.num_decode_tokens
 
     @property
+    def num_prefill_chunks(self) -> int:
+        return sum(1 for chunk in self.chunks if not chunk.is_decode)
+
+    @property
     def shape(self) -> StepShape:
-        return shape_of(self.num_prefill_tokens, self.num_decode_tokens, self.train)
+        return shape_of(self.num_prefill_tokens, self.num_decode_tokens, self.train, self.num_prefill_chunks)
 
     @property
     def is_empty(self) -> bool:
         return not self.chunks and self.train is None
 
 
-def shape_of(num_prefill_tokens: int, num_decode_tokens: int, train: TrainWork | None) -> StepShape:
+def shape_of(num_prefill_tokens: int, num_decode_tokens: int, train: TrainWork | None,
+             num_prefill_chunks: int = 0) -> StepShape:
     if train is None:
-        return StepShape(num_prefill_tokens, num_decode_tokens)
+        return StepShape(num_prefill_tokens, num_decode_tokens, num_prefill_chunks=num_prefill_chunks)
     return StepShape(
         num_prefill_tokens,
         num_decode_tokens,
         train.num_tokens(StageKind.FORWARD),
         train.num_tokens(StageKind.BACKWARD),
         train.num_tokens(StageKind.HEAD),
+        num_prefill_chunks,
     )
 
 

@@ -137,7 +137,7 @@ class Scheduler:
         num_decoding = sum(1 for r in running if not r.is_prefilling)
         ahead += sum(r.num_uncomputed_tokens for r in running if r.is_prefilling)
         room = max(1, self._prefill_budget(running))
-        step_s = self.latency.predict(StepShape(room, num_decoding))
+        step_s = self.latency.predict(StepShape(room, num_decoding, num_prefill_chunks=1))
         prefill_s = math.ceil((ahead + num_prompt_tokens) / room) * step_s
         # Running requests of a looser class give their slot up (`_yield_slots`): only the others block it.
         blocking = [r for r in running if r.ttft_s <= ttft_s]
@@ -255,7 +255,7 @@ class Scheduler:
             return math.inf
         room = max(1, self._prefill_budget())
         num_decoding = sum(1 for r in self.running if not r.is_prefilling)
-        step_s = self.latency.predict(StepShape(room, num_decoding))
+        step_s = self.latency.predict(StepShape(room, num_decoding, num_prefill_chunks=1))
         now_s, ahead, slack_s = self.clock(), 0, math.inf
         for request in pending:
             ahead += request.num_uncomputed_tokens
@@ -273,7 +273,7 @@ class Scheduler:
         if not decoding or per_token_s <= 0:
             return self.config.max_num_batched_tokens
         spare_s = (self._tpot_target_s(decoding) - self.latency.predict(StepShape(num_decode_tokens=len(decoding)))
-                   - self.latency.error_margin_s)
+                   - self.latency.marginal_s(StepShape(num_prefill_chunks=1)) - self.latency.error_margin_s)
         return max(MIN_PREFILL_CHUNK, int(spare_s / per_token_s))
 
     def _tpot_target_s(self, decoding: list[Request]) -> float:

@@ -23,21 +23,27 @@ MAX_STEPS = 256
 
 
 def warm_up(engine: Engine) -> int:
-    """Serve the synthetic requests to the end on the calling (engine) thread; returns the steps taken."""
+    """Serve the synthetic requests to the end on the calling (engine) thread; returns the steps taken.
+
+    They arrive one step apart and ask for different lengths, so the steps mix prompt chunks of
+    several sizes with one to four decodes: enough variety for the model to tell the terms apart.
+    """
     vocab_size = int(engine.bundle.causal_lm.config.vocab_size)
-    params = SamplingParams(max_tokens=OUTPUT_TOKENS, temperature=0, ignore_eos=True)
-    now_s = time.monotonic()
+    steps = 0
     for index, length in enumerate(PROMPT_LENGTHS):
         length = min(length, engine.max_model_len - OUTPUT_TOKENS - 1)
         if length < 1:
             continue
         # Different tokens per prompt: shared ones would be served from the prefix cache, not measured.
         prompt = [(17 + 7919 * index + 31 * position) % vocab_size for position in range(length)]
+        params = SamplingParams(max_tokens=OUTPUT_TOKENS + 2 * index, temperature=0, ignore_eos=True)
         engine.scheduler.add_request(Request(
             request_id=f"warmup-{index}", prompt_token_ids=prompt, sampling_params=params,
-            eos_token_ids=engine.bundle.eos_token_ids, max_model_len=engine.max_model_len, arrival_time_s=now_s,
+            eos_token_ids=engine.bundle.eos_token_ids, max_model_len=engine.max_model_len,
+            arrival_time_s=time.monotonic(),
         ))
-    steps = 0
+        engine.step()
+        steps += 1
     while (engine.scheduler.running or engine.scheduler.waiting) and steps < MAX_STEPS:
         engine.step()
         steps += 1
