@@ -123,7 +123,7 @@ def test_prefill_beside_decodes_is_chunked_to_keep_their_tpot() -> None:
     scheduler = Scheduler(config, BlockPool(1024, 16), clock=lambda: 0.0, slo=SloConfig(tpot_s=0.1))
     for prefill in (0, 16, 64, 128):
         for decode in range(0, 5):
-            shape = StepShape(prefill, decode)
+            shape = StepShape(prefill, decode, num_prefill_chunks=1 if prefill else 0)
             scheduler.latency.observe(shape, 0.01 + 0.001 * prefill + 0.005 * decode)
     for i in range(4):
         scheduler.add_request(make_request(f"streaming-{i}", 4, max_tokens=100))
@@ -140,3 +140,27 @@ def test_prefill_beside_decodes_is_chunked_to_keep_their_tpot() -> None:
     alone = Scheduler(config, BlockPool(1024, 16), clock=lambda: 0.0, slo=SloConfig(tpot_s=0.1))
     alone.add_request(make_request("long", 400))
     assert step(alone).num_prefill_tokens == 400
+
+
+def test_a_prompt_is_never_cut_finer_than_a_chunks_fixed_cost_is_worth() -> None:
+    """When a chunk's own cost (50 ms) leaves no spare time beside the decodes, the prompt goes in
+    pieces of at least 50 tokens (1 ms each), not in many tiny ones that each pay the 50 ms again."""
+    from mace.config import SloConfig
+    from mace.engine.latency import StepShape
+
+    config = EngineConfig(max_num_batched_tokens=512, max_num_seqs=8)
+    scheduler = Scheduler(config, BlockPool(1024, 16), clock=lambda: 0.0, slo=SloConfig(tpot_s=0.08))
+    for prefill in (0, 8, 16, 64, 128):
+        for decode in range(0, 5):
+            chunks = 1 if prefill else 0
+            shape = StepShape(prefill, decode, num_prefill_chunks=chunks)
+            scheduler.latency.observe(shape, 0.01 + 0.001 * prefill + 0.005 * decode + 0.05 * chunks)
+    for i in range(4):
+        scheduler.add_request(make_request(f"streaming-{i}", 4, max_tokens=100))
+    step(scheduler)
+    scheduler.add_request(make_request("long", 200))
+    chunk_sizes = []
+    while scheduler.waiting or any(r.is_prefilling for r in scheduler.running):
+        chunk_sizes.append(step(scheduler).num_prefill_tokens)
+    assert sum(chunk_sizes) == 200
+    assert min(chunk_sizes[:-1]) >= 49 and len(chunk_sizes) <= 5

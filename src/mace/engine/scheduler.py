@@ -266,15 +266,19 @@ class Scheduler:
         """Prompt tokens that fit beside this step's decodes without passing their TPOT target.
 
         Long prompts are prefilled in chunks of this size, so an arrival never stalls the requests
-        that are streaming; a minimum chunk keeps prefill moving on a pessimistic estimate.
+        that are streaming. A minimum chunk keeps prefill moving on a pessimistic estimate; it is never
+        smaller than the tokens that cost as much as a chunk's fixed cost, since cutting a prompt finer
+        than that only adds that cost again for the streams and for the prompt's own first token.
         """
         decoding = [request for request in (running or self.running) if not request.is_prefilling]
         per_token_s = self.latency.marginal_s(StepShape(num_prefill_tokens=1))
         if not decoding or per_token_s <= 0:
             return self.config.max_num_batched_tokens
+        chunk_s = self.latency.marginal_s(StepShape(num_prefill_chunks=1))
         spare_s = (self._tpot_target_s(decoding) - self.latency.predict(StepShape(num_decode_tokens=len(decoding)))
-                   - self.latency.marginal_s(StepShape(num_prefill_chunks=1)) - self.latency.error_margin_s)
-        return max(MIN_PREFILL_CHUNK, int(spare_s / per_token_s))
+                   - chunk_s - self.latency.error_margin_s)
+        min_chunk = min(self.config.max_num_batched_tokens, max(MIN_PREFILL_CHUNK, math.ceil(chunk_s / per_token_s)))
+        return max(min_chunk, int(spare_s / per_token_s))
 
     def _tpot_target_s(self, decoding: list[Request]) -> float:
         """The tightest TPOT target among the requests decoding (a request without a class has the default)."""
