@@ -36,6 +36,7 @@ async def test_metrics_count_requests(server: RunningServer, http: aiohttp.Clien
     assert after["mace:time_to_first_token_seconds_count"] > before.get("mace:time_to_first_token_seconds_count", 0)
     assert after["mace:e2e_request_latency_seconds_count"] > before.get("mace:e2e_request_latency_seconds_count", 0)
     assert "mace:kv_cache_usage_perc" in after and "mace:num_requests_running" in after
+    assert "mace:latency_margin_seconds" in after and "mace:latency_model_error_seconds" in after
 
 
 async def test_health_answers_while_the_engine_computes(

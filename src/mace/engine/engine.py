@@ -87,6 +87,7 @@ class EngineStats:
     step_time_s_total: float
     forward_time_s_total: float
     latency_error_s: float
+    latency_margin_s: float
     train: TrainStats | None
 
 
@@ -170,6 +171,7 @@ class Engine:
             step_time_s_total=self.step_time_s_total,
             forward_time_s_total=self.forward_time_s_total,
             latency_error_s=self.scheduler.latency.last_error_s,
+            latency_margin_s=self.scheduler.latency.error_margin_s,
             train=self.trainer.stats() if self.trainer is not None else None,
         )
 

@@ -107,6 +107,9 @@ class ServerMetrics:
                     if s.train is not None and s.step_time_s_total > 0 else 0.0)
         self._gauge("mace:latency_model_error_seconds", "Measured minus predicted time of the last step.",
                     lambda s: s.latency_error_s)
+        self._gauge("mace:latency_margin_seconds",
+                    "Headroom planners keep under TPOT targets (model overrun p95 plus the outcome guard).",
+                    lambda s: s.latency_margin_s)
 
     def _train_gauge(self, name: str, documentation: str, read: Callable[[TrainStats], float]) -> None:
         self._gauge(name, documentation, lambda s: read(s.train) if s.train is not None else 0.0)
