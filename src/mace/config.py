@@ -41,7 +41,7 @@ class EngineConfig(_Section):
     overlap_streams: bool = Field(True, description="CUDA: training on a low-priority stream beside inference")
     scheduling: Literal["slo", "fcfs"] = Field("slo", description="waiting order: earliest TTFT deadline, or arrival")
     shed_queue_depth: int = Field(
-        16, ge=0, description="past this many waiting requests, one predicted to miss its TTFT gets 429"
+        4, ge=0, description="past this many waiting requests, one predicted to miss its TTFT gets 429"
     )
 
 

@@ -25,7 +25,7 @@ from mace.engine.latency import LatencyModel, StepShape
 from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk, shape_of
 from mace.engine.prefix_cache import PrefixCache
 from mace.engine.request import Request, RequestOutput, RequestStatus
-from mace.engine.slots import decode_cap, slot_victims, slot_wait_s
+from mace.engine.slots import decode_cap, gives_way, slot_victims, slot_wait_s
 from mace.train.policy import NoTraining, RetrainPolicy, TrainContext, TrainDecision
 from mace.train.work import TrainStage, TrainWork
 
@@ -139,8 +139,9 @@ class Scheduler:
         room = max(1, self._prefill_budget(running))
         step_s = self.latency.predict(StepShape(room, num_decoding, num_prefill_chunks=1))
         prefill_s = math.ceil((ahead + num_prompt_tokens) / room) * step_s
-        # Running requests of a looser class give their slot up (`_yield_slots`): only the others block it.
-        blocking = [r for r in running if r.ttft_s <= ttft_s]
+        # Running requests that would give their slot up to it (`_yield_slots`: a looser class, a later
+        # deadline, yields left) do not block it; all others do.
+        blocking = [r for r in running if not gives_way(r, ttft_s, deadline)]
         return prefill_s + slot_wait_s(self.latency, blocking, num_ahead + 1, self.decode_cap())
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -27,6 +27,12 @@ def decode_cap(latency: LatencyModel, slo: SloConfig, max_num_seqs: int) -> int:
     return cap
 
 
+def gives_way(running: Request, ttft_s: float, deadline_s: float) -> bool:
+    """Whether `running` yields its slot to a waiting request with this TTFT target and deadline."""
+    looser = running.ttft_s > ttft_s and running.ttft_deadline_s > deadline_s
+    return looser and running.num_preemptions < MAX_SLOT_YIELDS
+
+
 def slot_victims(waiting: Iterable[Request], running: list[Request], cap: int) -> list[Request]:
     """Running requests to preempt so that more urgent waiting ones (in queue order) get a slot.
 
@@ -39,8 +45,7 @@ def slot_victims(waiting: Iterable[Request], running: list[Request], cap: int) -
         if free > 0:
             free -= 1
             continue
-        looser = [r for r in running if r not in victims and r.ttft_s > request.ttft_s
-                  and r.ttft_deadline_s > request.ttft_deadline_s and r.num_preemptions < MAX_SLOT_YIELDS]
+        looser = [r for r in running if r not in victims and gives_way(r, request.ttft_s, request.ttft_deadline_s)]
         if not looser:
             break
         victims.append(max(looser, key=lambda r: (r.ttft_deadline_s, r.queue_seq)))
