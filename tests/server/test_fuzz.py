@@ -58,8 +58,10 @@ async def _check(response: aiohttp.ClientResponse) -> None:
 async def _send(url: str, method: str, path: str, body: bytes | None, content_type: str | None,
                 query: dict[str, Any] | None = None) -> None:
     headers = {"Content-Type": content_type} if content_type else {}
+    # On the wire a query value is text: schema-violating cases (objects, arrays, null) go as their JSON.
+    params = {key: value if isinstance(value, str) else json.dumps(value) for key, value in (query or {}).items()}
     async with aiohttp.ClientSession(timeout=TIMEOUT) as http, \
-            http.request(method, url + path, data=body, headers=headers, params=query or None) as response:
+            http.request(method, url + path, data=body, headers=headers, params=params or None) as response:
         await _check(response)
 
 

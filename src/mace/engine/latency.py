@@ -60,21 +60,31 @@ FORWARD = 1  # the column of the inference-forward indicator
 
 class TpotGuard:
     """Extra margin from outcomes: a running quantile estimate (stochastic approximation) that settles
-    where `miss_rate` of finished requests miss their TPOT target."""
+    where `miss_rate` of finished requests miss their TPOT target.
 
-    def __init__(self, miss_rate: float = 0.01, step_fraction: float = 0.1, max_fraction: float = 0.5) -> None:
+    Steps and the ceiling are fractions of `reference_s`, the tightest TPOT target served: the margin is
+    subtracted from that target's steps, so a relaxed class's miss must not move it by its own, larger
+    target (a batch request missing 2 s would otherwise take the whole 0.35 s of an interactive one).
+    """
+
+    def __init__(self, reference_s: float = 0.35, miss_rate: float = 0.01, step_fraction: float = 0.1,
+                 max_fraction: float = 0.25) -> None:
+        self.reference_s = reference_s
         self.miss_rate = miss_rate
-        self.step_fraction = step_fraction  # of the request's target, added per miss
-        self.max_fraction = max_fraction  # never more than this share of a target
+        self.step_fraction = step_fraction  # of the reference target, added per miss
+        self.max_fraction = max_fraction  # never more than this share of the reference target
+        self.reset()
+
+    def reset(self) -> None:
         self.extra_s = 0.0
         self.num_missed = 0
         self.num_met = 0
 
     def observe(self, tpot_s: float, target_s: float) -> None:
-        step_s = self.step_fraction * target_s
+        step_s = self.step_fraction * self.reference_s
         if tpot_s > target_s:
             self.num_missed += 1
-            self.extra_s = min(self.extra_s + step_s, self.max_fraction * target_s)
+            self.extra_s = min(self.extra_s + step_s, self.max_fraction * self.reference_s)
         else:
             self.num_met += 1
             self.extra_s = max(0.0, self.extra_s - step_s * self.miss_rate / (1.0 - self.miss_rate))

@@ -84,6 +84,7 @@ class Scheduler:
         self.policy: RetrainPolicy = policy or NoTraining()
         self.train_source = train_source
         self.latency = LatencyModel()
+        self.latency.guard.reference_s = min(self.slo.target(name).tpot_s for name in self.slo.class_names)
         self.waiting: list[Request] = []  # in queue order (see _queue_key)
         self.running: list[Request] = []
         self._released: list[str] = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from mace.engine.latency import TpotGuard
 from mace.engine.request import Request, SamplingParams
 
 if TYPE_CHECKING:
@@ -51,5 +50,5 @@ def warm_up(engine: Engine) -> int:
         engine.memory.prefix_cache.clear()  # nobody will ask for these prompts again
     engine.release_idle()
     engine.scheduler.latency.refit()
-    engine.scheduler.latency.guard = TpotGuard()  # outcomes are learned from users' requests
+    engine.scheduler.latency.guard.reset()  # outcomes are learned from users' requests
     return steps
