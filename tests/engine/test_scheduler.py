@@ -148,7 +148,7 @@ def test_a_prompt_is_never_cut_finer_than_a_chunks_fixed_cost_is_worth() -> None
     from mace.config import SloConfig
     from mace.engine.latency import StepShape
 
-    config = EngineConfig(max_num_batched_tokens=512, max_num_seqs=8)
+    config = EngineConfig(max_num_batched_tokens=512, max_num_seqs=8, scheduling="fcfs")  # no decode cap here
     scheduler = Scheduler(config, BlockPool(1024, 16), clock=lambda: 0.0, slo=SloConfig(tpot_s=0.08))
     for prefill in (0, 8, 16, 64, 128):
         for decode in range(0, 5):

@@ -141,3 +141,19 @@ def test_predicted_ttft_counts_relaxed_requests_that_have_no_yields_left() -> No
     yielding = s.predict_ttft_s(8, 1.0, now_s=0.0)
     s.running[0].num_preemptions = MAX_SLOT_YIELDS
     assert s.predict_ttft_s(8, 1.0, now_s=0.0) > yielding + 1.0  # ~99 decode steps of b0 first
+
+
+def test_the_cap_leaves_room_for_a_prompt_chunk_once_prefill_is_measured() -> None:
+    """Under load a prompt is prefilled beside the decodes in most steps: the capped batch plus the
+    smallest chunk must still fit the tightest TPOT, or every arrival makes every stream miss."""
+    s = scheduler(max_num_seqs=32)
+    _teach_decode_cost(s, 0.015, 0.02)
+    alone = s.decode_cap()
+    for decode in range(0, 9):
+        for prefill in (16, 32, 64):
+            s.latency.observe(StepShape(prefill, decode, num_prefill_chunks=1), 0.015 + 0.02 * decode + 0.001 * prefill)
+    s.latency.refit()
+    cap = s.decode_cap()
+    assert cap < alone
+    chunk = StepShape(16, cap, num_prefill_chunks=1)
+    assert s.latency.predict(chunk) + s.latency.error_margin_s <= 0.35 + 1e-9

@@ -317,8 +317,13 @@ class Engine:
         plan = self.last_plan = self.scheduler.schedule()
         output = self._run_guarded(plan)
         outputs = self.scheduler.update(plan, output)
-        self._account(time.perf_counter() - started, output)
         self._after_step()
+        step_time_s = time.perf_counter() - started
+        self._account(step_time_s, output)
+        if output.forward_time_s > 0:
+            # The whole iteration, not the forward alone: what a stream waits between two tokens includes
+            # planning, bookkeeping and the optimizer at the step boundary, which grow with the batch.
+            self.scheduler.latency.observe(plan.shape, step_time_s)
         return outputs
 
     def _after_step(self) -> None:

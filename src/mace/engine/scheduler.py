@@ -279,8 +279,15 @@ class Scheduler:
         chunk_s = self.latency.marginal_s(StepShape(num_prefill_chunks=1))
         spare_s = (self._tpot_target_s(decoding) - self.latency.predict(StepShape(num_decode_tokens=len(decoding)))
                    - chunk_s - self.latency.error_margin_s)
-        min_chunk = min(self.config.max_num_batched_tokens, max(MIN_PREFILL_CHUNK, math.ceil(chunk_s / per_token_s)))
-        return max(min_chunk, int(spare_s / per_token_s))
+        return max(self._min_prefill_chunk(), int(spare_s / per_token_s))
+
+    def _min_prefill_chunk(self) -> int:
+        """The smallest prompt chunk worth a step: at least the tokens that cost as much as a chunk's fixed cost."""
+        per_token_s = self.latency.marginal_s(StepShape(num_prefill_tokens=1))
+        if per_token_s <= 0:
+            return MIN_PREFILL_CHUNK
+        chunk_s = self.latency.marginal_s(StepShape(num_prefill_chunks=1))
+        return min(self.config.max_num_batched_tokens, max(MIN_PREFILL_CHUNK, math.ceil(chunk_s / per_token_s)))
 
     def _tpot_target_s(self, decoding: list[Request]) -> float:
         """The tightest TPOT target among the requests decoding (a request without a class has the default)."""
@@ -362,7 +369,7 @@ class Scheduler:
         `max_num_seqs` under FCFS."""
         if self.config.scheduling != "slo":
             return self.config.max_num_seqs
-        return decode_cap(self.latency, self.slo, self.config.max_num_seqs)
+        return decode_cap(self.latency, self.slo, self.config.max_num_seqs, self._min_prefill_chunk())
 
     def _yield_slots(self) -> list[str]:
         """At the decode cap, more urgent waiting requests take the slots of the loosest running ones."""
@@ -399,8 +406,6 @@ class Scheduler:
     def update(self, plan: IterationPlan, output: RunnerOutput) -> list[RequestOutput]:
         """Advance counters, append sampled tokens, finish requests; one output per request that moved."""
         outputs: list[RequestOutput] = []
-        if output.forward_time_s > 0:
-            self.latency.observe(plan.shape, output.forward_time_s)
         for chunk in plan.chunks:
             request = chunk.request
             if request.status is not RequestStatus.RUNNING:

@@ -18,9 +18,14 @@ from mace.engine.request import Request
 MAX_SLOT_YIELDS = 2  # times a running request gives its slot to a more urgent class before it keeps it
 
 
-def decode_cap(latency: LatencyModel, slo: SloConfig, max_num_seqs: int) -> int:
-    """The most requests that decode together within the tightest class's TPOT, less the model's error."""
+def decode_cap(latency: LatencyModel, slo: SloConfig, max_num_seqs: int, prefill_tokens: int = 0) -> int:
+    """The most requests that decode together within the tightest class's TPOT, less the model's error,
+    beside a prompt chunk of `prefill_tokens` (once the model has measured prefill): under load a prompt
+    is prefilled beside the decodes in most steps, and a batch that only fits alone would then miss."""
     target_s = min(slo.target(name).tpot_s for name in slo.class_names) - latency.error_margin_s
+    chunk = StepShape(num_prefill_tokens=prefill_tokens, num_prefill_chunks=1)
+    if prefill_tokens > 0 and latency.is_measured(chunk):
+        target_s -= latency.marginal_s(chunk)
     cap = 1
     while cap < max_num_seqs and latency.predict(StepShape(num_decode_tokens=cap + 1)) <= target_s:
         cap += 1
