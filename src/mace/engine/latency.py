@@ -1,4 +1,5 @@
-"""Online latency model: predicts a step's wall time from its token counts.
+"""Online latency model: predicts a step's wall time (the whole engine iteration: planning, the
+forward, bookkeeping and the step boundary, what a stream waits between two tokens) from its token counts.
 
     step_s ≈ base + f·[the step runs an inference forward] + a·prefill_tokens + b·decode_tokens
              + c·train_forward_tokens + d·train_backward_tokens + e·train_head_tokens
