@@ -37,6 +37,7 @@ async def test_metrics_count_requests(server: RunningServer, http: aiohttp.Clien
     assert after["mace:e2e_request_latency_seconds_count"] > before.get("mace:e2e_request_latency_seconds_count", 0)
     assert "mace:kv_cache_usage_perc" in after and "mace:num_requests_running" in after
     assert "mace:latency_margin_seconds" in after and "mace:latency_model_error_seconds" in after
+    assert after["mace:decode_cap"] >= 1  # SLO scheduling caps the batch; it never shuts it
 
 
 async def test_health_answers_while_the_engine_computes(

@@ -88,6 +88,7 @@ class EngineStats:
     forward_time_s_total: float
     latency_error_s: float
     latency_margin_s: float
+    decode_cap: int  # the most requests the scheduler runs at once now
     train: TrainStats | None
 
 
@@ -172,6 +173,7 @@ class Engine:
             forward_time_s_total=self.forward_time_s_total,
             latency_error_s=self.scheduler.latency.last_error_s,
             latency_margin_s=self.scheduler.latency.error_margin_s,
+            decode_cap=self.scheduler.decode_cap(),
             train=self.trainer.stats() if self.trainer is not None else None,
         )
 

@@ -56,6 +56,8 @@ class StepShape:
 
 ERROR_QUANTILE = 0.95
 MIN_INFERENCE_SAMPLES = 8  # steps with inference in the window before the margin is read from them alone
+FEATURE_NAMES = ("base", "forward", "prefill_token", "decode_token", "train_forward_token",
+                 "train_backward_token", "train_head_token", "prefill_chunk")
 FORWARD = 1  # the column of the inference-forward indicator
 
 
@@ -112,6 +114,10 @@ class LatencyModel:
 
     def predict(self, shape: StepShape) -> float:
         return float(np.dot(self._coef, shape.features()))
+
+    def coefficients(self) -> dict[str, float]:
+        """The fitted (or prior) seconds per unit of each feature, by name, for logs."""
+        return {name: round(float(c), 6) for name, c in zip(FEATURE_NAMES, self._coef, strict=True)}
 
     def is_measured(self, shape: StepShape) -> bool:
         """Whether every kind of work in `shape` has a fitted coefficient (not a prior)."""

@@ -110,6 +110,8 @@ class ServerMetrics:
         self._gauge("mace:latency_margin_seconds",
                     "Headroom planners keep under TPOT targets (model overrun p95 plus the outcome guard).",
                     lambda s: s.latency_margin_s)
+        self._gauge("mace:decode_cap", "The most requests the scheduler runs at once (the TPOT-bound cap under SLO "
+                    "scheduling).", lambda s: s.decode_cap)
 
     def _train_gauge(self, name: str, documentation: str, read: Callable[[TrainStats], float]) -> None:
         self._gauge(name, documentation, lambda s: read(s.train) if s.train is not None else 0.0)

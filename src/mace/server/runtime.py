@@ -115,7 +115,8 @@ class Runtime:
             engine = Engine(bundle, self.config, trainer)
             steps = await loop.run_in_executor(self._model_thread, lambda: warm_up(engine))
             log.info("engine warmed up", steps=steps,
-                     latency_margin_s=round(engine.scheduler.latency.error_margin_s, 4))
+                     latency_margin_s=round(engine.scheduler.latency.error_margin_s, 4),
+                     decode_cap=engine.scheduler.decode_cap(), latency_model=engine.scheduler.latency.coefficients())
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("model failed to load; /ready will answer 503 with the reason")

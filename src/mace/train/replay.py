@@ -2,7 +2,8 @@
 
 A sample's value is its loss under the serving adapter times a freshness decay; training draws
 samples in value order. The drift signal is the running mean of incoming samples' loss relative to
-its value at the last publish: about 1.0 when the served model is aligned, above when it drifted.
+its value at the last publish, or the gain the last held-out evaluation measured when that is larger:
+about 1.0 when the served model is aligned, above when it drifted or is still catching up.
 """
 
 from __future__ import annotations
@@ -80,10 +81,23 @@ UNALIGNED_RATIO = 10.0
 
 
 class DriftSignal:
+    """How far the served model is from its users' data, as a ratio (1.0: aligned, nothing to learn).
+
+    Two readings, the larger wins:
+    - intake: the running mean of incoming samples' loss under the serving version, relative to the
+      held-out loss of the version at its publish. It rises when users' data moves away from what the
+      model learned (new facts, a new policy).
+    - progress: the serving version's held-out loss relative to the learner's at the last evaluation
+      of the publish gate. Right after a publish the intake reading is back near 1.0 even when the
+      model has only half caught up; as long as training keeps gaining on held-out samples, its
+      updates still matter, and once an evaluation shows no gain the model has converged and rests.
+    """
+
     def __init__(self, smoothing: float = 0.2) -> None:
         self._smoothing = smoothing
         self.mean_loss: float | None = None
         self.baseline_loss: float | None = None
+        self.progress = 1.0
 
     def observe(self, intake_loss: float) -> None:
         if not math.isfinite(intake_loss):
@@ -93,16 +107,26 @@ class DriftSignal:
         else:
             self.mean_loss += self._smoothing * (intake_loss - self.mean_loss)
 
+    def on_evaluation(self, serving_loss: float, learner_loss: float) -> None:
+        """The publish gate measured both versions on the held-out slice."""
+        if math.isfinite(serving_loss) and math.isfinite(learner_loss) and learner_loss > 0:
+            self.progress = max(1.0, serving_loss / learner_loss)
+
     def on_publish(self, serving_loss: float, learner_loss: float) -> None:
         """The new version's held-out loss becomes the reference; the loss users saw until now is the
         current level, so a publish that gained a lot keeps training going and a marginal one lets it rest."""
         self.baseline_loss = learner_loss
         self.mean_loss = serving_loss
+        self.on_evaluation(serving_loss, learner_loss)
 
     @property
-    def ratio(self) -> float:
+    def intake_ratio(self) -> float:
         if self.mean_loss is None:
             return 1.0
         if not self.baseline_loss:
             return UNALIGNED_RATIO  # nothing published yet: every user sample is news
         return self.mean_loss / self.baseline_loss
+
+    @property
+    def ratio(self) -> float:
+        return max(self.intake_ratio, self.progress)

@@ -263,6 +263,7 @@ class Trainer:
         self.learner_heldout_loss, self.serving_heldout_loss = learner, serving
         if not (math.isfinite(learner) and math.isfinite(serving)):
             return
+        self.drift.on_evaluation(serving, learner)
         better = learner < serving * (1.0 - self.config.publish_margin)
         stale = time.monotonic() - self.last_publish_s > self.config.max_staleness_s and learner <= serving
         if better or stale:
@@ -311,6 +312,9 @@ class Trainer:
         if active and self.store.exists(active):
             self.activate(active)
             self.last_publish_s = time.monotonic()
+            meta = next((v for v in self.store.versions() if v.version == active), None)
+            if meta is not None and meta.serving_loss is not None and meta.learner_loss is not None:
+                self.drift.on_publish(meta.serving_loss, meta.learner_loss)  # the reference it was published with
         if self.checkpoint_path.is_file():
             state = torch.load(self.checkpoint_path, weights_only=True)
             self.learner.load_state_dict(state)

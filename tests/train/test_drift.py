@@ -1,0 +1,44 @@
+"""The drift signal: rises with intake loss after a publish, and stays up while training still gains."""
+
+from __future__ import annotations
+
+import math
+
+from mace.train.replay import UNALIGNED_RATIO, DriftSignal
+
+
+def test_nothing_published_reads_unaligned_once_samples_arrive() -> None:
+    signal = DriftSignal()
+    assert signal.ratio == 1.0
+    signal.observe(2.0)
+    assert signal.ratio == UNALIGNED_RATIO
+
+
+def test_intake_loss_above_the_published_level_raises_the_signal() -> None:
+    signal = DriftSignal(smoothing=0.5)
+    signal.on_publish(serving_loss=2.0, learner_loss=2.0)
+    for _ in range(20):
+        signal.observe(2.0)
+    assert math.isclose(signal.ratio, 1.0, rel_tol=1e-6)
+    for _ in range(20):
+        signal.observe(4.0)  # users moved on: their samples cost the served model twice as much
+    assert signal.ratio > 1.9
+
+
+def test_a_publish_that_gained_a_lot_keeps_the_signal_up_until_an_evaluation_shows_no_gain() -> None:
+    signal = DriftSignal(smoothing=0.5)
+    signal.on_publish(serving_loss=3.0, learner_loss=1.5)
+    for _ in range(20):
+        signal.observe(1.5)  # new samples at the new version's level: the intake reading is back at 1
+    assert math.isclose(signal.intake_ratio, 1.0, rel_tol=1e-3)
+    assert math.isclose(signal.ratio, 2.0)  # but the last update halved the loss: keep learning
+    signal.on_evaluation(serving_loss=1.5, learner_loss=1.49)
+    assert signal.ratio < 1.02  # training stopped gaining: rest
+
+
+def test_non_finite_evaluations_are_ignored() -> None:
+    signal = DriftSignal()
+    signal.on_publish(serving_loss=2.0, learner_loss=1.0)
+    signal.on_evaluation(math.nan, 1.0)
+    signal.on_evaluation(1.0, math.inf)
+    assert signal.progress == 2.0
