@@ -209,7 +209,7 @@ class Engine:
         if predicted_s > target_s:
             self.num_shed[slo_class] = self.num_shed.get(slo_class, 0) + 1
             raise Overloaded(
-                f"the server is overloaded: a {slo_class} request would get its first token in about "
+                f"the server is overloaded: a request of class {slo_class!r} would get its first token in about "
                 f"{predicted_s:.1f}s, past its {target_s:g}s target; retry shortly",
                 retry_after_s=max(1, math.ceil(predicted_s - target_s)),
             )
