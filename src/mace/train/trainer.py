@@ -266,6 +266,9 @@ class Trainer:
         self.drift.on_evaluation(serving, learner)
         better = learner < serving * (1.0 - self.config.publish_margin)
         stale = time.monotonic() - self.last_publish_s > self.config.max_staleness_s and learner <= serving
+        if not (better or stale):
+            log.info("publish gate held the learner back", serving_loss=round(serving, 4),
+                     learner_loss=round(learner, 4), drift=round(self.drift.ratio, 3))
         if better or stale:
             self.publish(serving, learner, "better on held-out" if better else "stale, no worse", source=CANDIDATE)
 
