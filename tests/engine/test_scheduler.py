@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mace.config import EngineConfig
 from mace.engine.kv_blocks import BlockPool
+from mace.engine.latency import StepShape
 from mace.engine.plan import IterationPlan, RunnerOutput
 from mace.engine.request import Request, RequestStatus, SamplingParams
 from mace.engine.scheduler import Scheduler
@@ -116,19 +117,12 @@ def test_failed_step_ends_only_its_requests() -> None:
 
 def test_prefill_beside_decodes_is_chunked_to_keep_their_tpot() -> None:
     from mace.config import SloConfig
-    from mace.engine.latency import StepShape
     from mace.engine.scheduler import MIN_PREFILL_CHUNK
 
     config = EngineConfig(max_num_batched_tokens=512, max_num_seqs=8)
     scheduler = Scheduler(config, BlockPool(1024, 16), clock=lambda: 0.0, slo=SloConfig(tpot_s=0.1))
-    for prefill in (0, 16, 64, 128):
-        for decode in range(0, 5):
-            shape = StepShape(prefill, decode, num_prefill_chunks=1 if prefill else 0)
-            scheduler.latency.observe(shape, 0.01 + 0.001 * prefill + 0.005 * decode)
-    for i in range(4):
-        scheduler.add_request(make_request(f"streaming-{i}", 4, max_tokens=100))
-    step(scheduler)
-    scheduler.add_request(make_request("long", 400))
+    measure_steps(scheduler, (0, 16, 64, 128), chunk_s=0.0)
+    stream_four_then_add(scheduler, "long", 400)
     chunk_sizes = []
     while scheduler.waiting or any(r.is_prefilling for r in scheduler.running):
         plan = step(scheduler)
@@ -146,21 +140,31 @@ def test_a_prompt_is_never_cut_finer_than_a_chunks_fixed_cost_is_worth() -> None
     """When a chunk's own cost (50 ms) leaves no spare time beside the decodes, the prompt goes in
     pieces of at least 50 tokens (1 ms each), not in many tiny ones that each pay the 50 ms again."""
     from mace.config import SloConfig
-    from mace.engine.latency import StepShape
 
     config = EngineConfig(max_num_batched_tokens=512, max_num_seqs=8, scheduling="fcfs")  # no decode cap here
     scheduler = Scheduler(config, BlockPool(1024, 16), clock=lambda: 0.0, slo=SloConfig(tpot_s=0.08))
-    for prefill in (0, 8, 16, 64, 128):
-        for decode in range(0, 5):
-            chunks = 1 if prefill else 0
-            shape = StepShape(prefill, decode, num_prefill_chunks=chunks)
-            scheduler.latency.observe(shape, 0.01 + 0.001 * prefill + 0.005 * decode + 0.05 * chunks)
-    for i in range(4):
-        scheduler.add_request(make_request(f"streaming-{i}", 4, max_tokens=100))
-    step(scheduler)
-    scheduler.add_request(make_request("long", 200))
+    measure_steps(scheduler, (0, 8, 16, 64, 128), chunk_s=0.05)
+    stream_four_then_add(scheduler, "long", 200)
     chunk_sizes = []
     while scheduler.waiting or any(r.is_prefilling for r in scheduler.running):
         chunk_sizes.append(step(scheduler).num_prefill_tokens)
     assert sum(chunk_sizes) == 200
     assert min(chunk_sizes[:-1]) >= 49 and len(chunk_sizes) <= 5
+
+
+def measure_steps(scheduler: Scheduler, prefills: tuple[int, ...], chunk_s: float) -> None:
+    """Feed the latency model steps costing 10 ms + 1 ms per prompt token + 5 ms per decode + `chunk_s` per chunk."""
+
+    for prefill in prefills:
+        for decode in range(0, 5):
+            chunks = 1 if prefill else 0
+            shape = StepShape(prefill, decode, num_prefill_chunks=chunks)
+            scheduler.latency.observe(shape, 0.01 + 0.001 * prefill + 0.005 * decode + chunk_s * chunks)
+
+
+def stream_four_then_add(scheduler: Scheduler, request_id: str, prompt_tokens: int) -> None:
+    """Four short requests start streaming, then a long prompt arrives."""
+    for i in range(4):
+        scheduler.add_request(make_request(f"streaming-{i}", 4, max_tokens=100))
+    step(scheduler)
+    scheduler.add_request(make_request(request_id, prompt_tokens))
