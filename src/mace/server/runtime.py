@@ -113,8 +113,8 @@ class Runtime:
                     self._model_thread, lambda: Trainer(bundle.causal_lm, bundle.tokenizer, journal, self.config)
                 )
             engine = Engine(bundle, self.config, trainer)
-            steps = await loop.run_in_executor(self._model_thread, lambda: warm_up(engine))
-            log.info("engine warmed up", steps=steps,
+            warmed = await loop.run_in_executor(self._model_thread, lambda: warm_up(engine))
+            log.info("engine warmed up", steps=warmed.steps, max_decodes=warmed.max_decodes,
                      latency_margin_s=round(engine.scheduler.latency.error_margin_s, 4),
                      decode_cap=engine.scheduler.decode_cap(), latency_model=engine.scheduler.latency.coefficients())
         except Exception as exc:
