@@ -68,7 +68,7 @@ def test_the_margin_reads_the_noise_of_steps_that_serve_not_of_training_alone() 
 
 def test_guard_settles_where_about_one_request_in_a_hundred_misses() -> None:
     rng = random.Random(2)
-    guard = TpotGuard()
+    guard = TpotGuard(near_miss_fraction=0.0)
     target_s, missed = 0.35, 0
     for _ in range(20_000):  # a request's TPOT: what was planned under the margin, plus noise
         tpot_s = target_s - guard.extra_s + rng.gauss(0.0, 0.03)
@@ -76,6 +76,14 @@ def test_guard_settles_where_about_one_request_in_a_hundred_misses() -> None:
         guard.observe(tpot_s, target_s)
     assert 0.005 < missed / 20_000 < 0.03
     assert 0.03 < guard.extra_s < 0.12  # near the noise's 99th percentile (0.07 s)
+
+
+def test_guard_counts_a_request_just_under_its_target_as_a_miss() -> None:
+    guard = TpotGuard(reference_s=0.35)
+    guard.observe(0.34, 0.35)  # inside the target by the engine's clock, maybe not by the client's
+    assert guard.num_missed == 1 and guard.extra_s > 0
+    guard.observe(0.30, 0.35)
+    assert guard.num_met == 1
 
 
 def test_guard_never_takes_more_than_a_quarter_of_the_tightest_target() -> None:

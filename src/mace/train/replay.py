@@ -83,7 +83,7 @@ UNALIGNED_RATIO = 10.0
 class DriftSignal:
     """How far the served model is from its users' data, as a ratio (1.0: aligned, nothing to learn).
 
-    Two readings, the larger wins:
+    Three readings, the largest wins:
     - intake: the running mean of incoming samples' loss under the serving version, relative to the
       held-out loss of the version at its publish. It rises when users' data moves away from what the
       model learned (new facts, a new policy).
@@ -91,6 +91,10 @@ class DriftSignal:
       of the publish gate. Right after a publish the intake reading is back near 1.0 even when the
       model has only half caught up; as long as training keeps gaining on held-out samples, its
       updates still matter, and once an evaluation shows no gain the model has converged and rests.
+    - room: the intake loss relative to the learner's own loss on the samples it trains on. While
+      users keep sending corrections the served model predicts far worse than the learner fits what
+      it has seen, there is something left to learn even if the held-out slice does not show it yet
+      (facts that are asked again); when new samples are as predictable as trained ones, it is 1.
     """
 
     def __init__(self, smoothing: float = 0.2) -> None:
@@ -98,6 +102,7 @@ class DriftSignal:
         self.mean_loss: float | None = None
         self.baseline_loss: float | None = None
         self.progress = 1.0
+        self.trained_loss: float | None = None  # running mean of the learner's loss on its training samples
 
     def observe(self, intake_loss: float) -> None:
         if not math.isfinite(intake_loss):
@@ -106,6 +111,15 @@ class DriftSignal:
             self.mean_loss = intake_loss
         else:
             self.mean_loss += self._smoothing * (intake_loss - self.mean_loss)
+
+    def on_trained(self, loss: float) -> None:
+        """A training sample's loss under the learner, before the update it feeds."""
+        if not math.isfinite(loss):
+            return
+        if self.trained_loss is None:
+            self.trained_loss = loss
+        else:
+            self.trained_loss += self._smoothing * (loss - self.trained_loss)
 
     def on_evaluation(self, serving_loss: float, learner_loss: float) -> None:
         """The publish gate measured both versions on the held-out slice."""
@@ -128,5 +142,11 @@ class DriftSignal:
         return self.mean_loss / self.baseline_loss
 
     @property
+    def room(self) -> float:
+        if self.mean_loss is None or not self.trained_loss:
+            return 1.0
+        return self.mean_loss / self.trained_loss
+
+    @property
     def ratio(self) -> float:
-        return max(self.intake_ratio, self.progress)
+        return max(self.intake_ratio, self.progress, self.room)
