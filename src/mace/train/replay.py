@@ -105,21 +105,17 @@ class DriftSignal:
         self.trained_loss: float | None = None  # running mean of the learner's loss on its training samples
 
     def observe(self, intake_loss: float) -> None:
-        if not math.isfinite(intake_loss):
-            return
-        if self.mean_loss is None:
-            self.mean_loss = intake_loss
-        else:
-            self.mean_loss += self._smoothing * (intake_loss - self.mean_loss)
+        self.mean_loss = self._running_mean(self.mean_loss, intake_loss)
 
     def on_trained(self, loss: float) -> None:
         """A training sample's loss under the learner, before the update it feeds."""
-        if not math.isfinite(loss):
-            return
-        if self.trained_loss is None:
-            self.trained_loss = loss
-        else:
-            self.trained_loss += self._smoothing * (loss - self.trained_loss)
+        self.trained_loss = self._running_mean(self.trained_loss, loss)
+
+    def _running_mean(self, mean: float | None, value: float) -> float | None:
+        """`mean` moved towards `value` (a non-finite value is ignored)."""
+        if not math.isfinite(value):
+            return mean
+        return value if mean is None else mean + self._smoothing * (value - mean)
 
     def on_evaluation(self, serving_loss: float, learner_loss: float) -> None:
         """The publish gate measured both versions on the held-out slice."""
