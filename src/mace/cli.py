@@ -62,7 +62,9 @@ def serve(config: MaceConfig) -> None:
 async def _serve(config: MaceConfig) -> None:
     app = create_app(config)
     # handler_cancellation: a client that goes away cancels its handler, which aborts its request.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    # shutdown_timeout: the drain already gave running requests their `drain_timeout_s`; at cleanup
+    # what still runs gets a moment to flush, then its handler is cancelled (its request aborted).
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     try:
         await web.TCPSite(runner, config.server.host, config.server.port).start()
