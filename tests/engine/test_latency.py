@@ -125,3 +125,21 @@ def test_no_latency_bound_training_beside_inference_the_model_never_measured() -
     assert plan.chunks and plan.train is None
     continuous = make("continuous", FakeSource(), tpot_s=1.0, chunk_tokens=8)
     assert decoding_plan(continuous, 1).train is not None  # a policy that ignores latency still trains
+
+
+def test_a_request_behind_its_tpot_gets_a_shorter_step_until_its_mean_recovers() -> None:
+    now = [1000.0]
+    scheduler = make("mace", FakeSource(drift=5.0), tpot_s=0.1)
+    scheduler.clock = lambda: now[0]
+    teach_latency(scheduler)
+    plan = decoding_plan(scheduler, 1)
+    on_pace = train_seconds(scheduler, plan)
+    request = scheduler.running[0]
+    assert request.first_token_time_s is not None and on_pace > 0.05
+    # Its first interval took 0.15 s (a slow step): the next may take at most 0.05 s for the mean
+    # of the two to stay at the 0.1 s target.
+    now[0] = request.first_token_time_s + 0.15
+    scheduler.update(plan, RunnerOutput({request.request_id: 7}, 0.0))
+    behind = scheduler.schedule()
+    assert behind.train is not None and train_seconds(scheduler, behind) < on_pace
+    assert scheduler.latency.predict(behind.shape) <= 0.05 + 1e-9

@@ -50,10 +50,11 @@ def test_intake_far_above_what_the_learner_fits_keeps_the_signal_up() -> None:
     signal.on_evaluation(serving_loss=3.0, learner_loss=3.05)  # the held-out slice shows no gain
     for _ in range(20):
         signal.observe(3.0)
-        signal.on_trained(1.0)  # but the learner fits what it trains on three times better
+        signal.on_trained(3.0, num_trained_before=0)  # a first pass: the sample's loss before any update
+        signal.on_trained(1.0, num_trained_before=1)  # but the learner fits what it trained three times better
     assert math.isclose(signal.room, 3.0, rel_tol=1e-3) and signal.ratio >= 2.99
     for _ in range(20):
-        signal.on_trained(3.0)  # new samples are as hard for it as for the served model: rest
+        signal.on_trained(3.0, num_trained_before=2)  # it fits seen samples no better than new ones: rest
     assert signal.ratio < 1.01
-    signal.on_trained(math.nan)
+    signal.on_trained(math.nan, num_trained_before=1)
     assert signal.trained_loss is not None and math.isfinite(signal.trained_loss)

@@ -237,7 +237,7 @@ class Scheduler:
             now_s=self.clock(),
             has_inference=inference.has_inference,
             predicted_inference_s=self.latency.predict(inference) if inference.has_inference else 0.0,
-            tpot_s=min(self._tpot_target_s([r for r in self.running if not r.is_prefilling]), self.slo.tpot_s),
+            tpot_s=min(self._step_budget_s([r for r in self.running if not r.is_prefilling]), self.slo.tpot_s),
             ttft_s=self.slo.ttft_s,
             num_trainable=source.num_trainable,
             num_new_samples=source.num_new_samples,
@@ -277,7 +277,7 @@ class Scheduler:
         if not decoding or per_token_s <= 0:
             return self.config.max_num_batched_tokens
         chunk_s = self.latency.marginal_s(StepShape(num_prefill_chunks=1))
-        spare_s = (self._tpot_target_s(decoding) - self.latency.predict(StepShape(num_decode_tokens=len(decoding)))
+        spare_s = (self._step_budget_s(decoding) - self.latency.predict(StepShape(num_decode_tokens=len(decoding)))
                    - chunk_s - self.latency.error_margin_s)
         return max(self._min_prefill_chunk(), int(spare_s / per_token_s))
 
@@ -288,6 +288,23 @@ class Scheduler:
             return MIN_PREFILL_CHUNK
         chunk_s = self.latency.marginal_s(StepShape(num_prefill_chunks=1))
         return min(self.config.max_num_batched_tokens, max(MIN_PREFILL_CHUNK, math.ceil(chunk_s / per_token_s)))
+
+    def _step_budget_s(self, decoding: list[Request]) -> float:
+        """How long the next step may take for every decoding request to keep its TPOT target.
+
+        TPOT is a request's mean time between tokens, so a request that has run slower than its target
+        so far gets a shorter step, which brings its mean back under the target before it ends. One
+        that ran faster does not get a longer one: banked time is not spent on a visible stall. A
+        preempted request is held to its target alone: its wait to be readmitted is not made up for.
+        """
+        now_s, budgets = self.clock(), []
+        for request in decoding:
+            target_s = request.tpot_s if math.isfinite(request.tpot_s) else self.slo.tpot_s
+            first_s = request.first_token_time_s
+            if first_s is not None and not request.num_preemptions:  # num_output_tokens intervals after this step
+                target_s = min(target_s, target_s * request.num_output_tokens - (now_s - first_s))
+            budgets.append(max(0.0, target_s))
+        return min(budgets, default=self.slo.tpot_s)
 
     def _tpot_target_s(self, decoding: list[Request]) -> float:
         """The tightest TPOT target among the requests decoding (a request without a class has the default)."""

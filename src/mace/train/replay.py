@@ -91,7 +91,9 @@ class DriftSignal:
       of the publish gate. Right after a publish the intake reading is back near 1.0 even when the
       model has only half caught up; as long as training keeps gaining on held-out samples, its
       updates still matter, and once an evaluation shows no gain the model has converged and rests.
-    - room: the intake loss relative to the learner's own loss on the samples it trains on. While
+    - room: the intake loss relative to what the learner fits, its loss on samples it is training
+      again (a first pass reads a new sample's loss before any update on it, and prioritised replay
+      picks new samples first, so counting first passes would only echo the intake loss). While
       users keep sending corrections the served model predicts far worse than the learner fits what
       it has seen, there is something left to learn even if the held-out slice does not show it yet
       (facts that are asked again); when new samples are as predictable as trained ones, it is 1.
@@ -102,14 +104,16 @@ class DriftSignal:
         self.mean_loss: float | None = None
         self.baseline_loss: float | None = None
         self.progress = 1.0
-        self.trained_loss: float | None = None  # running mean of the learner's loss on its training samples
+        self.trained_loss: float | None = None  # running mean of the learner's loss on samples it trained before
 
     def observe(self, intake_loss: float) -> None:
         self.mean_loss = self._running_mean(self.mean_loss, intake_loss)
 
-    def on_trained(self, loss: float) -> None:
-        """A training sample's loss under the learner, before the update it feeds."""
-        self.trained_loss = self._running_mean(self.trained_loss, loss)
+    def on_trained(self, loss: float, num_trained_before: int) -> None:
+        """A training sample's loss under the learner, before the update it feeds; only a sample the
+        learner has trained on before says what it fits."""
+        if num_trained_before > 0:
+            self.trained_loss = self._running_mean(self.trained_loss, loss)
 
     def _running_mean(self, mean: float | None, value: float) -> float | None:
         """`mean` moved towards `value` (a non-finite value is ignored)."""

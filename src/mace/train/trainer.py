@@ -218,7 +218,7 @@ class Trainer:
     def _account(self, job: LayeredMicroStep) -> None:
         for sample, loss in zip(job.samples, job.losses, strict=True):
             sample.loss = loss if math.isfinite(loss) else sample.loss
-            self.drift.on_trained(loss)
+            self.drift.on_trained(loss, sample.num_trained)
             sample.num_trained += 1
         finite = [loss for loss in job.losses if math.isfinite(loss)]
         if finite:
