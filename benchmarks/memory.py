@@ -2,6 +2,8 @@
 
 1. Prefix sharing: p50 time to first token when 90% of each prompt is a shared ~700-token system
    prompt, with the prefix cache on and off (requests one at a time, so TTFT is the prefill alone).
+   1b. The same prompts submitted all at once on a cold cache.
+   1c. 1 and 1b with transformers' own continuous batching, for reference.
 2. KV pruning at a fixed memory budget: how many sequences run at once and decode tokens/s, with
    pruning to 50% of each sequence's KV against no pruning.
 3. Pruning's quality cost: perplexity of a held-out continuation of long prompts with the KV pruned
@@ -95,6 +97,65 @@ async def ttft_with_and_without_sharing(args: argparse.Namespace, bundle: ModelB
           f"({len(prompts[1])} prompt tokens, {SYSTEM_TOKENS} shared)")
 
 
+async def burst_ttft_with_and_without_sharing(args: argparse.Namespace, bundle: ModelBundle) -> None:
+    """The same prompts all at once, cache cold (many users start on a new system prompt together):
+    with sharing, one request computes the system prompt and the others wait for it, then run their
+    own tails together."""
+    _, prompts = shared_prompts(bundle, args.requests)
+    warm_up = bundle.tokenizer.encode("Hello there, how are you today? " * 30, add_special_tokens=False)
+    p50 = {}
+    for sharing in (False, True):
+        engine = Engine(bundle, make_config(args, 1024, prefix_caching=sharing))
+        engine.start(MODEL_THREAD)
+        try:
+            await time_to_first_token(engine, warm_up)  # shares nothing with the prompts
+            ttfts = sorted(await asyncio.gather(*(time_to_first_token(engine, ids) for ids in prompts)))
+            cached = engine.stats().prefix_cache_hits
+        finally:
+            engine.shutdown()
+        p50[sharing] = statistics.median(ttfts)
+        print(f"  prefix sharing {'on ' if sharing else 'off'}: TTFT p50 {p50[sharing] * 1000:7.1f} ms, "
+              f"first {ttfts[0] * 1000:7.1f} ms, last {ttfts[-1] * 1000:7.1f} ms, cached prompt tokens {cached}")
+    print(f"  => {p50[False] / p50[True]:.1f}x lower p50 TTFT with sharing ({len(prompts)} requests at once)")
+
+
+def transformers_reference(args: argparse.Namespace, bundle: ModelBundle) -> None:
+    """Parts 1 and 1b with transformers' own continuous batching (`generate_batch`, paged KV, block
+    sharing on and off, 16-token pages as mace's), on the same prompts and threads."""
+    from transformers.generation import ContinuousBatchingConfig, GenerationConfig
+
+    _, prompts = shared_prompts(bundle, args.requests + 1)
+    generation = GenerationConfig(max_new_tokens=1, do_sample=False, eos_token_id=None)
+    model = bundle.causal_lm
+    for sharing in (False, True):
+        batching = ContinuousBatchingConfig(page_size=16, allow_block_sharing=sharing, max_batch_tokens=1024)
+
+        def one_at_a_time(batching: ContinuousBatchingConfig = batching) -> list[float]:
+            """Through one long-lived manager (its serving API), so a cached prefix can be found again."""
+            manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=batching)
+            manager.start()
+            try:
+                ttfts = []
+                for ids in prompts:
+                    started = time.perf_counter()
+                    manager.get_result(manager.add_request(ids, max_new_tokens=1), timeout=300)
+                    ttfts.append(time.perf_counter() - started)
+            finally:
+                manager.stop(block=True)
+            return ttfts[1:]  # the first one warms up
+
+        def at_once(batching: ContinuousBatchingConfig = batching) -> list[float]:
+            outputs = model.generate_batch(prompts[1:], generation_config=generation,
+                                           continuous_batching_config=batching, record_timestamps=True,
+                                           progress_bar=False)
+            return [out.timestamps[0] - out.created_time for out in outputs.values()]
+
+        single = statistics.median(MODEL_THREAD.submit(one_at_a_time).result())
+        burst = statistics.median(MODEL_THREAD.submit(at_once).result())
+        print(f"  transformers, block sharing {'on ' if sharing else 'off'}: TTFT p50 {single * 1000:7.1f} ms "
+              f"one at a time, {burst * 1000:7.1f} ms all at once")
+
+
 async def concurrency_at_fixed_budget(args: argparse.Namespace, bundle: ModelBundle) -> None:
     """512-token prompts, all submitted at once, in a budget too small for all of them without pruning;
     with it, each sequence's KV is held to 256 tokens (50% of its prompt) once its prompt is in. A
@@ -130,7 +191,7 @@ async def concurrency_at_fixed_budget(args: argparse.Namespace, bundle: ModelBun
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:smollm2")
-    parser.add_argument("--parts", default="ttft,concurrency,quality")
+    parser.add_argument("--parts", default="ttft,burst,transformers,concurrency,quality")
     parser.add_argument("--requests", type=int, default=10, help="measured requests per TTFT run")
     parser.add_argument("--budget-mib", type=int, default=160, help="part 2's memory budget")
     parser.add_argument("--sequences", type=int, default=16, help="part 2: long requests submitted at once")
@@ -144,6 +205,12 @@ async def main() -> None:
     if "ttft" in parts:
         print(f"1. Prefix sharing ({args.model}, {args.requests} requests one at a time)")
         await ttft_with_and_without_sharing(args, bundle)
+    if "burst" in parts:
+        print(f"1b. Prefix sharing, {args.requests} requests at once on a cold cache")
+        await burst_ttft_with_and_without_sharing(args, bundle)
+    if "transformers" in parts:
+        print("1c. The same with transformers' continuous batching (generate_batch) for reference")
+        transformers_reference(args, bundle)
     if "concurrency" in parts:
         print(f"2. KV pruning at a fixed budget ({args.budget_mib} MiB, {args.sequences} x 512-token prompts)")
         await concurrency_at_fixed_budget(args, bundle)

@@ -14,6 +14,7 @@ from mace.config import EngineConfig
 from mace.engine.engine import Engine, GenerationDelta
 from mace.engine.kv_blocks import BlockPool
 from mace.engine.memory import MemoryPlan, TrainingReservation
+from mace.engine.prefix_cache import PrefixCache
 from mace.engine.request import Request, SamplingParams
 from mace.engine.scheduler import MAX_ADMISSION_SKIPS, Scheduler
 from mace.model.loader import ModelBundle
@@ -198,3 +199,19 @@ async def consume(deltas: AsyncIterator[GenerationDelta], stop_after: int, recei
         pass
     finally:
         await iterator.aclose()  # type: ignore[attr-defined]
+
+
+def test_a_request_waits_for_a_shared_prefix_being_prefilled_instead_of_computing_it_twice() -> None:
+    pool = BlockPool(64, 4)
+    scheduler = Scheduler(EngineConfig(max_num_batched_tokens=64, max_num_seqs=8), pool, clock=lambda: 0,
+                          prefix_cache=PrefixCache(pool))
+    system = list(range(100, 132))  # eight blocks of four tokens, then each request's own question
+    first, second, other = make_request("first", 0), make_request("second", 0), make_request("other", 0)
+    first.prompt_token_ids, second.prompt_token_ids, other.prompt_token_ids = system + [1, 2], system + [3, 4], [5] * 6
+    for request in (first, second, other):
+        scheduler.add_request(request)
+    plan = step(scheduler)
+    assert [c.request.request_id for c in plan.chunks] == ["first", "other"]  # "other" shares nothing
+    plan = step(scheduler)
+    assert "second" in [c.request.request_id for c in plan.chunks]
+    assert second.num_cached_tokens == len(system)  # computed once, by "first"

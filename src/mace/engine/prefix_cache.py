@@ -74,6 +74,24 @@ class PrefixCache:
         self._pinned.update(hit)
         return hit
 
+    def waits_for_prefill(self, request: Request, prefilling: list[Request]) -> bool:
+        """A running request is still prefilling blocks of `request`'s prompt that are not cached yet.
+
+        Admitted now, `request` would compute the same KV a second time beside it (many users sending
+        one new system prompt at once); held back until that prefill passes the shared blocks, it
+        finds them here and computes only its own tail.
+        """
+        size = self.pool.block_size
+        wanted = extend_block_hashes(request, size)[: (request.num_tokens - 1) // size]
+        num_cached = next((i for i, key in enumerate(wanted) if key not in self._block_of), len(wanted))
+        for other in prefilling:
+            theirs = extend_block_hashes(other, size)
+            num_shared = next((i for i, (a, b) in enumerate(zip(wanted, theirs)) if a != b),
+                              min(len(wanted), len(theirs)))
+            if num_shared > num_cached and other.num_computed_tokens < num_shared * size:
+                return True
+        return False
+
     def unpin(self) -> None:
         self._pinned.clear()
 
@@ -150,3 +168,4 @@ class PrefixCache:
             raise AssertionError("the prefix cache disagrees with the pool")
         if any(parent is not None and parent not in self._block_of for parent in self._parent_of.values()):
             raise AssertionError("a cached block outlived its parent: it can never be found again")
+

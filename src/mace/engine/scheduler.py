@@ -362,6 +362,8 @@ class Scheduler:
             num_new = min(request.num_uncomputed_tokens, budget, self._prefill_room)
             if num_new == 0:
                 break
+            if self._waits_for_shared_prefill(request):
+                continue
             if not self._allocate(request):
                 if request.num_admission_skips >= MAX_ADMISSION_SKIPS:
                     break  # it fits alone: let memory drain until it does
@@ -380,6 +382,12 @@ class Scheduler:
             self._prefill_room -= num_new
         if passed is not None:
             passed.num_admission_skips += 1
+
+    def _waits_for_shared_prefill(self, request: Request) -> bool:
+        cache = self.prefix_cache
+        if cache is None or request.num_computed_tokens:
+            return False
+        return cache.waits_for_prefill(request, [r for r in self.running if r.is_prefilling])
 
     def decode_cap(self) -> int:
         """How many requests may run at once: the TPOT-bound cap under "slo" scheduling (engine/slots.py),
