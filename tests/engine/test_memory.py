@@ -207,7 +207,7 @@ def test_a_request_waits_for_a_shared_prefix_being_prefilled_instead_of_computin
                           prefix_cache=PrefixCache(pool))
     system = list(range(100, 132))  # eight blocks of four tokens, then each request's own question
     first, second, other = make_request("first", 0), make_request("second", 0), make_request("other", 0)
-    first.prompt_token_ids, second.prompt_token_ids, other.prompt_token_ids = system + [1, 2], system + [3, 4], [5] * 6
+    first.prompt_token_ids, second.prompt_token_ids, other.prompt_token_ids = [*system, 1, 2], [*system, 3, 4], [5] * 6
     for request in (first, second, other):
         scheduler.add_request(request)
     plan = step(scheduler)

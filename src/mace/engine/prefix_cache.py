@@ -86,7 +86,7 @@ class PrefixCache:
         num_cached = next((i for i, key in enumerate(wanted) if key not in self._block_of), len(wanted))
         for other in prefilling:
             theirs = extend_block_hashes(other, size)
-            num_shared = next((i for i, (a, b) in enumerate(zip(wanted, theirs)) if a != b),
+            num_shared = next((i for i, (a, b) in enumerate(zip(wanted, theirs, strict=False)) if a != b),
                               min(len(wanted), len(theirs)))
             if num_shared > num_cached and other.num_computed_tokens < num_shared * size:
                 return True
