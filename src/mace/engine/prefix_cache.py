@@ -168,4 +168,3 @@ class PrefixCache:
             raise AssertionError("the prefix cache disagrees with the pool")
         if any(parent is not None and parent not in self._block_of for parent in self._parent_of.values()):
             raise AssertionError("a cached block outlived its parent: it can never be found again")
-
