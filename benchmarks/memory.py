@@ -78,21 +78,31 @@ async def time_to_first_token(engine: Engine, ids: list[int]) -> float:
     raise RuntimeError("no token")
 
 
+async def measure_ttfts(args: argparse.Namespace, bundle: ModelBundle, sharing: bool, warm_up: list[int],
+                        prompts: list[list[int]], at_once: bool) -> tuple[list[float], int]:
+    """Sorted TTFTs of `prompts` on a new engine after one warm-up request, and the prompt tokens it found cached."""
+    engine = Engine(bundle, make_config(args, 1024, prefix_caching=sharing))
+    engine.start(MODEL_THREAD)
+    try:
+        await time_to_first_token(engine, warm_up)
+        if at_once:
+            ttfts = list(await asyncio.gather(*(time_to_first_token(engine, ids) for ids in prompts)))
+        else:
+            ttfts = [await time_to_first_token(engine, ids) for ids in prompts]
+        return sorted(ttfts), engine.stats().prefix_cache_hits
+    finally:
+        engine.shutdown()
+
+
 async def ttft_with_and_without_sharing(args: argparse.Namespace, bundle: ModelBundle) -> None:
     _, prompts = shared_prompts(bundle, args.requests + 1)
     p50 = {}
     for sharing in (False, True):
-        engine = Engine(bundle, make_config(args, 1024, prefix_caching=sharing))
-        engine.start(MODEL_THREAD)
-        try:
-            await time_to_first_token(engine, prompts[0])  # warm-up; with sharing it also caches the system prompt
-            ttfts = [await time_to_first_token(engine, ids) for ids in prompts[1:]]
-            cached = engine.stats().prefix_cache_hits
-        finally:
-            engine.shutdown()
+        # The first prompt warms up; with sharing it also caches the system prompt.
+        ttfts, cached = await measure_ttfts(args, bundle, sharing, prompts[0], prompts[1:], at_once=False)
         p50[sharing] = statistics.median(ttfts)
         print(f"  prefix sharing {'on ' if sharing else 'off'}: TTFT p50 {p50[sharing] * 1000:7.1f} ms, "
-              f"p90 {sorted(ttfts)[int(0.9 * len(ttfts))] * 1000:7.1f} ms, cached prompt tokens {cached}")
+              f"p90 {ttfts[int(0.9 * len(ttfts))] * 1000:7.1f} ms, cached prompt tokens {cached}")
     print(f"  => {p50[False] / p50[True]:.1f}x lower p50 TTFT with sharing "
           f"({len(prompts[1])} prompt tokens, {SYSTEM_TOKENS} shared)")
 
@@ -102,17 +112,10 @@ async def burst_ttft_with_and_without_sharing(args: argparse.Namespace, bundle: 
     with sharing, one request computes the system prompt and the others wait for it, then run their
     own tails together."""
     _, prompts = shared_prompts(bundle, args.requests)
-    warm_up = bundle.tokenizer.encode("Hello there, how are you today? " * 30, add_special_tokens=False)
+    unrelated = bundle.tokenizer.encode("Hello there, how are you today? " * 30, add_special_tokens=False)
     p50 = {}
     for sharing in (False, True):
-        engine = Engine(bundle, make_config(args, 1024, prefix_caching=sharing))
-        engine.start(MODEL_THREAD)
-        try:
-            await time_to_first_token(engine, warm_up)  # shares nothing with the prompts
-            ttfts = sorted(await asyncio.gather(*(time_to_first_token(engine, ids) for ids in prompts)))
-            cached = engine.stats().prefix_cache_hits
-        finally:
-            engine.shutdown()
+        ttfts, cached = await measure_ttfts(args, bundle, sharing, unrelated, prompts, at_once=True)
         p50[sharing] = statistics.median(ttfts)
         print(f"  prefix sharing {'on ' if sharing else 'off'}: TTFT p50 {p50[sharing] * 1000:7.1f} ms, "
               f"first {ttfts[0] * 1000:7.1f} ms, last {ttfts[-1] * 1000:7.1f} ms, cached prompt tokens {cached}")
