@@ -6,6 +6,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+MIN_SAMPLING_TEMPERATURE = 1e-5  # a lower temperature samples greedily
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -23,7 +25,7 @@ class RequestStatus(enum.Enum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request samples and when it stops. temperature 0 means greedy."""
+    """How one request samples and when it stops. temperature 0 (or under 1e-5) means greedy."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -46,7 +48,9 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # Below this, logits / temperature overflow float32 to inf and sampling has no distribution
+        # left; the limit of sampling as the temperature goes to 0 is the argmax anyway.
+        return self.temperature < MIN_SAMPLING_TEMPERATURE or self.top_k == 1
 
 
 @dataclass(eq=False)
