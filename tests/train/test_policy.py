@@ -189,7 +189,7 @@ def test_idle_step_always_makes_progress_on_a_cautious_estimate() -> None:
 
 
 def test_a_stage_kind_never_measured_is_probed_now_and_then() -> None:
-    from mace.engine.scheduler import PROBE_EVERY_STEPS
+    from mace.engine.train_planner import PROBE_EVERY_STEPS
 
     huge = [TrainStage(StageKind.FORWARD, 100_000)]  # the prior prices it far past any slack
 

@@ -16,49 +16,24 @@ import bisect
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from mace.config import EngineConfig, SloConfig
 from mace.engine.kv_blocks import BlockPool
 from mace.engine.kv_pruning import KVPruner
 from mace.engine.latency import LatencyModel, StepShape
-from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk, shape_of
+from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk
 from mace.engine.prefix_cache import PrefixCache
 from mace.engine.request import Request, RequestOutput, RequestStatus
 from mace.engine.slots import decode_cap, gives_way, slot_victims, slot_wait_s
-from mace.train.policy import NoTraining, RetrainPolicy, TrainContext, TrainDecision
-from mace.train.work import TrainStage, TrainWork
+from mace.engine.train_planner import StepLimits, TrainPlanner, TrainSource
+from mace.train.policy import NoTraining, RetrainPolicy
 
 if TYPE_CHECKING:
     from mace.engine.memory import TrainingReservation
 
 MIN_PREFILL_CHUNK = 16
 MAX_ADMISSION_SKIPS = 32  # steps smaller requests may pass one that does not fit, before it blocks them
-PROBE_EVERY_STEPS = 32
-
-
-class TrainSource(Protocol):
-    """Where training stages come from (the trainer); tensor-free from the scheduler's side.
-
-    The scheduler takes a prefix of `upkeep_stages() + job_stages(...)` each step; the runner then
-    runs exactly those stages, in that order.
-    """
-
-    @property
-    def num_trainable(self) -> int: ...
-
-    @property
-    def num_new_samples(self) -> int: ...
-
-    def drift_ratio(self) -> float: ...
-
-    def upkeep_stages(self) -> list[TrainStage]:
-        """Forward-only work waiting: scoring new samples, evaluating the publish gate."""
-        ...
-
-    def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
-        """The current micro-step's remaining stages, starting one of up to `max_job_tokens` if none is open."""
-        ...
 
 
 class Scheduler:
@@ -77,19 +52,18 @@ class Scheduler:
         self.config = config
         self.blocks = blocks
         self.prefix_cache = prefix_cache
-        self.train_memory = train_memory
         self.pruner = pruner
         self.clock = clock
         self.slo = slo or SloConfig()
         self.policy: RetrainPolicy = policy or NoTraining()
-        self.train_source = train_source
         self.latency = LatencyModel()
         self.latency.guard.reference_s = min(self.slo.target(name).tpot_s for name in self.slo.class_names)
+        self.training = (TrainPlanner(train_source, self.policy, self.latency, self.slo, train_memory, clock)
+                         if train_source is not None else None)
         self.waiting: list[Request] = []  # in queue order (see _queue_key)
         self.running: list[Request] = []
         self._released: list[str] = []
         self._prefill_room = 0  # prompt tokens this step may still take (set by schedule)
-        self._steps_since_probe = 0
         self._num_enqueued = 0
         self.num_preemptions = 0
 
@@ -98,12 +72,11 @@ class Scheduler:
         return bool(self.waiting or self.running) or self._has_training()
 
     def _has_training(self) -> bool:
-        source = self.train_source
-        if source is None:
-            return False
-        if source.upkeep_stages():
-            return True
-        return source.num_trainable > 0 and self.policy.decide(self._train_context(StepShape())).budget_s > 0
+        return self.training is not None and self.training.has_work(self._step_limits())
+
+    def _step_limits(self) -> StepLimits:
+        decoding = [r for r in self.running if not r.is_prefilling]
+        return StepLimits(tpot_s=self._step_budget_s(decoding), ttft_slack_s=self._ttft_slack_s())
 
     def add_request(self, request: Request) -> None:
         self._enqueue(request)
@@ -158,7 +131,6 @@ class Scheduler:
     def schedule(self) -> IterationPlan:
         budget = self.config.max_num_batched_tokens
         self._prefill_room = self._prefill_budget()
-        self._steps_since_probe += 1
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         yielded = self._yield_slots()
@@ -167,84 +139,14 @@ class Scheduler:
             self._admit_waiting(budget, chunks)
         preempted += yielded
         train = None
-        if self.train_source is not None:
-            chunks, train = self._plan_training(chunks)
+        if self.training is not None:
+            planned = self.training.plan(IterationPlan(chunks=chunks).shape, self._step_limits())
+            chunks, train = ([] if planned.pause_serving else chunks), planned.work
         released, self._released = self._released, []
         copies = self.prefix_cache.take_copies() if self.prefix_cache is not None else []
         return IterationPlan(
             chunks=chunks, released_request_ids=released, preempted_request_ids=preempted, train=train,
             kv_copies=copies, kv_prunes=self.pruner.take_prunes() if self.pruner is not None else [],
-        )
-
-    def _plan_training(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], TrainWork | None]:
-        """Fit training stages beside this step's inference; a policy that pauses serving takes the step."""
-        source = self.train_source
-        if source is None:
-            return chunks, None
-        inference = IterationPlan(chunks=chunks).shape
-        context = self._train_context(inference)
-        decision = self.policy.decide(context)
-        stages = source.upkeep_stages()
-        max_job_tokens = self._max_train_tokens(decision.max_job_tokens)
-        if decision.budget_s > 0 and max_job_tokens > 0:
-            stages += source.job_stages(max_job_tokens)
-        taken = self._fit_stages(stages, context, decision)
-        if not taken:
-            return chunks, None
-        if decision.pause_serving and any(not stage.is_upkeep for stage in taken):
-            return [], TrainWork(tuple(taken))
-        return chunks, TrainWork(tuple(taken))
-
-    def _max_train_tokens(self, wanted: int) -> int:
-        """Training tokens the memory budget's training reservation holds now (KV pressure shrinks it)."""
-        return wanted if self.train_memory is None else min(wanted, self.train_memory.max_tokens())
-
-    def _fit_stages(self, stages: list[TrainStage], context: TrainContext, decision: TrainDecision) -> list[TrainStage]:
-        """The longest prefix of `stages` whose predicted cost fits its budget.
-
-        Upkeep (scoring, evaluation) may use all of the slack; training stages only the policy's
-        budget. With nothing to serve the first stage always goes, so work never stalls on a
-        cautious latency estimate; a kind of stage never measured yet is tried alone now and then.
-        """
-        if context.has_inference and not context.inference_measured and math.isfinite(decision.budget_s):
-            return []  # the streams' own step time is still a guess: a latency-bound policy adds nothing to it
-        upkeep_s = max(context.slack_s, decision.budget_s)
-        taken: list[TrainStage] = []
-        cost_s = 0.0  # the latency model is linear: a prefix costs the sum of its stages
-        for stage in stages:
-            limit_s = upkeep_s if stage.is_upkeep else decision.budget_s
-            cost_s += self.latency.marginal_s(shape_of(0, 0, TrainWork((stage,))))
-            if cost_s > limit_s:
-                break
-            taken.append(stage)
-        first = stages[0] if stages else None
-        if taken or first is None or not (first.is_upkeep or decision.budget_s > 0):
-            return taken
-        if not context.has_inference:
-            return [first]
-        first_shape = shape_of(0, 0, TrainWork((first,)))
-        if not self.latency.is_measured(first_shape) and self._steps_since_probe >= PROBE_EVERY_STEPS:
-            # The prior may overstate this kind of work many times over (a GPU, say) and a busy
-            # server would then never run one to measure it: try one stage now and then.
-            self._steps_since_probe = 0
-            return [first]
-        return taken
-
-    def _train_context(self, inference: StepShape) -> TrainContext:
-        source = self.train_source
-        assert source is not None
-        return TrainContext(
-            now_s=self.clock(),
-            has_inference=inference.has_inference,
-            predicted_inference_s=self.latency.predict(inference) if inference.has_inference else 0.0,
-            tpot_s=min(self._step_budget_s([r for r in self.running if not r.is_prefilling]), self.slo.tpot_s),
-            ttft_s=self.slo.ttft_s,
-            num_trainable=source.num_trainable,
-            num_new_samples=source.num_new_samples,
-            drift=source.drift_ratio(),
-            margin_s=self.latency.error_margin_s,
-            inference_measured=self.latency.is_measured(inference),
-            ttft_slack_s=self._ttft_slack_s(),
         )
 
     def _ttft_slack_s(self) -> float:

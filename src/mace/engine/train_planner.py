@@ -1,0 +1,146 @@
+"""Training's share of each engine iteration, without touching tensors.
+
+After the scheduler has planned a step's inference, the retraining policy turns the step's slack
+into a training budget (`train/policy.py`), and the planner takes the longest prefix of the
+trainer's stages whose predicted cost fits it: upkeep (scoring, the publish gate's evaluation) may
+use all of the slack, training stages only the policy's budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from mace.config import SloConfig
+from mace.engine.latency import LatencyModel, StepShape
+from mace.engine.plan import shape_of
+from mace.train.policy import RetrainPolicy, TrainContext, TrainDecision
+from mace.train.work import TrainStage, TrainWork
+
+if TYPE_CHECKING:
+    from mace.engine.memory import TrainingReservation
+
+PROBE_EVERY_STEPS = 32
+
+
+class TrainSource(Protocol):
+    """Where training stages come from (the trainer); tensor-free from the planner's side.
+
+    The planner takes a prefix of `upkeep_stages() + job_stages(...)` each step; the runner then
+    runs exactly those stages, in that order.
+    """
+
+    @property
+    def num_trainable(self) -> int: ...
+
+    @property
+    def num_new_samples(self) -> int: ...
+
+    def drift_ratio(self) -> float: ...
+
+    def upkeep_stages(self) -> list[TrainStage]:
+        """Forward-only work waiting: scoring new samples, evaluating the publish gate."""
+        ...
+
+    def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
+        """The current micro-step's remaining stages, starting one of up to `max_job_tokens` if none is open."""
+        ...
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    """What the requests being served allow this step (from the scheduler)."""
+
+    tpot_s: float  # the tightest decoding request's budget for this step
+    ttft_slack_s: float  # what the most pressed request waiting for its first token can spare
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    work: TrainWork | None
+    pause_serving: bool = False  # the policy takes the whole step (periodic)
+
+
+class TrainPlanner:
+    def __init__(self, source: TrainSource, policy: RetrainPolicy, latency: LatencyModel, slo: SloConfig,
+                 train_memory: TrainingReservation | None, clock: Callable[[], float]) -> None:
+        self.source = source
+        self.policy = policy
+        self.latency = latency
+        self.slo = slo
+        self.train_memory = train_memory
+        self.clock = clock
+        self._steps_since_probe = 0
+
+    def has_work(self, limits: StepLimits) -> bool:
+        if self.source.upkeep_stages():
+            return True
+        context = self._context(StepShape(), limits)
+        return self.source.num_trainable > 0 and self.policy.decide(context).budget_s > 0
+
+    def plan(self, inference: StepShape, limits: StepLimits) -> TrainPlan:
+        """Training stages beside this step's inference."""
+        self._steps_since_probe += 1
+        context = self._context(inference, limits)
+        decision = self.policy.decide(context)
+        stages = self.source.upkeep_stages()
+        max_job_tokens = self._max_train_tokens(decision.max_job_tokens)
+        if decision.budget_s > 0 and max_job_tokens > 0:
+            stages += self.source.job_stages(max_job_tokens)
+        taken = self._fit_stages(stages, context, decision)
+        if not taken:
+            return TrainPlan(None)
+        pause = decision.pause_serving and any(not stage.is_upkeep for stage in taken)
+        return TrainPlan(TrainWork(tuple(taken)), pause_serving=pause)
+
+    def _max_train_tokens(self, wanted: int) -> int:
+        """Training tokens the memory budget's training reservation holds now (KV pressure shrinks it)."""
+        return wanted if self.train_memory is None else min(wanted, self.train_memory.max_tokens())
+
+    def _fit_stages(self, stages: list[TrainStage], context: TrainContext, decision: TrainDecision) -> list[TrainStage]:
+        """The longest prefix of `stages` whose predicted cost fits its budget.
+
+        Upkeep (scoring, evaluation) may use all of the slack; training stages only the policy's
+        budget. With nothing to serve the first stage always goes, so work never stalls on a
+        cautious latency estimate; a kind of stage never measured yet is tried alone now and then.
+        """
+        if context.has_inference and not context.inference_measured and math.isfinite(decision.budget_s):
+            return []  # the streams' own step time is still a guess: a latency-bound policy adds nothing to it
+        upkeep_s = max(context.slack_s, decision.budget_s)
+        taken: list[TrainStage] = []
+        cost_s = 0.0  # the latency model is linear: a prefix costs the sum of its stages
+        for stage in stages:
+            limit_s = upkeep_s if stage.is_upkeep else decision.budget_s
+            cost_s += self.latency.marginal_s(shape_of(0, 0, TrainWork((stage,))))
+            if cost_s > limit_s:
+                break
+            taken.append(stage)
+        first = stages[0] if stages else None
+        if taken or first is None or not (first.is_upkeep or decision.budget_s > 0):
+            return taken
+        if not context.has_inference:
+            return [first]
+        first_shape = shape_of(0, 0, TrainWork((first,)))
+        if not self.latency.is_measured(first_shape) and self._steps_since_probe >= PROBE_EVERY_STEPS:
+            # The prior may overstate this kind of work many times over (a GPU, say) and a busy
+            # server would then never run one to measure it: try one stage now and then.
+            self._steps_since_probe = 0
+            return [first]
+        return taken
+
+    def _context(self, inference: StepShape, limits: StepLimits) -> TrainContext:
+        return TrainContext(
+            now_s=self.clock(),
+            has_inference=inference.has_inference,
+            predicted_inference_s=self.latency.predict(inference) if inference.has_inference else 0.0,
+            tpot_s=min(limits.tpot_s, self.slo.tpot_s),
+            ttft_s=self.slo.ttft_s,
+            num_trainable=self.source.num_trainable,
+            num_new_samples=self.source.num_new_samples,
+            drift=self.source.drift_ratio(),
+            margin_s=self.latency.error_margin_s,
+            inference_measured=self.latency.is_measured(inference),
+            ttft_slack_s=limits.ttft_slack_s,
+        )
