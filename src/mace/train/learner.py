@@ -37,8 +37,12 @@ class Learner:
         )
         self.lora_config = lora
         self.peft_model: Any = get_peft_model(causal_lm, lora, adapter_name=LEARNER)
+        # Created now, not at the first publish gate: adding an adapter walks the whole model (about
+        # 90 ms on the default model on a CPU), which would land in a serving step's interval.
+        self.peft_model.add_adapter(CANDIDATE, lora)
         self.peft_model.eval()  # dropout is config-controlled; eval mode allows mixed-adapter batches
         self.config = config
+        self._freeze_all_but_learner()
         self.optimizer = torch.optim.AdamW(self._learner_params(), lr=config.learning_rate)
         self.num_accumulated = 0
         self.num_optimizer_steps = 0
@@ -117,9 +121,6 @@ class Learner:
 
     def snapshot_candidate(self) -> None:
         """Freeze the learner's weights as they are now as the `candidate` adapter."""
-        if not self._has_adapter(CANDIDATE):
-            self.peft_model.add_adapter(CANDIDATE, self.lora_config)
-            self._freeze_all_but_learner()
         self._copy_adapter(LEARNER, CANDIDATE)
 
     def publish(self, version: int, source: str = LEARNER) -> None:
@@ -129,9 +130,6 @@ class Learner:
         self._copy_adapter(source, name)
         self._freeze_all_but_learner()
         self.loaded_versions.add(version)
-
-    def _has_adapter(self, name: str) -> bool:
-        return name in self.peft_model.peft_config
 
     def _copy_adapter(self, source: str, target: str) -> None:
         params = dict(self.peft_model.named_parameters())
