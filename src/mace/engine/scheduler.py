@@ -201,17 +201,16 @@ class Scheduler:
         """
         now_s, budgets = self.clock(), []
         for request in decoding:
-            target_s = request.tpot_s if math.isfinite(request.tpot_s) else self.slo.tpot_s
+            target_s = self._tpot_target_s(request)
             first_s = request.first_token_time_s
             if first_s is not None and not request.num_preemptions:  # num_output_tokens intervals after this step
                 target_s = min(target_s, target_s * request.num_output_tokens - (now_s - first_s))
             budgets.append(max(0.0, target_s))
         return min(budgets, default=self.slo.tpot_s)
 
-    def _tpot_target_s(self, decoding: list[Request]) -> float:
-        """The tightest TPOT target among the requests decoding (a request without a class has the default)."""
-        targets = [r.tpot_s if math.isfinite(r.tpot_s) else self.slo.tpot_s for r in decoding]
-        return min(targets, default=self.slo.tpot_s)
+    def _tpot_target_s(self, request: Request) -> float:
+        """A request's TPOT target (one without a class has the default)."""
+        return request.tpot_s if math.isfinite(request.tpot_s) else self.slo.tpot_s
 
     def _take_prefill(self, request: Request, num_new: int) -> int:
         if not request.is_prefilling:
@@ -364,7 +363,7 @@ class Scheduler:
         if first_s is None or request.num_output_tokens < 2 or request.num_preemptions:
             return
         tpot_s = (self.clock() - first_s) / (request.num_output_tokens - 1)
-        self.latency.guard.observe(tpot_s, self._tpot_target_s([request]))
+        self.latency.guard.observe(tpot_s, self._tpot_target_s(request))
 
     def fail_all(self, plan: IterationPlan, error: str) -> list[RequestOutput]:
         """The step's forward raised: end only the requests that were in it."""
