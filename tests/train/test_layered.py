@@ -115,7 +115,8 @@ def test_publishing_the_candidate_publishes_the_snapshot_not_later_training(
         for param in learner._learner_params():  # training goes on while the gate evaluates
             torch.nn.init.normal_(param, std=0.02)
         learner.publish(1, CANDIDATE)
-        published = {n: p for n, p in learner.peft_model.named_parameters() if ".v1." in n}
+        slot = learner.adapter_for(1)
+        published = {n: p for n, p in learner.peft_model.named_parameters() if f".{slot}." in n}
         assert len(published) == len(snapshot)
         for value, old in zip(published.values(), snapshot, strict=True):
             assert torch.equal(value, old)

@@ -148,7 +148,7 @@ class Engine:
         if self._loop_done is not None:
             concurrent.futures.wait([self._loop_done], timeout=timeout_s)
         if self.trainer is not None:
-            self.trainer.checkpoint()
+            self.trainer.close()
 
     def stats(self) -> EngineStats:
         plan, cache, training = self.memory.plan, self.memory.prefix_cache, self.memory.training

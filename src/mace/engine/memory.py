@@ -57,7 +57,8 @@ def plan_memory(config: MaceConfig, causal_lm: Any, kv_bytes_per_token: int, bud
     max_tokens = max(train.chunk_tokens, train.idle_chunk_tokens, train.max_sample_tokens)
     return MemoryPlan(
         budget_bytes=budget_bytes,
-        adapters_bytes=adapter * train.max_versions_loaded,
+        # The learner's frozen copies: the gate's candidate, and a slot per version kept plus the one publishing.
+        adapters_bytes=adapter * (train.max_versions_loaded + 2),
         learner_bytes=adapter * 4,
         training_bytes=per_token * max_tokens,
         training_bytes_per_token=per_token,

@@ -20,7 +20,6 @@ from mace.engine.kv_cache import BlockStore, SlotKVCache
 from mace.engine.plan import BlockCopy, IterationPlan, KVPrune, RunnerOutput, ScheduledChunk
 from mace.engine.sampler import Sampler
 from mace.engine.streams import StreamManager
-from mace.train.learner import adapter_name
 from mace.train.trainer import Trainer
 
 SNAP_WINDOW = 16  # last queries of a chunk whose attention scores tokens for KV pruning
@@ -123,9 +122,10 @@ class ModelRunner:
         """Each token runs with its request's pinned adapter version (mixed versions in one batch)."""
         if self.trainer is None:
             return self._forward(inputs)
-        names = [adapter_name(chunk.request.adapter_version)
+        learner = self.trainer.learner
+        names = [learner.adapter_for(chunk.request.adapter_version)
                  for chunk in inputs.singles + inputs.multis for _ in range(chunk.num_new_tokens)]
-        with self.trainer.learner.serving(names):
+        with learner.serving(names):
             return self._forward(inputs)
 
     def _prepare(self, plan: IterationPlan) -> _StepInputs:

@@ -1,19 +1,30 @@
 """Published adapter versions on disk: PEFT directories (safetensors + config) plus a meta.json.
 
 A version is written to a staging directory and renamed into place, so a crash never leaves half a
-version; the active version is a small file replaced atomically.
+version; the active version is a small file replaced atomically, and only once the version it names
+is in place.
+
+Writes run on one writer thread, in order: a publish happens at a step boundary on the engine
+thread, and the 30-50 ms a PEFT directory takes to write would land in the interval the streams are
+waiting on. Until its write lands, a version is listed from memory; `flush` waits for the writer.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,36 +41,67 @@ class AdapterStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mace-adapters")
+        self._lock = threading.Lock()
+        self._pending: dict[int, AdapterVersion] = {}  # submitted, not yet renamed into place
+        self._active: int | None = None  # the newest set_active, written or not
 
     def path(self, version: int) -> Path:
         return self.root / f"v{version}"
 
     def versions(self) -> list[AdapterVersion]:
-        found = []
+        with self._lock:  # before the disk: a write landing between the two is then seen at least once
+            pending = dict(self._pending)
+        found = {}
         for meta in self.root.glob("v*/meta.json"):
-            found.append(AdapterVersion(**json.loads(meta.read_text())))
-        return sorted(found, key=lambda v: v.version)
+            version = AdapterVersion(**json.loads(meta.read_text()))
+            found[version.version] = version
+        found.update(pending)
+        return sorted(found.values(), key=lambda v: v.version)
 
     def next_version(self) -> int:
         return max((v.version for v in self.versions()), default=0) + 1
 
-    def write(self, meta: AdapterVersion, save: Callable[[str], None]) -> Path:
-        """`save(dir)` writes the PEFT adapter into dir/v<N>/ (peft's layout for named adapters)."""
+    def write(self, meta: AdapterVersion, save: Callable[[Path], None]) -> concurrent.futures.Future[None]:
+        """Queue writing version `meta.version`; `save(dir)` writes the PEFT adapter files into dir.
+
+        `save` runs on the writer thread, so it must only read data copied off the model.
+        """
+        with self._lock:
+            self._pending[meta.version] = meta
+        return self._writer.submit(self._write, meta, save)
+
+    def _write(self, meta: AdapterVersion, save: Callable[[Path], None]) -> None:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
         try:
-            save(str(staging))
             written = staging / f"v{meta.version}"
+            save(written)
             (written / "meta.json").write_text(json.dumps(asdict(meta)))
             os.rename(written, self.path(meta.version))
+        except Exception:
+            # The version still serves from memory; it is just not on disk for a restart or a rollback.
+            log.exception("adapter version not written", version=meta.version)
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return self.path(meta.version)
+            with self._lock:
+                self._pending.pop(meta.version, None)
 
     def active(self) -> int:
+        if self._active is not None:
+            return self._active
         marker = self.root / "ACTIVE"
         return int(marker.read_text()) if marker.is_file() else 0
 
     def set_active(self, version: int) -> None:
+        """Make `version` the one a restart serves, once every write queued before has landed."""
+        self._active = version
+        self._writer.submit(self._write_active, version)
+
+    def _write_active(self, version: int) -> None:
+        if version != 0 and not (self.path(version) / "meta.json").is_file():
+            log.error("active version not on disk; a restart keeps the previous one", version=version)
+            return
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".active-")
         with os.fdopen(fd, "w") as handle:
             handle.write(str(version))
@@ -68,7 +110,17 @@ class AdapterStore:
         os.replace(tmp, self.root / "ACTIVE")
 
     def exists(self, version: int) -> bool:
+        with self._lock:
+            if version in self._pending:
+                return True
         return version == 0 or (self.path(version) / "meta.json").is_file()
+
+    def flush(self) -> None:
+        """Wait until every queued write has landed (or failed)."""
+        self._writer.submit(lambda: None).result()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
 
     @staticmethod
     def now() -> float:

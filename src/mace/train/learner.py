@@ -2,19 +2,26 @@
 
 Adapters on the model: `learner` (trainable; not `training`, which collides with nn.Module.training),
 `candidate` (the learner frozen at a publish gate's start: what the gate evaluates and publishes,
-while training goes on) and one frozen `v<N>` per published version still in use. Version 0 is the
-base model (`__base__`).
+while training goes on) and frozen slots `slot<K>`, each holding one published version still in use.
+Version 0 is the base model (`__base__`).
+
+Slots are reused, not added and deleted per version: peft's `add_adapter` walks the whole model
+(about 100 ms on the default model on a CPU), and a publish lands in a serving step's interval. A
+publish is then a weight copy into a free slot (a few ms).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
 
 from mace.config import TrainConfig
 from mace.train.layered import LayeredLoss, LayeredMicroStep
@@ -23,10 +30,16 @@ from mace.train.replay import TrainSample
 LEARNER = "learner"
 CANDIDATE = "candidate"
 BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file names, so a version loads with peft alone
 
 
-def adapter_name(version: int) -> str:
-    return BASE if version == 0 else f"v{version}"
+def save_adapter(directory: Path, weights: dict[str, torch.Tensor], lora_config: LoraConfig) -> None:
+    """Write a PEFT adapter directory (what `save_pretrained` writes) from weights already copied off the model."""
+    directory.mkdir(parents=True, exist_ok=True)
+    frozen = copy.copy(lora_config)
+    frozen.inference_mode = True
+    frozen.save_pretrained(str(directory))
+    save_file(weights, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
 class Learner:
@@ -36,26 +49,49 @@ class Learner:
             target_modules=list(config.target_modules), task_type="CAUSAL_LM",
         )
         self.lora_config = lora
+        self.config = config
         self.peft_model: Any = get_peft_model(causal_lm, lora, adapter_name=LEARNER)
         # Created now, not at the first publish gate: adding an adapter walks the whole model (about
         # 90 ms on the default model on a CPU), which would land in a serving step's interval.
         self.peft_model.add_adapter(CANDIDATE, lora)
+        self._params_of: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+        self._slot_of: dict[int, str] = {}  # loaded version -> the slot adapter holding it
+        self._free_slots: list[str] = []
+        self._num_slots = 0
+        for _ in range(config.max_versions_loaded + 1):  # the newest versions kept, and the one being published
+            self._add_slot()
         self.peft_model.eval()  # dropout is config-controlled; eval mode allows mixed-adapter batches
-        self.config = config
-        self._freeze_all_but_learner()
         self.optimizer = torch.optim.AdamW(self._learner_params(), lr=config.learning_rate)
         self.num_accumulated = 0
         self.num_optimizer_steps = 0
         self.num_skipped_steps = 0
-        self.loaded_versions: set[int] = set()
         self._lora_layers: list[Any] = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
+
+    @property
+    def loaded_versions(self) -> set[int]:
+        return set(self._slot_of)
+
+    def adapter_for(self, version: int) -> str:
+        """The adapter name a forward uses to run with published `version` (which must be loaded)."""
+        return BASE if version == 0 else self._slot_of[version]
 
     @property
     def num_layers(self) -> int:
         return len(self.peft_model.base_model.model.model.layers)
 
     def _learner_params(self) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.peft_model.named_parameters() if f".{LEARNER}." in n]
+        return [param for _, param in self._adapter_params(LEARNER)]
+
+    def _adapter_params(self, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:
+        """`adapter`'s parameters with peft's saved names (the adapter's name taken out), in model order.
+
+        Kept per adapter: walking the model's parameters costs a few ms, and adapters are never removed.
+        """
+        if adapter not in self._params_of:
+            marker = f".{adapter}."
+            self._params_of[adapter] = [(name.replace(marker, "."), param)
+                                        for name, param in self.peft_model.named_parameters() if marker in name]
+        return self._params_of[adapter]
 
     def serving(self, adapter_names: list[str]) -> AbstractContextManager[None]:
         """Context in which token i of the next forward runs with adapter `adapter_names[i]`."""
@@ -124,32 +160,56 @@ class Learner:
         self._copy_adapter(LEARNER, CANDIDATE)
 
     def publish(self, version: int, source: str = LEARNER) -> None:
-        """Freeze a copy of `source`'s weights (the learner's, or the gate's candidate) as adapter `v<version>`."""
-        name = adapter_name(version)
-        self.peft_model.add_adapter(name, self.lora_config)
-        self._copy_adapter(source, name)
-        self._freeze_all_but_learner()
-        self.loaded_versions.add(version)
+        """Freeze a copy of `source`'s weights (the learner's, or the gate's candidate) as `version`."""
+        self._copy_adapter(source, self._take_slot(version))
 
     def _copy_adapter(self, source: str, target: str) -> None:
-        params = dict(self.peft_model.named_parameters())
         with torch.no_grad():
-            for param_name, param in params.items():
-                if f".{source}." in param_name:
-                    params[param_name.replace(f".{source}.", f".{target}.")].copy_(param)
+            for (_, value), (_, param) in zip(self._adapter_params(source), self._adapter_params(target), strict=True):
+                param.copy_(value)
 
-    def load_version(self, version: int, path: str) -> None:
-        self.peft_model.load_adapter(path, adapter_name=adapter_name(version), is_trainable=False)
-        self._freeze_all_but_learner()
-        self.loaded_versions.add(version)
+    def load_version(self, version: int, directory: Path) -> None:
+        """Load a PEFT adapter directory (one `save_adapter` wrote) as `version`."""
+        weights = load_file(str(directory / ADAPTER_WEIGHTS), device=str(self.peft_model.device))
+        slot = self._take_slot(version)
+        params = self._adapter_params(slot)
+        missing = [name for name, _ in params if name not in weights]
+        try:
+            if missing:
+                raise ValueError(f"adapter in {directory} lacks {len(missing)} weights, e.g. {missing[0]}")
+            with torch.no_grad():
+                for name, param in params:
+                    param.copy_(weights[name])
+        except Exception:
+            self.unload_version(version)
+            raise
 
     def unload_version(self, version: int) -> None:
-        if version in self.loaded_versions:
-            self.peft_model.delete_adapter(adapter_name(version))
-            self.loaded_versions.discard(version)
+        slot = self._slot_of.pop(version, None)
+        if slot is not None:
+            self._free_slots.append(slot)
 
-    def save_version(self, version: int, directory: str) -> None:
-        self.peft_model.save_pretrained(directory, selected_adapters=[adapter_name(version)])
+    def version_weights(self, version: int) -> dict[str, torch.Tensor]:
+        """A CPU copy of `version`'s weights under peft's saved names: safe to write from another thread."""
+        return {name: param.detach().to("cpu", copy=True)
+                for name, param in self._adapter_params(self.adapter_for(version))}
+
+    def _take_slot(self, version: int) -> str:
+        if version in self._slot_of:
+            return self._slot_of[version]
+        if not self._free_slots:  # more versions pinned by running requests than slots: grow once
+            self._add_slot()
+        self._slot_of[version] = slot = self._free_slots.pop()
+        return slot
+
+    def _add_slot(self) -> None:
+        slot = f"slot{self._num_slots}"
+        self.peft_model.add_adapter(slot, self.lora_config)
+        self._num_slots += 1
+        self._free_slots.append(slot)
+        self._freeze_all_but_learner()
+        if not self.peft_model.training:  # a slot grown later: its dropout modules start in train mode
+            self.peft_model.eval()
 
     def _freeze_all_but_learner(self) -> None:
         # peft's add/load may mark new adapters trainable or switch the active one; keep the learner.

@@ -25,7 +25,7 @@ from mace.config import MaceConfig
 from mace.train.adapters import AdapterStore, AdapterVersion
 from mace.train.journal import Journal
 from mace.train.layered import LayeredLoss, LayeredMicroStep, loss_stages
-from mace.train.learner import CANDIDATE, LEARNER, Learner, adapter_name
+from mace.train.learner import CANDIDATE, LEARNER, Learner, save_adapter
 from mace.train.policy import RetrainPolicy, make_policy
 from mace.train.replay import DriftSignal, ReplayBuffer, TrainSample
 from mace.train.work import StageKind, TrainStage, TrainWork
@@ -162,7 +162,7 @@ class Trainer:
     def _queue_loss(self, sample: TrainSample, adapter: str | None, finish: Callable[[float], None]) -> None:
         """Queue `sample`'s loss under `adapter` as upkeep stages (None: the version serving when it starts)."""
         def begin() -> LayeredLoss:
-            return self.learner.loss_pass(sample, adapter or adapter_name(self.active_version))
+            return self.learner.loss_pass(sample, adapter or self.learner.adapter_for(self.active_version))
 
         self._upkeep.append(_Upkeep(loss_stages(sample, self.learner.num_layers), begin, finish))
 
@@ -246,7 +246,7 @@ class Trainer:
         # Training goes on during the evaluation; the gate judges, and publishes, this snapshot.
         self.learner.snapshot_candidate()
         gate = _PublishGate(heldout, self.active_version)
-        serving = adapter_name(self.active_version)
+        serving = self.learner.adapter_for(self.active_version)
         for sample in heldout:
             self._queue_loss(sample, CANDIDATE, gate.learner_losses.append)
             if sample.sample_id not in self._serving_losses:
@@ -278,7 +278,8 @@ class Trainer:
         self.learner.publish(version, source)
         meta = AdapterVersion(version, self.store.now(), serving_loss, learner_loss,
                               self.learner.num_optimizer_steps, reason)
-        self.store.write(meta, lambda directory: self.learner.save_version(version, directory))
+        weights, lora_config = self.learner.version_weights(version), self.learner.lora_config
+        self.store.write(meta, lambda directory: save_adapter(directory, weights, lora_config))
         self.store.set_active(version)
         self.active_version = version
         self.last_publish_s = time.monotonic()
@@ -290,7 +291,8 @@ class Trainer:
 
     def activate(self, version: int) -> None:
         if version != 0 and version not in self.learner.loaded_versions:
-            self.learner.load_version(version, str(self.store.path(version)))
+            self.store.flush()  # a version published moments ago may still be on its way to disk
+            self.learner.load_version(version, self.store.path(version))
         self.store.set_active(version)
         self.active_version = version
         self.publishing_held = version != max((v.version for v in self.store.versions()), default=0)
@@ -310,6 +312,11 @@ class Trainer:
         torch.save({**self.learner.state_dict(), "cursor": self._last_seen_id}, tmp)
         os.replace(tmp, self.checkpoint_path)
         self._last_checkpoint_s = time.monotonic()
+
+    def close(self) -> None:
+        """Checkpoint, and wait for adapter versions still being written."""
+        self.checkpoint()
+        self.store.close()
 
     def _restore(self) -> None:
         active = self.store.active()
