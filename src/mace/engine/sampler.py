@@ -34,6 +34,8 @@ class Sampler:
             cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
             # Drop a token once the tokens before it already cover top_p; the best token always stays.
             drop_sorted = (cumulative - sorted_scores.softmax(dim=-1)) >= params.top_p
+            # Said outright: a top_p below float32's range (1e-311) rounds to 0 against the scores.
+            drop_sorted[0] = False
             scores = scores.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
         probs = scores.softmax(dim=-1)
         return int(torch.multinomial(probs, 1, generator=self._generator(request_id, params, probs.device)).item())
