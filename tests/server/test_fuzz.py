@@ -24,7 +24,8 @@ FUZZ = settings(max_examples=100, deadline=None, database=None, suppress_health_
 TIMEOUT = aiohttp.ClientTimeout(total=30)  # a hang fails the test instead of stalling it
 NASTY_TEXT = st.sampled_from(["", "\x00", "\u202e\u200b\ufeff", "e\u0301" * 50, "\U0001f600" * 30, "\udcff",
                               "😀"[:1] + "\ud83d", "a" * 5000, "<|endoftext|>", "\r\n\r\n"])
-NASTY_NUMBER = st.sampled_from([-1, 0, -(2**63), 2**63, 10**400, -1e308, 1e308, 0.5, 1e-40, 5e-324, 2.225073858507e-311, float("nan")])
+NASTY_NUMBER = st.sampled_from([-1, 0, -(2**63), 2**63, 10**400, -1e308, 1e308, 0.5,
+                                1e-40, 5e-324, 2.225073858507e-311, float("nan")])
 _SCHEMA = schemathesis.openapi.from_dict(build_spec("mace"))
 _POSTS = ["/v1/chat/completions", "/v1/completions", "/v1/feedback"]
 
