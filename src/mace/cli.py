@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from typing import Any
@@ -38,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--allow-unauthenticated", action="store_true", default=None,
                        help="serve a non-loopback host without API keys (anyone who reaches it is admin)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", default=os.environ.get("MACE_LOG_LEVEL", "info").lower(),
+                       choices=["debug", "info", "warning", "error"],
+                       help="debug adds a line per engine step (default: $MACE_LOG_LEVEL or info)")
     return parser
 
 

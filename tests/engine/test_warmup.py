@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from mace.engine.engine import Engine
 from mace.engine.latency import StepShape
 from mace.engine.request import SamplingParams
 from mace.engine.warmup import warm_up
 from mace.model.loader import ModelBundle
+from mace.train.journal import Journal
+from mace.train.trainer import Trainer
 from tests.conftest import tiny_config
 
 
@@ -33,3 +37,31 @@ async def test_warm_up_measures_prefill_and_decode_and_leaves_the_engine_idle(
         assert deltas[-1].finish_reason == "length" and deltas[-1].num_cached_tokens == 0
     finally:
         engine.shutdown()
+
+
+async def test_warm_up_measures_training_beside_serving_and_learns_nothing(
+    tmp_path: Path, tiny_bundle: ModelBundle
+) -> None:
+    config = tiny_config(tmp_path, train={"policy": "mace"})
+    journal = Journal(tmp_path / "journal.sqlite3", heldout_every=config.train.heldout_every)
+    trainer = Trainer(tiny_bundle.causal_lm, tiny_bundle.tokenizer, journal, config)
+    engine = Engine(tiny_bundle, config, trainer)
+    try:
+        learner = trainer.learner
+        weights_before = [p.detach().clone() for p in learner._learner_params()]
+        beside_decodes = StepShape(0, 2, num_train_forward_tokens=64, num_train_backward_tokens=64,
+                                   num_train_head_tokens=8)
+        assert not engine.scheduler.latency.is_measured(beside_decodes)
+        warm_up(engine)
+        assert engine.scheduler.latency.is_measured(beside_decodes)
+        assert not trainer.is_warming_up and not engine.scheduler.has_work
+        assert all(p.grad is None for p in learner._learner_params())
+        assert learner.num_accumulated == learner.num_optimizer_steps == 0
+        for before, after in zip(weights_before, learner._learner_params(), strict=True):
+            assert torch.equal(before, after)
+        assert trainer.train_tokens_total == 0 and trainer.train_seconds_total == 0
+        assert journal.counts().total == 0
+    finally:
+        engine.shutdown()
+        trainer.learner.peft_model.unload()
+        journal.close()

@@ -322,10 +322,17 @@ class Engine:
         self._after_step()
         step_time_s = time.perf_counter() - started
         self._account(step_time_s, output)
+        shape = plan.shape
+        log.debug("engine step", time_s=round(step_time_s, 4),
+                  predicted_s=round(self.scheduler.latency.predict(shape), 4),
+                  prefill=shape.num_prefill_tokens, decode=shape.num_decode_tokens,
+                  train=(shape.num_train_forward_tokens, shape.num_train_backward_tokens, shape.num_train_head_tokens),
+                  running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                  drift=round(self.trainer.drift.ratio, 3) if self.trainer is not None else None)
         if output.forward_time_s > 0:
             # The whole iteration, not the forward alone: what a stream waits between two tokens includes
             # planning, bookkeeping and the optimizer at the step boundary, which grow with the batch.
-            self.scheduler.latency.observe(plan.shape, step_time_s)
+            self.scheduler.latency.observe(shape, step_time_s)
         return outputs
 
     def _after_step(self) -> None:

@@ -5,7 +5,13 @@ and on its priors alone the first users' steps are guesses. A handful of prompts
 lengths, then a burst of short ones decoding together, measure prefill and decode on this machine
 first (without the burst, a fit over one to four decodes cannot tell a decode's cost from the
 fixed cost of a step, and the decode cap comes out at its maximum); the first kernel
-launches and allocations happen here too, not in a user's first token. A second or two on a CPU.
+launches and allocations happen here too, not in a user's first token.
+
+With a retraining policy on, a second round serves a few prompts again while a micro-step on
+synthetic samples trains beside them and then alone, its gradients thrown away: otherwise the first
+training steps beside users' streams are planned on the priors, and on a CPU those understate a
+layer's backward enough to overrun the TPOT target for the first few seconds of training.
+A few seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mace.engine.request import Request, SamplingParams
+from mace.train.policy import TrainContext, TrainDecision
+from mace.train.replay import TrainSample
 
 if TYPE_CHECKING:
     from mace.engine.engine import Engine
@@ -24,6 +32,7 @@ OUTPUT_TOKENS = 6
 BURST_PROMPTS = 12  # short prompts that arrive together, after the staggered ones
 BURST_PROMPT_TOKENS = 8
 MAX_STEPS = 256
+TRAIN_SAMPLES = ((48, 8), (96, 16))  # (prompt, answer) tokens of the synthetic micro-step's samples
 
 
 @dataclass(frozen=True)
@@ -40,23 +49,69 @@ def warm_up(engine: Engine) -> WarmUpReport:
     batch of up to `BURST_PROMPTS + 4`: enough variety for the model to tell the terms apart.
     """
     lengths = [*PROMPT_LENGTHS, *[BURST_PROMPT_TOKENS] * BURST_PROMPTS]
-    steps = max_decodes = 0
-    for index, length in enumerate(lengths):
-        _add_prompt(engine, index, length)
-        if index < len(PROMPT_LENGTHS) - 1 or index == len(lengths) - 1:
-            engine.step()
-            steps += 1
-    while (engine.scheduler.running or engine.scheduler.waiting) and steps < MAX_STEPS:
-        engine.step()
-        steps += 1
-        if engine.last_plan is not None:
-            max_decodes = max(max_decodes, engine.last_plan.num_decode_tokens)
+    steps, max_decodes = _serve(engine, lengths, first_index=0)
+    if engine.trainer is not None and engine.scheduler.training is not None:
+        engine.scheduler.latency.refit()  # training is planned beside inference measured just now
+        steps += _train_alongside(engine, first_index=len(lengths))
     if engine.memory.prefix_cache is not None:
         engine.memory.prefix_cache.clear()  # nobody will ask for these prompts again
     engine.release_idle()
     engine.scheduler.latency.refit()
     engine.scheduler.latency.guard.reset()  # outcomes are learned from users' requests
     return WarmUpReport(steps, max_decodes)
+
+
+def _serve(engine: Engine, lengths: list[int], first_index: int) -> tuple[int, int]:
+    """Prompts of `lengths`, the first ones a step apart and the rest together, served to the end
+    (and a warm-up micro-step to its end); returns (steps, the most decodes in one step)."""
+    steps = max_decodes = 0
+    for offset, length in enumerate(lengths):
+        _add_prompt(engine, first_index + offset, length)
+        if offset < len(PROMPT_LENGTHS) - 1 or offset == len(lengths) - 1:
+            engine.step()
+            steps += 1
+    trainer = engine.trainer
+    while (engine.scheduler.running or engine.scheduler.waiting or (trainer is not None and trainer.is_warming_up)) \
+            and steps < MAX_STEPS:
+        engine.step()
+        steps += 1
+        if engine.last_plan is not None:
+            max_decodes = max(max_decodes, engine.last_plan.num_decode_tokens)
+    return steps, max_decodes
+
+
+class _TrainInTheSlack:
+    """Warm-up's retraining policy: the synthetic micro-step takes whatever slack each step leaves."""
+
+    name = "warm-up"
+
+    def __init__(self, max_job_tokens: int) -> None:
+        self.max_job_tokens = max_job_tokens
+
+    def decide(self, ctx: TrainContext) -> TrainDecision:
+        return TrainDecision(budget_s=ctx.slack_s, max_job_tokens=self.max_job_tokens)
+
+    def on_optimizer_step(self, now_s: float) -> None:
+        return None
+
+
+def _train_alongside(engine: Engine, first_index: int) -> int:
+    trainer, planner = engine.trainer, engine.scheduler.training
+    assert trainer is not None and planner is not None
+    vocab_size = int(engine.bundle.causal_lm.config.vocab_size)
+    samples = []
+    for number, (prompt, answer) in enumerate(TRAIN_SAMPLES):
+        tokens = [(23 + 7927 * number + 37 * position) % vocab_size for position in range(prompt + answer)]
+        samples.append(TrainSample(-1 - number, tokens, prompt, created_at=time.time()))
+    trainer.open_warm_up_job(samples)
+    policy, planner.policy = planner.policy, _TrainInTheSlack(sum(len(s.token_ids) for s in samples))
+    seconds_before = trainer.train_seconds_total
+    try:
+        steps, _ = _serve(engine, list(PROMPT_LENGTHS), first_index)
+    finally:
+        planner.policy = policy
+        trainer.train_seconds_total = seconds_before  # users' training time only, in /metrics
+    return steps
 
 
 def _add_prompt(engine: Engine, index: int, length: int) -> None:

@@ -110,6 +110,7 @@ class Trainer:
         self._finished_upkeep: list[_Upkeep] = []  # completed at the next step boundary, in order
         self._job: LayeredMicroStep | None = None
         self._finished_jobs: list[LayeredMicroStep] = []
+        self._warm_up_job: LayeredMicroStep | None = None
         self._gate_pending = False
         self._serving_losses: dict[int, float] = {}  # held-out sample id -> loss under `_serving_losses_version`
         self._serving_losses_version = -1
@@ -137,6 +138,16 @@ class Trainer:
                 return []
             self._job = self.learner.micro_step(chunk.samples)
         return self._job.remaining
+
+    def open_warm_up_job(self, samples: list[TrainSample]) -> None:
+        """Open a micro-step on synthetic samples whose gradients are thrown away when it is done: it
+        lets warm-up measure training's stages on this machine before users' steps plan with them."""
+        assert self._job is None and not self._finished_jobs, "warm-up runs before any training"
+        self._job = self._warm_up_job = self.learner.micro_step(samples)
+
+    @property
+    def is_warming_up(self) -> bool:
+        return self._warm_up_job is not None
 
     # ---- intake ----
 
@@ -188,7 +199,7 @@ class Trainer:
                     self._run_job_stage()
         except Exception:
             log.exception("training stage failed; the open micro-step and its batch are dropped")
-            self._job = None
+            self._job = self._warm_up_job = None
             self.learner.discard_gradients()
         self.train_seconds_total += time.perf_counter() - started
 
@@ -211,7 +222,12 @@ class Trainer:
         for item in finished:
             item.complete()
         while self._finished_jobs and self._finished_jobs[0].is_settled:
-            self._account(self._finished_jobs.pop(0))
+            job = self._finished_jobs.pop(0)
+            if job is self._warm_up_job:
+                self._warm_up_job = None
+                self.learner.discard_gradients()
+            else:
+                self._account(job)
         if time.monotonic() - self._last_checkpoint_s > self.config.checkpoint_interval_s:
             self.checkpoint()
 
