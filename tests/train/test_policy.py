@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from mace.config import EngineConfig, SloConfig, TrainConfig
 from mace.engine.kv_blocks import BlockPool
 from mace.engine.latency import StepShape
-from mace.engine.plan import IterationPlan, RunnerOutput
+from mace.engine.plan import IterationPlan, RunnerOutput, shape_of
 from mace.engine.scheduler import Scheduler
+from mace.engine.train_planner import EASE_IN_STEPS, StepLimits
 from mace.train.policy import make_policy
 from mace.train.work import StageKind, TrainStage
 from tests.engine.test_scheduler import make_request
@@ -237,3 +239,24 @@ def test_idle_slack_leaves_the_error_margin_but_never_stops_training() -> None:
     assert idle(0.0) == 0.5
     assert idle(0.2) < idle(0.0)
     assert idle(5.0) > 0
+
+
+def test_training_eases_in_beside_inference_after_warm_up() -> None:
+    scheduler = make("mace", FakeSource(drift=5.0), tpot_s=0.3)
+    teach_latency(scheduler)
+    planner = scheduler.training
+    assert planner is not None
+    serving, limits = StepShape(0, 2), StepLimits(tpot_s=0.3, ttft_slack_s=math.inf)
+
+    def planned_train_s(inference: StepShape) -> float:
+        work = planner.plan(inference, limits).work
+        return scheduler.latency.marginal_s(shape_of(0, 0, work)) if work is not None else 0.0
+
+    full = planned_train_s(serving)
+    planner.ease_in()
+    idle = planned_train_s(StepShape())  # with nothing to serve, nothing to protect: no easing
+    first = planned_train_s(serving)
+    later = [planned_train_s(serving) for _ in range(EASE_IN_STEPS)]
+    assert idle >= full > 0
+    assert 0 < first <= 0.5 * full
+    assert later == sorted(later) and later[-1] == full

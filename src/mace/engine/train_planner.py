@@ -4,13 +4,18 @@ After the scheduler has planned a step's inference, the retraining policy turns 
 into a training budget (`train/policy.py`), and the planner takes the longest prefix of the
 trainer's stages whose predicted cost fits it: upkeep (scoring, the publish gate's evaluation) may
 use all of the slack, training stages only the policy's budget.
+
+Training eases in once the server starts serving: warm-up measures its stages on an idle machine,
+and beside live streams (the event loop, clients on the same cores) they first run slower than that
+fit says; over the first `EASE_IN_STEPS` steps that train beside inference, the budget grows from a
+quarter to all of it while the latency model refits on live steps.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 from mace.config import SloConfig
@@ -23,6 +28,8 @@ if TYPE_CHECKING:
     from mace.engine.memory import TrainingReservation
 
 PROBE_EVERY_STEPS = 32
+EASE_IN_STEPS = 32
+EASE_IN_FIRST_SHARE = 0.25
 
 
 class TrainSource(Protocol):
@@ -73,6 +80,18 @@ class TrainPlanner:
         self.train_memory = train_memory
         self.clock = clock
         self._steps_since_probe = 0
+        self._ease_in_left = 0
+
+    def ease_in(self, num_steps: int = EASE_IN_STEPS) -> None:
+        """Give training beside inference a growing share of its budget over the next `num_steps` such steps."""
+        self._ease_in_left = num_steps
+
+    def _eased(self, decision: TrainDecision, context: TrainContext) -> TrainDecision:
+        if not (self._ease_in_left and context.has_inference and math.isfinite(decision.budget_s)):
+            return decision
+        done = max(0, EASE_IN_STEPS - self._ease_in_left) / EASE_IN_STEPS
+        share = EASE_IN_FIRST_SHARE + (1.0 - EASE_IN_FIRST_SHARE) * done
+        return replace(decision, budget_s=decision.budget_s * share)
 
     def has_work(self, limits: StepLimits) -> bool:
         if self.source.upkeep_stages():
@@ -84,12 +103,14 @@ class TrainPlanner:
         """Training stages beside this step's inference."""
         self._steps_since_probe += 1
         context = self._context(inference, limits)
-        decision = self.policy.decide(context)
+        decision = self._eased(self.policy.decide(context), context)
         stages = self.source.upkeep_stages()
         max_job_tokens = self._max_train_tokens(decision.max_job_tokens)
         if decision.budget_s > 0 and max_job_tokens > 0:
             stages += self.source.job_stages(max_job_tokens)
         taken = self._fit_stages(stages, context, decision)
+        if self._ease_in_left and context.has_inference and any(not stage.is_upkeep for stage in taken):
+            self._ease_in_left -= 1
         if not taken:
             return TrainPlan(None)
         pause = decision.pause_serving and any(not stage.is_upkeep for stage in taken)

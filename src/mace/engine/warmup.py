@@ -53,6 +53,7 @@ def warm_up(engine: Engine) -> WarmUpReport:
     if engine.trainer is not None and engine.scheduler.training is not None:
         engine.scheduler.latency.refit()  # training is planned beside inference measured just now
         steps += _train_alongside(engine, first_index=len(lengths))
+        engine.scheduler.training.ease_in()
     if engine.memory.prefix_cache is not None:
         engine.memory.prefix_cache.clear()  # nobody will ask for these prompts again
     engine.release_idle()
