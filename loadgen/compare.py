@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import math
 import os
 import shutil
 import socket
@@ -19,7 +21,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadgen.metrics import summarize
+from loadgen.metrics import exact_match, summarize
 from loadgen.plots import PlotRun, phase_starts_of, write_plots
 from loadgen.progress import Progress
 from loadgen.report import comparison_table, write_records, write_summary
@@ -124,6 +126,43 @@ class PolicyServer:
             await process.wait()
 
 
+PROBE_CONCURRENCY = 4
+
+
+async def final_alignment(url: str, items: list[TraceItem]) -> dict[str, float]:
+    """Every distinct question of the trace's last phase, asked once more after the trace (greedy, a
+    few at a time, nothing else running): each policy's final served version scored on the same
+    questions. During the trace a policy that fails requests is scored only on those it answered,
+    and the questions come at different moments of its training, so per-phase figures compare less
+    fairly than this one."""
+    with_reference = [item for item in items if item.reference is not None]
+    if not with_reference:
+        return {}
+    last = max(item.phase for item in with_reference)
+    questions: dict[str, TraceItem] = {}
+    for item in with_reference:
+        if item.phase == last:
+            questions.setdefault(json.dumps(item.messages, sort_keys=True), item)
+    gate = asyncio.Semaphore(PROBE_CONCURRENCY)
+
+    async def ask(client: AsyncClient, item: TraceItem) -> bool | None:
+        async with gate:
+            try:
+                params = {"max_tokens": item.max_tokens, "temperature": 0.0}
+                async with client.chat(item.messages, stream=True, **params) as stream:
+                    async for _ in stream:
+                        pass
+                    return exact_match(stream.result.text, item.reference or "")
+            except Exception:
+                return None
+
+    async with AsyncClient(url, timeout_s=120.0) as client:
+        outcomes = await asyncio.gather(*(ask(client, item) for item in questions.values()))
+    answered = [outcome for outcome in outcomes if outcome is not None]
+    return {"phase": float(last), "n": float(len(questions)), "answered": float(len(answered)),
+            "exact": sum(answered) / len(answered) if answered else math.nan}
+
+
 async def compare(policies: list[str], items: list[TraceItem], spec: ServerSpec, run: RunConfig, out: Path,
                   slo: dict[str, float], progress: bool = True, trace_name: str = "") -> dict[str, Any]:
     """Run every policy; write out/<policy>/ (records, summary, server.log) and out/compare.md and
@@ -140,6 +179,7 @@ async def compare(policies: list[str], items: list[TraceItem], spec: ServerSpec,
             with Progress(progress, title=f"loadgen compare: {policy}") as live:
                 result = await Runner(replace(run, url=server.url), items, on_tick=live.update).run()
             training = await server.training_figures()
+            final = await final_alignment(server.url, items)
         except ServerFailed as exc:
             notes.append(f"- {policy}: {str(exc).splitlines()[0]} (see {workdir / 'server.log'})")
             continue
@@ -148,6 +188,8 @@ async def compare(policies: list[str], items: list[TraceItem], spec: ServerSpec,
         summary = summarize(result.records, slo, result.duration_s, result.events)
         if "train_tokens" in training:
             summary["training"] = {**training, "tokens_per_s": training["train_tokens"] / result.duration_s}
+        if final:
+            summary["final_alignment"] = final
         write_records(workdir, result.records, result.events)
         write_summary(workdir, summary, f"policy {policy}")
         summaries[policy] = summary

@@ -97,6 +97,11 @@ def rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     for phase, stats in summary["alignment"].items():
         out.append((f"alignment phase {phase} (exact / prefix, n)",
                     f"{_pct(stats['exact'])} / {_pct(stats['prefix'])}, {int(stats['n'])}"))
+    final = summary.get("final_alignment")
+    if final:
+        exact = final["exact"] if final["answered"] else None
+        out.append(("alignment after the trace: last phase's questions again (exact, answered / asked)",
+                    f"{_pct(exact)}, {int(final['answered'])} / {int(final['n'])}"))
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,6 +34,12 @@ async def test_compare_runs_each_policy_and_reports_a_broken_one(tmp_path: Path)
     training = result["summaries"]["mace"]["training"]  # scraped from the fake's /metrics before it stopped
     assert training["train_tokens"] == 300 and training["optimizer_steps"] == 3
     assert "| held-out loss at the end (serving / learner) | - | 2.50 / - |" in table  # none never trained
+    # Each policy's final version is asked the last phase's questions once more (the fake never answers right).
+    last = max(item.phase for item in items)
+    asked = len({json.dumps(item.messages) for item in items if item.phase == last and item.reference})
+    assert asked > 0
+    final_row = "| alignment after the trace: last phase's questions again (exact, answered / asked) |"
+    assert f"{final_row} 0.0%, {asked} / {asked} | 0.0%, {asked} / {asked} |" in table
     assert "invalid configuration" in (tmp_path / "broken" / "server.log").read_text()
     for policy in ("none", "mace"):
         assert (tmp_path / policy / "requests.jsonl").exists() and (tmp_path / policy / "summary.md").exists()
