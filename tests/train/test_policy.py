@@ -260,3 +260,19 @@ def test_training_eases_in_beside_inference_after_warm_up() -> None:
     assert idle >= full > 0
     assert 0 < first <= 0.5 * full
     assert later == sorted(later) and later[-1] == full
+
+
+def test_upkeep_eases_in_too() -> None:
+    """Scoring the first samples may take the whole slack: after warm-up it takes a share of it first."""
+    taken = []
+    for ease_in in (False, True):
+        scheduler = make("mace", FakeSource(drift=1.0, upkeep=SCORE_PASS * 20), tpot_s=0.3)
+        teach_latency(scheduler)
+        planner = scheduler.training
+        assert planner is not None
+        if ease_in:
+            planner.ease_in()
+        work = planner.plan(StepShape(0, 2), StepLimits(tpot_s=0.3, ttft_slack_s=math.inf)).work
+        assert work is not None and all(stage.is_upkeep for stage in work.stages)
+        taken.append(len(work.stages))
+    assert 0 < taken[1] <= 0.5 * taken[0]

@@ -7,8 +7,9 @@ use all of the slack, training stages only the policy's budget.
 
 Training eases in once the server starts serving: warm-up measures its stages on an idle machine,
 and beside live streams (the event loop, clients on the same cores) they first run slower than that
-fit says; over the first `EASE_IN_STEPS` steps that train beside inference, the budget grows from a
-quarter to all of it while the latency model refits on live steps.
+fit says; over the first `EASE_IN_STEPS` steps that train beside inference, the budget (and the
+slack upkeep may take: scoring the first samples) grows from a quarter to all of it while the
+latency model refits on live steps.
 """
 
 from __future__ import annotations
@@ -86,12 +87,12 @@ class TrainPlanner:
         """Give training beside inference a growing share of its budget over the next `num_steps` such steps."""
         self._ease_in_left = num_steps
 
-    def _eased(self, decision: TrainDecision, context: TrainContext) -> TrainDecision:
-        if not (self._ease_in_left and context.has_inference and math.isfinite(decision.budget_s)):
-            return decision
+    def _ease_in_share(self, context: TrainContext) -> float:
+        """The share of its budget (and of the slack, for upkeep) training may take this step."""
+        if not (self._ease_in_left and context.has_inference):
+            return 1.0
         done = max(0, EASE_IN_STEPS - self._ease_in_left) / EASE_IN_STEPS
-        share = EASE_IN_FIRST_SHARE + (1.0 - EASE_IN_FIRST_SHARE) * done
-        return replace(decision, budget_s=decision.budget_s * share)
+        return EASE_IN_FIRST_SHARE + (1.0 - EASE_IN_FIRST_SHARE) * done
 
     def has_work(self, limits: StepLimits) -> bool:
         if self.source.upkeep_stages():
@@ -103,13 +104,16 @@ class TrainPlanner:
         """Training stages beside this step's inference."""
         self._steps_since_probe += 1
         context = self._context(inference, limits)
-        decision = self._eased(self.policy.decide(context), context)
+        share = self._ease_in_share(context)
+        decision = self.policy.decide(context)
+        if share < 1.0 and math.isfinite(decision.budget_s):
+            decision = replace(decision, budget_s=decision.budget_s * share)
         stages = self.source.upkeep_stages()
         max_job_tokens = self._max_train_tokens(decision.max_job_tokens)
         if decision.budget_s > 0 and max_job_tokens > 0:
             stages += self.source.job_stages(max_job_tokens)
-        taken = self._fit_stages(stages, context, decision)
-        if self._ease_in_left and context.has_inference and any(not stage.is_upkeep for stage in taken):
+        taken = self._fit_stages(stages, context, decision, upkeep_share=share)
+        if self._ease_in_left and context.has_inference and taken:
             self._ease_in_left -= 1
         if not taken:
             return TrainPlan(None)
@@ -120,7 +124,8 @@ class TrainPlanner:
         """Training tokens the memory budget's training reservation holds now (KV pressure shrinks it)."""
         return wanted if self.train_memory is None else min(wanted, self.train_memory.max_tokens())
 
-    def _fit_stages(self, stages: list[TrainStage], context: TrainContext, decision: TrainDecision) -> list[TrainStage]:
+    def _fit_stages(self, stages: list[TrainStage], context: TrainContext, decision: TrainDecision,
+                    upkeep_share: float = 1.0) -> list[TrainStage]:
         """The longest prefix of `stages` whose predicted cost fits its budget.
 
         Upkeep (scoring, evaluation) may use all of the slack; training stages only the policy's
@@ -129,7 +134,7 @@ class TrainPlanner:
         """
         if context.has_inference and not context.inference_measured and math.isfinite(decision.budget_s):
             return []  # the streams' own step time is still a guess: a latency-bound policy adds nothing to it
-        upkeep_s = max(context.slack_s, decision.budget_s)
+        upkeep_s = max(context.slack_s * upkeep_share, decision.budget_s)
         taken: list[TrainStage] = []
         cost_s = 0.0  # the latency model is linear: a prefix costs the sum of its stages
         for stage in stages:
