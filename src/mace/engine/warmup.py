@@ -9,8 +9,8 @@ launches and allocations happen here too, not in a user's first token.
 
 With a retraining policy on, a second round serves a few prompts again while a micro-step on
 synthetic samples trains beside them and then alone, its gradients thrown away: otherwise the first
-training steps beside users' streams are planned on the priors, and on a CPU those understate a
-layer's backward enough to overrun the TPOT target for the first few seconds of training.
+training steps beside users' streams are planned on priors, not on this machine's costs (on the
+default model on a CPU the priors are ten times off). Training then eases in (engine/train_planner.py).
 A few seconds on a CPU.
 """
 

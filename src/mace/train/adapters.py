@@ -5,8 +5,8 @@ version; the active version is a small file replaced atomically, and only once t
 is in place.
 
 Writes run on one writer thread, in order: a publish happens at a step boundary on the engine
-thread, and the 30-50 ms a PEFT directory takes to write would land in the interval the streams are
-waiting on. Until its write lands, a version is listed from memory; `flush` waits for the writer.
+thread, and disk I/O there would land in the interval the streams are waiting on. Until its write
+lands, a version is listed from memory; `flush` waits for the writer.
 """
 
 from __future__ import annotations
