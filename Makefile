@@ -36,7 +36,7 @@ typecheck: install
 	$(BIN)/mypy
 
 pytest: install browser
-	$(BIN)/pytest -q
+	MACE_REQUIRE_BROWSER=1 $(BIN)/pytest -q
 
 test: lint typecheck pytest
 

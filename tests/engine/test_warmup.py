@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import structlog.testing
 import torch
 
 from mace.engine.engine import Engine
@@ -65,3 +66,13 @@ async def test_warm_up_measures_training_beside_serving_and_learns_nothing(
         engine.shutdown()
         trainer.learner.peft_model.unload()
         journal.close()
+
+
+def test_debug_logging_gives_a_line_per_engine_step(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+    engine = Engine(tiny_bundle, tiny_config(tmp_path))
+    with structlog.testing.capture_logs() as logs:
+        report = warm_up(engine)
+    steps = [entry for entry in logs if entry["event"] == "engine step"]
+    assert len(steps) == report.steps
+    assert all(entry["time_s"] > 0 and entry["predicted_s"] > 0 for entry in steps)
+    assert sum(entry["prefill"] for entry in steps) > 0 and max(entry["decode"] for entry in steps) >= 8

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import math
 import queue
 import threading
@@ -23,6 +24,7 @@ import structlog
 
 from mace.config import MaceConfig
 from mace.engine.detokenizer import IncrementalDetokenizer
+from mace.engine.latency import StepShape
 from mace.engine.memory import Memory
 from mace.engine.plan import IterationPlan, RunnerOutput
 from mace.engine.request import Request, RequestOutput, SamplingParams
@@ -323,17 +325,21 @@ class Engine:
         step_time_s = time.perf_counter() - started
         self._account(step_time_s, output)
         shape = plan.shape
+        if log.is_enabled_for(logging.DEBUG):  # a prediction per step only when someone reads it
+            self._log_step(shape, step_time_s)
+        if output.forward_time_s > 0:
+            # The whole iteration, not the forward alone: what a stream waits between two tokens includes
+            # planning, bookkeeping and the optimizer at the step boundary, which grow with the batch.
+            self.scheduler.latency.observe(shape, step_time_s)
+        return outputs
+
+    def _log_step(self, shape: StepShape, step_time_s: float) -> None:
         log.debug("engine step", time_s=round(step_time_s, 4),
                   predicted_s=round(self.scheduler.latency.predict(shape), 4),
                   prefill=shape.num_prefill_tokens, decode=shape.num_decode_tokens,
                   train=(shape.num_train_forward_tokens, shape.num_train_backward_tokens, shape.num_train_head_tokens),
                   running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                   drift=round(self.trainer.drift.ratio, 3) if self.trainer is not None else None)
-        if output.forward_time_s > 0:
-            # The whole iteration, not the forward alone: what a stream waits between two tokens includes
-            # planning, bookkeeping and the optimizer at the step boundary, which grow with the batch.
-            self.scheduler.latency.observe(shape, step_time_s)
-        return outputs
 
     def _after_step(self) -> None:
         """Step boundary: the trainer may publish; new requests then pin the new version."""
