@@ -143,3 +143,29 @@ def test_a_request_behind_its_tpot_gets_a_shorter_step_until_its_mean_recovers()
     behind = scheduler.schedule()
     assert behind.train is not None and train_seconds(scheduler, behind) < on_pace
     assert scheduler.latency.predict(behind.shape) <= 0.05 + 1e-9
+
+
+def test_a_run_of_slow_steps_raises_the_margin_until_the_machine_recovers() -> None:
+    model = LatencyModel()
+    shape = StepShape(0, 2)
+    for _ in range(64):
+        model.observe(shape, true_step_s(shape))
+    settled_s = model.error_margin_s
+    for _ in range(4):  # something else takes the cores: each step runs 80 ms over
+        model.observe(shape, true_step_s(shape) + 0.08)
+    assert model.error_margin_s > settled_s + 0.05
+    assert model.steady_margin_s < settled_s + 0.01  # the decode batch is not resized for a moment
+    for _ in range(20):
+        model.observe(shape, true_step_s(shape))
+    assert model.error_margin_s < settled_s + 0.005
+
+
+def test_the_window_margin_leaves_out_the_overrun_that_the_steps_before_foresaw() -> None:
+    model = LatencyModel()
+    shape = StepShape(0, 2)
+    for step in range(512):  # one step in five runs 60 ms over, in runs of ten
+        model.observe(shape, true_step_s(shape) + (0.06 if step % 50 < 10 else 0.0))
+    # Every slow step's whole overrun would be the 95th percentile; after the first of a run, the
+    # running mean foresees most of it.
+    assert model.model_margin_s < 0.045
+    assert model.model_tail_margin_s >= model.model_margin_s > 0.0

@@ -336,6 +336,7 @@ class Engine:
     def _log_step(self, shape: StepShape, step_time_s: float) -> None:
         log.debug("engine step", time_s=round(step_time_s, 6),
                   predicted_s=round(self.scheduler.latency.predict(shape), 6),
+                  margin_s=round(self.scheduler.latency.error_margin_s, 6),
                   prefill=shape.num_prefill_tokens, decode=shape.num_decode_tokens,
                   train=(shape.num_train_forward_tokens, shape.num_train_backward_tokens, shape.num_train_head_tokens),
                   running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),

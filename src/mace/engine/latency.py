@@ -18,12 +18,17 @@ refitting without the columns that came out negative), so it follows the machine
 thermal state change. Before enough data it uses cautious priors.
 
 A step planned to end exactly at the TPOT target misses it whenever the machine is a little slower
-than predicted, so planners keep `error_margin_s` free. It has two parts:
-- the 95th percentile of how much the window's steps that served requests overran the fitted model
-  (the machine's noise as the streams feel it; training-only steps are short and regular, and would
-  hide it);
+than predicted, so planners keep `error_margin_s` free. It has three parts:
+- the recent overrun: a running mean of how much the last steps overran the model. Overruns come in
+  runs (a client burst or another process on the shared cores slows several steps in a row: on the
+  default model, one step's overrun correlates 0.7 with the next's), so the step after a slow one is
+  planned shorter;
+- the 95th percentile of what is left of the overrun once the recent one is taken off, over the
+  window's steps that served requests (the machine's noise as the streams feel it; training-only
+  steps are short and regular, and would hide it);
 - `TpotGuard`'s extra, learned from outcomes: each finished request that still missed its TPOT target
   raises it, each that met it lowers it a little, so that about 1% miss whatever the model leaves out.
+`tail_margin_s` is the same with the 99th percentile, for a gap that a request's TPOT rests on alone.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class StepShape:
 
 
 ERROR_QUANTILE = 0.95
+TAIL_QUANTILE = 0.99
+RECENT_WEIGHT = 0.3  # of the newest step in the running mean of overruns
 MIN_INFERENCE_SAMPLES = 8  # steps with inference in the window before the margin is read from them alone
 FEATURE_NAMES = ("base", "forward", "prefill_token", "decode_token", "train_forward_token",
                  "train_backward_token", "train_head_token", "prefill_chunk")
@@ -107,13 +114,26 @@ class LatencyModel:
         self._since_fit = 0
         self._fitted = np.zeros(len(prior), dtype=bool)  # columns whose coefficient came from measurements
         self.model_margin_s = 0.0
+        self.model_tail_margin_s = 0.0
         self.guard = TpotGuard()
         self.last_error_s = 0.0
+        self.recent_error_s = 0.0  # running mean of the last steps' overruns (negative: they ran fast)
+
+    @property
+    def steady_margin_s(self) -> float:
+        """Headroom for the noise the window shows, without the recent overrun (sizes the decode batch,
+        which must not shrink and grow with one slow moment)."""
+        return self.model_margin_s + self.guard.extra_s
 
     @property
     def error_margin_s(self) -> float:
-        """Headroom planners keep under a TPOT target."""
-        return self.model_margin_s + self.guard.extra_s
+        """Headroom planners keep under a TPOT target for the next step."""
+        return self.steady_margin_s + max(0.0, self.recent_error_s)
+
+    @property
+    def tail_margin_s(self) -> float:
+        """Headroom for a step that must rarely overrun: a request's only gap between tokens so far."""
+        return max(self.error_margin_s, self.model_tail_margin_s + self.guard.extra_s + max(0.0, self.recent_error_s))
 
     def predict(self, shape: StepShape) -> float:
         return float(np.dot(self._coef, shape.features()))
@@ -133,6 +153,7 @@ class LatencyModel:
 
     def observe(self, shape: StepShape, measured_s: float) -> None:
         self.last_error_s = measured_s - self.predict(shape)
+        self.recent_error_s += RECENT_WEIGHT * (self.last_error_s - self.recent_error_s)
         self._samples.append((shape.features(), measured_s))
         self._since_fit += 1
         if self._since_fit >= self._refit_every and len(self._samples) >= 8:
@@ -170,8 +191,20 @@ class LatencyModel:
         self._fitted |= used
         if forward_always:
             self._fitted[FORWARD] = True
-        residuals = y - x @ updated
+        residuals = _less_recent_overrun(y - x @ updated)
         serving = x[:, FORWARD] > 0
         if serving.sum() >= MIN_INFERENCE_SAMPLES:
             residuals = residuals[serving]
         self.model_margin_s = max(0.0, float(np.quantile(residuals, ERROR_QUANTILE)))
+        self.model_tail_margin_s = max(self.model_margin_s, float(np.quantile(residuals, TAIL_QUANTILE)))
+
+
+def _less_recent_overrun(residuals: np.ndarray) -> np.ndarray:
+    """Each step's overrun less what the running mean of the steps before it already foresaw (as
+    `error_margin_s` does live), in window order."""
+    left = np.empty_like(residuals)
+    recent = 0.0
+    for index, residual in enumerate(residuals):
+        left[index] = residual - max(0.0, recent)
+        recent += RECENT_WEIGHT * (residual - recent)
+    return left

@@ -198,14 +198,20 @@ class Scheduler:
         so far gets a shorter step, which brings its mean back under the target before it ends. One
         that ran faster does not get a longer one: banked time is not spent on a visible stall. A
         preempted request is held to its target alone: its wait to be readmitted is not made up for.
+
+        A young request's mean rests on few gaps (a two-token answer's on this one alone), so one slow
+        step decides it, where a long stream's mean absorbs it: its step keeps the tail margin free
+        rather than the usual one, the difference shared over the gaps it will have after this step.
         """
         now_s, budgets = self.clock(), []
+        tail_extra_s = self.latency.tail_margin_s - self.latency.error_margin_s
         for request in decoding:
             target_s = self._tpot_target_s(request)
             first_s = request.first_token_time_s
-            if first_s is not None and not request.num_preemptions:  # num_output_tokens intervals after this step
-                target_s = min(target_s, target_s * request.num_output_tokens - (now_s - first_s))
-            budgets.append(max(0.0, target_s))
+            num_gaps = max(1, request.num_output_tokens)  # intervals between tokens after this step
+            if first_s is not None and not request.num_preemptions:
+                target_s = min(target_s, target_s * num_gaps - (now_s - first_s))
+            budgets.append(max(0.0, target_s - tail_extra_s / num_gaps))
         return min(budgets, default=self.slo.tpot_s)
 
     def _tpot_target_s(self, request: Request) -> float:
