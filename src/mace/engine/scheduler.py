@@ -201,21 +201,17 @@ class Scheduler:
 
         A young request's mean rests on few gaps (a two-token answer's on this one alone), so one slow
         step decides it, where a long stream's mean absorbs it: its step keeps the tail margin free
-        rather than the usual one, and the delivery allowance the outcome guard already counts (the
-        client times its tokens after the event loop and the socket), shared over the gaps it will
-        have after this step.
+        rather than the usual one, the difference shared over the gaps it will have after this step.
         """
         now_s, budgets = self.clock(), []
         tail_extra_s = self.latency.tail_margin_s - self.latency.error_margin_s
-        guard = self.latency.guard
         for request in decoding:
             target_s = self._tpot_target_s(request)
-            young_extra_s = tail_extra_s + guard.near_miss_fraction * min(target_s, guard.reference_s)
             first_s = request.first_token_time_s
             num_gaps = max(1, request.num_output_tokens)  # intervals between tokens after this step
             if first_s is not None and not request.num_preemptions:
                 target_s = min(target_s, target_s * num_gaps - (now_s - first_s))
-            budgets.append(max(0.0, target_s - young_extra_s / num_gaps))
+            budgets.append(max(0.0, target_s - tail_extra_s / num_gaps))
         return min(budgets, default=self.slo.tpot_s)
 
     def _tpot_target_s(self, request: Request) -> float:
