@@ -133,7 +133,7 @@ class LatencyModel:
     @property
     def tail_margin_s(self) -> float:
         """Headroom for a step that must rarely overrun: a request's only gap between tokens so far."""
-        return max(self.error_margin_s, self.model_tail_margin_s + self.guard.extra_s + max(0.0, self.recent_error_s))
+        return self.error_margin_s + self.model_tail_margin_s - self.model_margin_s
 
     def predict(self, shape: StepShape) -> float:
         return float(np.dot(self._coef, shape.features()))
