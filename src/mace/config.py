@@ -165,6 +165,8 @@ class TrainConfig(_Section):
     drift_full_ratio: float = Field(1.5, gt=1, description="mace: drift ratio at which training takes all slack")
     heldout_every: int = Field(5, ge=2, description="every Nth sample is held out for the publish gate")
     heldout_size: int = Field(16, ge=1)
+    heldout_half_life: float = Field(4.0, gt=0, description="publish gate: a held-out sample's weight halves "
+                                     "this many samples back from the newest")
     publish_margin: float = Field(0.02, ge=0, lt=1)
     max_staleness_s: float = Field(300.0, gt=0)
     min_publish_interval_s: float = Field(10.0, ge=0, description="versions are not published more often")

@@ -54,8 +54,7 @@ class ReplayBuffer:
             self._samples.popitem(last=False)
 
     def value(self, sample: TrainSample, now_s: float) -> float:
-        freshness = math.exp(-math.log(2) * max(0.0, now_s - sample.created_at) / self._half_life_s)
-        return sample.loss * sample.weight * freshness
+        return sample.loss * sample.weight * half_life_decay(max(0.0, now_s - sample.created_at), self._half_life_s)
 
     def pick(self, max_tokens: int, now_s: float, max_samples: int, at_least_one: bool = False) -> TrainChunk | None:
         """Highest-value samples whose tokens fit `max_tokens` (best fit: a big one never blocks smaller ones).
@@ -75,6 +74,19 @@ class ReplayBuffer:
         if not chosen and at_least_one and ranked:
             chosen = ranked[:1]
         return TrainChunk(chosen) if chosen else None
+
+
+def half_life_decay(age: float, half_life: float) -> float:
+    """1 at age 0, halving every `half_life`."""
+    return math.exp(-math.log(2) * age / half_life)
+
+
+def recency_weighted_mean(losses: list[float], half_life: float) -> float:
+    """The mean of `losses` (oldest first) with a weight that halves every `half_life` samples back
+    from the newest: the publish gate judges a version on what users say now, and an answer they
+    have since corrected (a fact that changed) counts less than its correction."""
+    weights = [half_life_decay(len(losses) - 1 - index, half_life) for index in range(len(losses))]
+    return sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
 
 
 UNALIGNED_RATIO = 10.0

@@ -27,7 +27,7 @@ from mace.train.journal import Journal
 from mace.train.layered import LayeredLoss, LayeredMicroStep, loss_stages
 from mace.train.learner import CANDIDATE, LEARNER, Learner, save_adapter
 from mace.train.policy import RetrainPolicy, make_policy
-from mace.train.replay import DriftSignal, ReplayBuffer, TrainSample
+from mace.train.replay import DriftSignal, ReplayBuffer, TrainSample, recency_weighted_mean
 from mace.train.work import StageKind, TrainStage, TrainWork
 
 log = structlog.get_logger(__name__)
@@ -77,10 +77,9 @@ class _Upkeep:
 class _PublishGate:
     """Held-out losses of the learner and of the serving version, gathered one sample per stage."""
 
-    samples: list[TrainSample]
+    samples: list[TrainSample]  # oldest first
     serving_version: int
-    learner_losses: list[float] = field(default_factory=list)
-    serving_losses: dict[int, float] = field(default_factory=dict)  # by sample id
+    learner_losses: dict[int, float] = field(default_factory=dict)  # by sample id
 
 
 class Trainer:
@@ -264,7 +263,7 @@ class Trainer:
         gate = _PublishGate(heldout, self.active_version)
         serving = self.learner.adapter_for(self.active_version)
         for sample in heldout:
-            self._queue_loss(sample, CANDIDATE, gate.learner_losses.append)
+            self._queue_loss(sample, CANDIDATE, partial(gate.learner_losses.__setitem__, sample.sample_id))
             if sample.sample_id not in self._serving_losses:
                 self._queue_loss(sample, serving, partial(self._serving_losses.__setitem__, sample.sample_id))
         self._upkeep.append(_Upkeep([TrainStage(StageKind.HEAD, 0, is_upkeep=True)], None,
@@ -275,8 +274,9 @@ class Trainer:
         self._gate_pending = False
         if gate.serving_version != self.active_version or self.publishing_held:
             return  # an operator chose a version meanwhile
-        learner = sum(gate.learner_losses) / len(gate.learner_losses)
-        serving = sum(self._serving_losses[s.sample_id] for s in gate.samples) / len(gate.samples)
+        half_life = self.config.heldout_half_life
+        learner = recency_weighted_mean([gate.learner_losses[s.sample_id] for s in gate.samples], half_life)
+        serving = recency_weighted_mean([self._serving_losses[s.sample_id] for s in gate.samples], half_life)
         self.learner_heldout_loss, self.serving_heldout_loss = learner, serving
         if not (math.isfinite(learner) and math.isfinite(serving)):
             return
