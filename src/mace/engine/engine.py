@@ -319,6 +319,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
         plan = self.last_plan = self.scheduler.schedule()
+        margin_s = self.scheduler.latency.error_margin_s  # as planned: finished requests teach the guard below
         output = self._run_guarded(plan)
         outputs = self.scheduler.update(plan, output)
         self._after_step()
@@ -326,17 +327,16 @@ class Engine:
         self._account(step_time_s, output)
         shape = plan.shape
         if log.is_enabled_for(logging.DEBUG):  # a prediction per step only when someone reads it
-            self._log_step(shape, step_time_s)
+            self._log_step(shape, step_time_s, margin_s)
         if output.forward_time_s > 0:
             # The whole iteration, not the forward alone: what a stream waits between two tokens includes
             # planning, bookkeeping and the optimizer at the step boundary, which grow with the batch.
             self.scheduler.latency.observe(shape, step_time_s)
         return outputs
 
-    def _log_step(self, shape: StepShape, step_time_s: float) -> None:
+    def _log_step(self, shape: StepShape, step_time_s: float, margin_s: float) -> None:
         log.debug("engine step", time_s=round(step_time_s, 6),
-                  predicted_s=round(self.scheduler.latency.predict(shape), 6),
-                  margin_s=round(self.scheduler.latency.error_margin_s, 6),
+                  predicted_s=round(self.scheduler.latency.predict(shape), 6), margin_s=round(margin_s, 6),
                   prefill=shape.num_prefill_tokens, decode=shape.num_decode_tokens,
                   train=(shape.num_train_forward_tokens, shape.num_train_backward_tokens, shape.num_train_head_tokens),
                   running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
