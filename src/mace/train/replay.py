@@ -27,6 +27,10 @@ class TrainSample:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def prompt_key(self) -> tuple[int, ...]:
+        return tuple(self.token_ids[: self.num_prompt_tokens])
+
 
 @dataclass(frozen=True)
 class TrainChunk:
@@ -44,14 +48,31 @@ class ReplayBuffer:
         self._window = window
         self._half_life_s = half_life_s
         self._samples: OrderedDict[int, TrainSample] = OrderedDict()
+        self._by_prompt: dict[tuple[int, ...], list[int]] = {}  # prompt -> ids of its samples, oldest first
 
     def __len__(self) -> int:
         return len(self._samples)
 
     def add(self, sample: TrainSample) -> None:
+        """Add a newer sample; it supersedes older ones that give the same prompt another answer.
+
+        A user who corrects the same question with a new answer has changed it: training on both would
+        teach the old answer against the new one, and replay, which favours high loss, would pick the
+        old one most once the new one is learned. The same answer again stays: it is confirmed.
+        """
+        same_prompt = self._by_prompt.setdefault(sample.prompt_key, [])
+        if same_prompt and supersedes(sample, self._samples[same_prompt[-1]]):
+            for superseded in same_prompt:
+                del self._samples[superseded]
+            same_prompt.clear()
+        same_prompt.append(sample.sample_id)
         self._samples[sample.sample_id] = sample
         while len(self._samples) > self._window:
-            self._samples.popitem(last=False)
+            _, evicted = self._samples.popitem(last=False)
+            ids = self._by_prompt[evicted.prompt_key]
+            ids.remove(evicted.sample_id)  # the oldest of its prompt, so the list's first
+            if not ids:
+                del self._by_prompt[evicted.prompt_key]
 
     def value(self, sample: TrainSample, now_s: float) -> float:
         return sample.loss * sample.weight * half_life_decay(max(0.0, now_s - sample.created_at), self._half_life_s)
@@ -74,6 +95,11 @@ class ReplayBuffer:
         if not chosen and at_least_one and ranked:
             chosen = ranked[:1]
         return TrainChunk(chosen) if chosen else None
+
+
+def supersedes(newer: TrainSample, older: TrainSample) -> bool:
+    """Whether `newer` answers `older`'s prompt differently (a user changed their answer)."""
+    return newer.prompt_key == older.prompt_key and newer.token_ids != older.token_ids
 
 
 def half_life_decay(age: float, half_life: float) -> float:

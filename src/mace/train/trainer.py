@@ -27,7 +27,7 @@ from mace.train.journal import Journal
 from mace.train.layered import LayeredLoss, LayeredMicroStep, loss_stages
 from mace.train.learner import CANDIDATE, LEARNER, Learner, save_adapter
 from mace.train.policy import RetrainPolicy, make_policy
-from mace.train.replay import DriftSignal, ReplayBuffer, TrainSample, recency_weighted_mean
+from mace.train.replay import DriftSignal, ReplayBuffer, TrainSample, recency_weighted_mean, supersedes
 from mace.train.work import StageKind, TrainStage, TrainWork
 
 log = structlog.get_logger(__name__)
@@ -180,6 +180,8 @@ class Trainer:
         """A sample's value: its loss under the version users are served now."""
         sample.loss = loss
         self.drift.observe(sample.loss)
+        # The gate must not judge a version on an answer the user has since corrected (ReplayBuffer.add).
+        self.heldout = [older for older in self.heldout if not supersedes(sample, older)]
         if held_out:
             self.heldout = [*self.heldout[-self.config.heldout_size :], sample]
         elif sample.num_trained == 0 or len(self.replay) < self.config.replay_window:
