@@ -13,8 +13,8 @@ from tests.conftest import tiny_config
 
 @pytest.fixture
 def trainer(tmp_path: Path, tiny_bundle: ModelBundle) -> Iterator[Trainer]:
-    """A `mace` trainer on the tiny model, one sample per optimizer step, outside an engine."""
-    config = tiny_config(tmp_path, train={"policy": "mace", "batch_size": 1})
+    """A `mace` trainer on the tiny model, outside an engine."""
+    config = tiny_config(tmp_path, train={"policy": "mace"})
     journal = Journal(tmp_path / "journal.sqlite3", heldout_every=config.train.heldout_every)
     trainer = Trainer(tiny_bundle.causal_lm, tiny_bundle.tokenizer, journal, config)
     try:
