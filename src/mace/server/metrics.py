@@ -97,7 +97,8 @@ class ServerMetrics:
         train("mace:train_skipped_steps_total", "Optimizer steps skipped for NaN/inf.", lambda t: t.num_skipped_steps)
         train("mace:train_pending_samples", "Samples the trainer can draw.", lambda t: t.num_trainable)
         train("mace:learner_loss", "Learner's recent training loss.", lambda t: t.learner_loss)
-        train("mace:heldout_loss_serving", "Held-out loss of the serving version.", lambda t: t.serving_heldout_loss)
+        train("mace:heldout_loss_serving", "Held-out loss of the serving version, as the last gate "
+              "measured it (NaN after a manual activation until the next gate).", lambda t: t.serving_heldout_loss)
         train("mace:heldout_loss_learner", "Held-out loss of the learner.", lambda t: t.learner_heldout_loss)
         train("mace:adapter_active_version", "Adapter version new requests use.", lambda t: t.active_version)
         train("mace:seconds_since_publish", "Seconds since the last publish.", lambda t: t.seconds_since_publish)

@@ -300,6 +300,7 @@ class Trainer:
         self.store.write(meta, lambda directory: save_adapter(directory, weights, lora_config))
         self.store.set_active(version)
         self.active_version = version
+        self.serving_heldout_loss = learner_loss  # what the gate measured is what serves now
         self.last_publish_s = time.monotonic()
         self.drift.on_publish(serving_loss, learner_loss)
         self.num_new_samples = 0
@@ -312,7 +313,8 @@ class Trainer:
             self.store.flush()  # a version published moments ago may still be on its way to disk
             self.learner.load_version(version, self.store.path(version))
         self.store.set_active(version)
-        self.active_version = version
+        if version != self.active_version:  # its loss on the slice is not known until the next gate
+            self.active_version, self.serving_heldout_loss = version, math.nan
         self.publishing_held = version != max((v.version for v in self.store.versions()), default=0)
 
     def release_versions(self, in_use: set[int]) -> None:
