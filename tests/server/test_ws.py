@@ -84,3 +84,43 @@ async def test_oversized_frame_closes_with_message_too_big(
         message = await ws.receive(timeout=10)
         assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
         assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+
+
+async def test_feedback_message_is_journaled_and_acknowledged(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    journal = server.runtime.journal
+    assert journal is not None
+    before = journal.counts().total
+    sample = {"prompt": "colour?", "completion": "blue"}
+    async with http.ws_connect(server.url + "/v1/ws") as ws:
+        await ws.send_json({"type": "feedback", "id": "f1", "samples": [sample, {**sample, "weight": 2.0}]})
+        ack = await ws.receive_json(timeout=30)
+        assert ack["type"] == "feedback_accepted" and ack["id"] == "f1"
+        assert len(ack["ids"]) == 2 and all(isinstance(i, int) for i in ack["ids"])
+        await ws.send_json({"type": "feedback", "id": "f2", "samples": sample})  # one sample, not a list
+        assert len((await ws.receive_json(timeout=30))["ids"]) == 1
+    assert journal.counts().total == before + 3
+
+
+async def test_bad_feedback_messages_get_errors_with_their_status(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    async with http.ws_connect(server.url + "/v1/ws") as ws:
+        await ws.send_json({"type": "feedback", "id": "f1"})
+        error = await ws.receive_json(timeout=10)
+        assert (error["type"], error["id"], error["status"], error["error"]["param"]) == ("error", "f1", 400, "samples")
+        await ws.send_json({"type": "feedback", "id": "f2", "samples": [{"prompt": "no answer"}]})
+        error = await ws.receive_json(timeout=10)
+        assert (error["id"], error["status"], error["error"]["type"]) == ("f2", 400, "invalid_request_error")
+        await ws.send_json({"type": "feedback", "id": "f3", "samples": []})
+        assert (await ws.receive_json(timeout=10))["error"]["param"] == "body"
+        await ws.send_json({"type": "feedback", "samples": [{"prompt": "a", "completion": "b"}]})
+        assert (await ws.receive_json(timeout=10))["error"]["param"] == "id"
+        await ws.send_json({"type": "chat", "id": "busy", **CHAT, "max_tokens": 900, "ignore_eos": True})
+        await ws.send_json({"type": "feedback", "id": "busy", "samples": {"prompt": "a", "completion": "b"}})
+        while (message := await ws.receive_json(timeout=30))["type"] == "delta":
+            pass
+        assert (message["type"], message["id"], message["error"]["param"]) == ("error", "busy", "id")
+        await ws.send_json({"type": "cancel", "id": "busy"})
+    await wait_until(server.idle, timeout_s=20, what="the cancelled conversation freed")

@@ -15,14 +15,28 @@ from mace.client.errors import (
     ServiceUnavailableError,
     StreamError,
 )
+from mace.client.retry import RetryPolicy
 from mace.client.streams import ChatStream, CompletionStream, GenerationStream
-from mace.client.types import ChatResult, CompletionResult, GenerationResult, Message, ModelInfo, Usage
+from mace.client.types import (
+    AdapterList,
+    AdapterVersion,
+    ChatResult,
+    CompletionResult,
+    FeedbackCounts,
+    FeedbackSample,
+    GenerationResult,
+    Message,
+    ModelInfo,
+    Usage,
+)
 from mace.client.ws import WsChatSession, WsConversation
 
 __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "AdapterList",
+    "AdapterVersion",
     "AsyncClient",
     "AuthenticationError",
     "BadRequestError",
@@ -30,6 +44,8 @@ __all__ = [
     "ChatStream",
     "CompletionResult",
     "CompletionStream",
+    "FeedbackCounts",
+    "FeedbackSample",
     "GenerationResult",
     "GenerationStream",
     "MaceError",
@@ -38,6 +54,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RetryPolicy",
     "ServerError",
     "ServiceUnavailableError",
     "StreamError",

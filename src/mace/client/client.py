@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import aiohttp
 import orjson
@@ -13,12 +13,27 @@ from multidict import CIMultiDictProxy
 
 from mace.client.closing import AsyncClosing
 from mace.client.errors import APIConnectionError, MaceError, status_error, translated
+from mace.client.retry import RetryPolicy
 from mace.client.streams import ChatStream, CompletionStream, Opener, ResultT
-from mace.client.types import ChatResult, CompletionResult, Message, ModelInfo, Usage, adapter_version_of
+from mace.client.types import (
+    AdapterList,
+    ChatResult,
+    CompletionResult,
+    FeedbackCounts,
+    FeedbackSample,
+    Message,
+    ModelInfo,
+    Usage,
+    acknowledged_ids,
+    adapter_version_of,
+    feedback_payload,
+)
 from mace.client.ws import WsChatSession, ws_connect
 
 Messages = Sequence[Message | Mapping[str, Any]]
 Prompt = str | Sequence[int]
+T = TypeVar("T")
+Samples = FeedbackSample | Mapping[str, Any] | Sequence[FeedbackSample | Mapping[str, Any]]
 
 
 class AsyncClient(AsyncClosing):
@@ -36,6 +51,11 @@ class AsyncClient(AsyncClosing):
     `timeout_s` bounds each non-streamed request as a whole; for streams and websocket
     conversations it bounds the wait for each next piece of data, so a long generation can stream
     for as long as it keeps producing. Timeouts raise `APITimeoutError`.
+
+    Learning: `feedback()` sends training samples (`correct(result, answer)` the answer a result should
+    have had), `feedback_counts()` reads the journal, `adapters()` and `activate(version)` list and switch
+    adapter versions. These calls repeat a 429 or 503 that carries Retry-After, up to `max_retries` times
+    and only for waits up to `max_retry_wait_s` (see mace.client.retry); generation is never repeated.
     """
 
     def __init__(
@@ -44,9 +64,12 @@ class AsyncClient(AsyncClosing):
         api_key: str | None = None,
         timeout_s: float = 60.0,
         model: str | None = None,
+        max_retries: int = 2,
+        max_retry_wait_s: float = 10.0,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
+        self.retry = RetryPolicy(max_retries, max_retry_wait_s)
         base = base_url.rstrip("/")
         # /health, /ready and /metrics live at the root: accept an OpenAI-style ".../v1" base too.
         self.base_url = base.removesuffix("/v1")
@@ -127,7 +150,7 @@ class AsyncClient(AsyncClosing):
         `client.chat(..., stream=True)` gives a ChatStream (see GenerationStream)."""
         body = {"messages": [dict(m) for m in messages], **_without_none(params)}
         if stream:
-            return ChatStream(self._stream_opener("/v1/chat/completions", body))
+            return ChatStream(self._stream_opener("/v1/chat/completions", body), messages=body["messages"])
         return self._generate("/v1/chat/completions", body, ChatResult)
 
     @overload
@@ -152,6 +175,44 @@ class AsyncClient(AsyncClosing):
             return CompletionStream(self._stream_opener("/v1/completions", body))
         return self._generate("/v1/completions", body, CompletionResult)
 
+    # ---- learning ----
+
+    async def feedback(self, samples: Samples) -> list[int]:
+        """POST /v1/feedback: one sample or a list (see FeedbackSample). Returns the journal ids of the
+        samples, once the server has stored them durably. Needs the `train` scope."""
+        body = feedback_payload(samples)
+        ids = acknowledged_ids(await self._json("POST", "/v1/feedback", body))
+        if ids is None:
+            raise MaceError("POST /v1/feedback answered without the ids of the stored samples")
+        return ids
+
+    async def correct(
+        self, result: ChatResult, answer: str, weight: float | None = None, user: str | None = None
+    ) -> list[int]:
+        """Send `answer` as what `result` should have said (same conversation, linked by request id)."""
+        return await self.feedback(result.correction(answer, weight=weight, user=user))
+
+    async def feedback_counts(self) -> FeedbackCounts:
+        """GET /v1/feedback: how many samples the journal holds, trained, pending and held out."""
+        return _parsed(FeedbackCounts.from_payload, await self._json("GET", "/v1/feedback"), "/v1/feedback")
+
+    async def adapters(self) -> AdapterList:
+        """GET /v1/adapters: every adapter version with its held-out losses, and which one serves."""
+        return _parsed(AdapterList.from_payload, await self._json("GET", "/v1/adapters"), "/v1/adapters")
+
+    async def activate(self, version: int) -> int:
+        """POST /v1/adapters/{version}/activate: new requests use that version (0 is the base model);
+        returns the active version. Activating an older one holds automatic publishing until the newest
+        is activated again. Needs the `admin` scope; an unknown version raises NotFoundError."""
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError("version must be a non-negative integer")
+        path = f"/v1/adapters/{version}/activate"
+        payload = await self._json("POST", path)
+        active = payload.get("active") if isinstance(payload, dict) else None
+        if not isinstance(active, int) or isinstance(active, bool):
+            raise MaceError(f"unexpected {path} answer: {payload!r}")
+        return active
+
     def ws_chat(self) -> AbstractAsyncContextManager[WsChatSession]:
         """A websocket session on /v1/ws for several concurrent conversations:
 
@@ -166,7 +227,7 @@ class AsyncClient(AsyncClosing):
     async def _ws_chat(self) -> AsyncIterator[WsChatSession]:
         model = await self._resolve_model()
         ws = await ws_connect(self._http(), self._url("/v1/ws"), self._headers(), self.timeout_s)
-        session = WsChatSession(ws, model, self.timeout_s)
+        session = WsChatSession(ws, model, self.timeout_s, self.retry)
         try:
             yield session
         finally:
@@ -184,9 +245,11 @@ class AsyncClient(AsyncClosing):
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise MaceError(f"unexpected {path} answer without choices: {payload!r}")
         choice = choices[0]
+        extra: dict[str, Any] = {}
         if issubclass(result_type, ChatResult):
             message = choice.get("message")
             text = message.get("content") if isinstance(message, dict) else None
+            extra["messages"] = tuple(body["messages"])
         else:
             text = choice.get("text")
         fingerprint = payload.get("system_fingerprint")
@@ -199,6 +262,7 @@ class AsyncClient(AsyncClosing):
             request_id=str(payload.get("id", "")),
             model=str(payload.get("model", body["model"])),
             system_fingerprint=fingerprint,
+            **extra,
         )
 
     def _stream_opener(self, path: str, body: dict[str, Any]) -> Opener:
@@ -238,6 +302,17 @@ class AsyncClient(AsyncClosing):
                         raise MaceError("the server lists no models")
                     self._model = models[0].id
         return self._model
+
+    async def _json(self, method: str, path: str, body: Any = None) -> Any:
+        """A JSON call under the retry policy."""
+
+        async def once() -> Any:
+            status, headers, raw = await self._request(method, path, body)
+            if status >= 400:
+                raise status_error(status, raw, headers)
+            return _loads(raw, path)
+
+        return await self.retry.run(once)
 
     async def _get_json(self, path: str) -> Any:
         status, headers, body = await self._request("GET", path)
@@ -280,6 +355,13 @@ class AsyncClient(AsyncClosing):
 
 def _without_none(params: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in params.items() if value is not None}
+
+
+def _parsed(parse: Callable[[Any], T], payload: Any, path: str) -> T:
+    try:
+        return parse(payload)
+    except ValueError as exc:
+        raise MaceError(f"unexpected {path} answer: {exc}") from None
 
 
 def _loads(raw: bytes, path: str) -> Any:

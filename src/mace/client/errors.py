@@ -58,7 +58,7 @@ class AuthenticationError(APIStatusError):
 
 
 class PermissionDeniedError(APIStatusError):
-    """403."""
+    """403: the API key lacks the scope the call needs (code "insufficient_scope")."""
 
 
 class NotFoundError(APIStatusError):
@@ -66,7 +66,8 @@ class NotFoundError(APIStatusError):
 
 
 class RateLimitError(APIStatusError):
-    """429: the server is at capacity; retry after `retry_after_s` seconds when it says."""
+    """429: the server is at capacity, or the key sent more than its rate; retry after `retry_after_s`
+    seconds when it says."""
 
 
 class ServerError(APIStatusError):
@@ -74,7 +75,8 @@ class ServerError(APIStatusError):
 
 
 class ServiceUnavailableError(ServerError):
-    """503: the server is not ready (model loading) or is shutting down."""
+    """503: the server is not ready (model loading), is shutting down, or its feedback journal cannot
+    store samples (code "journal_unavailable"); `retry_after_s` when it says."""
 
 
 class APIConnectionError(MaceError):
@@ -130,6 +132,23 @@ def status_error(status: int, body: bytes, headers: Mapping[str, str]) -> APISta
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
         fields = parsed["error"]
         message = str(fields.get("message") or message)
+    return _typed(status, message, fields, _retry_after(headers.get("Retry-After")))
+
+
+def event_error(event: Mapping[str, Any]) -> MaceError:
+    """The error of a websocket `error` message. One that names an HTTP-like `status` (the server does
+    for feedback and admission errors) becomes the same typed error as over HTTP, with `retry_after_s`
+    from the message; one without a status is a StreamError."""
+    fields = event.get("error")
+    status = event.get("status")
+    if not isinstance(status, int) or isinstance(status, bool) or not isinstance(fields, dict):
+        return StreamError.from_payload(fields)
+    retry_after = event.get("retry_after_s")
+    retry_after_s = float(retry_after) if isinstance(retry_after, int | float) and retry_after >= 0 else None
+    return _typed(status, str(fields.get("message") or f"error {status}"), fields, retry_after_s)
+
+
+def _typed(status: int, message: str, fields: Mapping[str, Any], retry_after_s: float | None) -> APIStatusError:
     error_class = _BY_STATUS.get(status) or (ServerError if status >= 500 else APIStatusError)
     return error_class(
         status,
@@ -137,7 +156,7 @@ def status_error(status: int, body: bytes, headers: Mapping[str, str]) -> APISta
         type=_str_or_none(fields.get("type")),
         param=_str_or_none(fields.get("param")),
         code=_str_or_none(fields.get("code")),
-        retry_after_s=_retry_after(headers.get("Retry-After")),
+        retry_after_s=retry_after_s,
     )
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import deque
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar
 
@@ -233,6 +234,13 @@ class ChatStream(GenerationStream[ChatResult]):
     """A streamed chat completion: deltas are choices[0].delta.content."""
 
     _result_type = ChatResult
+
+    def __init__(self, opener: Opener, messages: Sequence[Mapping[str, Any]] = ()) -> None:
+        super().__init__(opener)
+        self._messages = tuple(messages)
+
+    def _build(self, finish_reason: str) -> ChatResult:
+        return dataclasses.replace(super()._build(finish_reason), messages=self._messages)
 
     def _choice_text(self, choice: dict[str, Any]) -> str | None:
         delta = choice.get("delta")

@@ -10,6 +10,10 @@ finish_reason "abort", usage None and the text of the deltas that had arrived; t
 yields those it had not yet yielded, then stops. Messages that arrive for it later are dropped, and
 its id cannot be reused on this session (they would be taken for the new conversation's). A
 conversation whose "done" (or error) had already arrived is not cancelled: cancel() returns False.
+
+Feedback: `await session.feedback(samples)` (or `session.correct(result, answer)`) sends a feedback
+message and waits for its acknowledgement, so an app corrects an answer on the socket it already holds;
+errors are the same typed errors as over HTTP (403 without the `train` scope, 429, 503).
 """
 
 from __future__ import annotations
@@ -32,10 +36,19 @@ from mace.client.errors import (
     APITimeoutError,
     MaceError,
     StreamError,
+    event_error,
     status_error,
     translated,
 )
-from mace.client.types import ChatResult, Usage, adapter_version_of
+from mace.client.retry import RetryPolicy
+from mace.client.types import (
+    ChatResult,
+    FeedbackSample,
+    Usage,
+    acknowledged_ids,
+    adapter_version_of,
+    feedback_payload,
+)
 
 WebSocket = aiohttp.ClientWebSocketResponse[Literal[True]]
 _State = Literal["new", "open", "done", "aborted", "failed"]
@@ -199,17 +212,20 @@ class WsConversation:
             request_id=self.id,
             model=str(self._message.get("model", "")),
             system_fingerprint=fingerprint,
+            messages=tuple(self._message["messages"]),
         )
 
 
 class WsChatSession(AsyncClosing):
     """A websocket on /v1/ws; get one from `AsyncClient.ws_chat()`."""
 
-    def __init__(self, ws: WebSocket, model: str, timeout_s: float) -> None:
+    def __init__(self, ws: WebSocket, model: str, timeout_s: float, retry: RetryPolicy | None = None) -> None:
         self.model = model
         self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
         self._ws = ws
         self._active: dict[str, WsConversation] = {}
+        self._feedback: dict[str, asyncio.Future[list[int]]] = {}  # acknowledgements awaited, by message id
         self._retired: set[str] = set()
         self._pongs: deque[asyncio.Future[None]] = deque()
         self._send_lock = asyncio.Lock()
@@ -245,6 +261,35 @@ class WsChatSession(AsyncClosing):
     async def cancel(self, conversation_id: str) -> bool:
         """Stop a conversation (see the module's docstring); False if it was not running."""
         return await self._retire(conversation_id, send_cancel=True, abort=True)
+
+    async def feedback(
+        self, samples: FeedbackSample | Mapping[str, Any] | Sequence[FeedbackSample | Mapping[str, Any]]
+    ) -> list[int]:
+        """A feedback message: one sample or a list, as AsyncClient.feedback(); returns the journal ids
+        once the server has stored them. A 429 or 503 with a retry delay is repeated as the client's
+        retry policy allows."""
+        payload = feedback_payload(samples)
+        return await self.retry.run(lambda: self._send_feedback(payload))
+
+    async def correct(
+        self, result: ChatResult, answer: str, weight: float | None = None, user: str | None = None
+    ) -> list[int]:
+        """Send `answer` as what `result` (a conversation of this session or an HTTP chat) should have said."""
+        return await self.feedback(result.correction(answer, weight=weight, user=user))
+
+    async def _send_feedback(self, samples: list[dict[str, Any]]) -> list[int]:
+        message_id = f"feedback-{uuid.uuid4().hex}"
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._feedback[message_id] = future
+        try:
+            await self._send({"type": "feedback", "id": message_id, "samples": samples})
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    return await future
+            except TimeoutError:
+                raise APITimeoutError(f"feedback {message_id!r}: no answer within {self.timeout_s}s") from None
+        finally:
+            self._feedback.pop(message_id, None)
 
     async def ping(self) -> float:
         """Send a ping and wait for the pong; returns the round trip in seconds."""
@@ -321,6 +366,9 @@ class WsChatSession(AsyncClosing):
                 future = self._pongs.popleft()
                 if not future.done():
                     future.set_exception(APIConnectionError(str(ended)))
+            for waiting in self._feedback.values():
+                if not waiting.done():
+                    waiting.set_exception(APIConnectionError(str(ended)))
 
     def _dispatch(self, data: str) -> None:
         try:
@@ -337,6 +385,9 @@ class WsChatSession(AsyncClosing):
                     future.set_result(None)
             return
         conversation_id = message.get("id")
+        if isinstance(conversation_id, str) and conversation_id in self._feedback:
+            _acknowledge(self._feedback.pop(conversation_id), message)
+            return
         if kind not in ("delta", "done", "error") or not isinstance(conversation_id, str):
             return  # errors without an id answer malformed frames, which this SDK does not send
         conversation = self._active.get(conversation_id)
@@ -345,3 +396,15 @@ class WsChatSession(AsyncClosing):
         if kind != "delta":
             del self._active[conversation_id]
         conversation._queue.put_nowait(message)
+
+
+def _acknowledge(future: asyncio.Future[list[int]], message: dict[str, Any]) -> None:
+    if future.done():
+        return  # its caller gave up (timeout)
+    ids = acknowledged_ids(message) if message.get("type") == "feedback_accepted" else None
+    if ids is not None:
+        future.set_result(ids)
+    elif message.get("type") == "error":
+        future.set_exception(event_error(message))
+    else:
+        future.set_exception(MaceError(f"unexpected answer to a feedback message: {message!r}"))

@@ -13,7 +13,7 @@ from aiohttp import web
 from pydantic import Field, model_validator
 
 from mace.engine.engine import RequestRejected
-from mace.server.auth import GUARD, PRINCIPAL
+from mace.server.auth import GUARD, PRINCIPAL, Guard, Principal
 from mace.server.errors import ApiError, dumps
 from mace.server.keys import RUNTIME
 from mace.server.openai_api import parse_body, read_json
@@ -84,13 +84,14 @@ def _journal(runtime: Runtime) -> Journal:
     return runtime.journal
 
 
-@routes.post("/v1/feedback")
-async def post_feedback(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    guard = request.app[GUARD]
+async def store_feedback(runtime: Runtime, guard: Guard, principal: Principal, data: Any) -> list[int]:
+    """Validate one sample or a list, charge them to the key's sample rate, and write them to the journal;
+    returns their ids once they are durable. POST /v1/feedback and the websocket's feedback message both
+    answer through this, so the two cannot drift apart. Every refusal is raised before anything is
+    written (a failed write rolls back), so a 429 or 503 from here is safe to retry."""
     journal = _journal(runtime)
-    samples = _samples(runtime, await read_json(request))
-    guard.count_samples(request[PRINCIPAL], len(samples))
+    samples = _samples(runtime, data)
+    guard.count_samples(principal, len(samples))
     with guard.feedback_writes.hold("server"):
         try:
             ids = await asyncio.to_thread(journal.append, samples)
@@ -99,6 +100,14 @@ async def post_feedback(request: web.Request) -> web.Response:
             raise ApiError(503, f"the journal cannot store samples now: {exc}", code="journal_unavailable",
                            retry_after_s=30) from None
     runtime.ready_engine().notify_feedback()
+    return ids
+
+
+@routes.post("/v1/feedback")
+async def post_feedback(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    _journal(runtime)  # a journal that is down answers 503 before the body is read
+    ids = await store_feedback(runtime, request.app[GUARD], request[PRINCIPAL], await read_json(request))
     return web.json_response({"object": "feedback.accepted", "ids": ids}, status=202, dumps=dumps)
 
 

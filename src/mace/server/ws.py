@@ -1,10 +1,13 @@
 """Websocket chat at /v1/ws: several conversations multiplexed on one socket by `id`.
 
 Client -> server: {"type": "chat", "id", "messages", ...same sampling fields as chat completions}
+                  {"type": "feedback", "id", "samples": one sample or a list, as POST /v1/feedback}
                   {"type": "cancel", "id"}   {"type": "ping"}
 Server -> client: {"type": "delta", "id", "text"}
                   {"type": "done", "id", "finish_reason", "usage", "adapter_version", "system_fingerprint"}
-                  {"type": "error", "id", "error": {message, type, param, code}}   {"type": "pong"}
+                  {"type": "feedback_accepted", "id", "ids"}
+                  {"type": "error", "id", "status", "error": {message, type, param, code}, "retry_after_s"?}
+                  {"type": "pong"}
 See docs/websocket.md.
 """
 
@@ -15,10 +18,12 @@ import contextlib
 from typing import Any
 
 import orjson
+import structlog
 from aiohttp import WSMsgType, web
 
 from mace.server.auth import GUARD, PRINCIPAL, Guard
 from mace.server.errors import ApiError
+from mace.server.feedback_api import store_feedback
 from mace.server.generation import PreparedRequest, generate, prepare_chat
 from mace.server.keys import RUNTIME
 from mace.server.limits import TokenBucket
@@ -26,6 +31,7 @@ from mace.server.openai_api import fingerprint, parse_body, usage
 from mace.server.protocol import ChatCompletionRequest
 from mace.server.runtime import Runtime
 
+log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 MAX_CONVERSATIONS_PER_SOCKET = 16
 
@@ -35,6 +41,7 @@ class _Socket:
         self.request = request
         self.ws = ws
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.feedback: dict[str, asyncio.Task[None]] = {}  # journal writes not yet acknowledged, by message id
         self.principal = request[PRINCIPAL]
         rate = request.app[RUNTIME].config.server.ws_messages_per_s
         self.messages = TokenBucket(rate, 2 * rate)
@@ -44,7 +51,11 @@ class _Socket:
             await self.ws.send_str(orjson.dumps(payload).decode())
 
     async def send_error(self, conversation_id: Any, error: ApiError) -> None:
-        await self.send({"type": "error", "id": conversation_id, **error.body()})
+        # The status and retry delay that HTTP puts in the status line and Retry-After header.
+        message = {"type": "error", "id": conversation_id, "status": error.status, **error.body()}
+        if error.retry_after_s is not None:
+            message["retry_after_s"] = error.retry_after_s
+        await self.send(message)
 
     async def handle(self, data: str) -> None:
         wait_s = self.messages.take()
@@ -70,17 +81,26 @@ class _Socket:
                 task.cancel()
         elif kind == "chat":
             await self._start_chat(conversation_id, message)
+        elif kind == "feedback":
+            await self._start_feedback(conversation_id, message)
         else:
             await self.send_error(
-                conversation_id, ApiError(400, "type must be one of chat, cancel, ping", param="type")
+                conversation_id, ApiError(400, "type must be one of chat, feedback, cancel, ping", param="type")
             )
 
+    async def _check_id(self, message_id: Any) -> bool:
+        """A chat or feedback id must be a short string that no running conversation or pending feedback
+        of this socket uses, so that every answer names one message."""
+        if not isinstance(message_id, str) or not message_id or len(message_id) > 128:
+            await self.send_error(message_id, ApiError(400, "id must be a non-empty string", param="id"))
+            return False
+        if message_id in self.tasks or message_id in self.feedback:
+            await self.send_error(message_id, ApiError(400, "this id is already in use", param="id"))
+            return False
+        return True
+
     async def _start_chat(self, conversation_id: Any, message: dict[str, Any]) -> None:
-        if not isinstance(conversation_id, str) or not conversation_id or len(conversation_id) > 128:
-            await self.send_error(conversation_id, ApiError(400, "id must be a non-empty string", param="id"))
-            return
-        if conversation_id in self.tasks:
-            await self.send_error(conversation_id, ApiError(400, "this id is already generating", param="id"))
+        if not await self._check_id(conversation_id):
             return
         if len(self.tasks) >= MAX_CONVERSATIONS_PER_SOCKET:
             await self.send_error(
@@ -110,6 +130,40 @@ class _Socket:
         task.add_done_callback(lambda _: self._release(guard, runtime))
         self.tasks[conversation_id] = task
         task.add_done_callback(lambda done: self._forget(conversation_id, done))
+
+    async def _start_feedback(self, feedback_id: Any, message: dict[str, Any]) -> None:
+        """The checks POST /v1/feedback passes in the middleware (shutdown, scope, request rate), then the
+        shared write in a task of its own: a slow journal must not hold up this socket's other messages."""
+        if not await self._check_id(feedback_id):
+            return
+        try:
+            self.request.app[RUNTIME].check_admission()
+            if not self.principal.allows("train"):
+                raise ApiError(403, "this API key lacks the 'train' scope needed for feedback",
+                               code="insufficient_scope")
+            self.request.app[GUARD].count_request(self.principal)
+            if "samples" not in message:
+                raise ApiError(400, "samples is required: one feedback sample or a list", param="samples")
+        except ApiError as exc:
+            await self.send_error(feedback_id, exc)
+            return
+        task = asyncio.create_task(self._store_feedback(feedback_id, message["samples"]))
+        self.feedback[feedback_id] = task
+        task.add_done_callback(lambda _: self.feedback.pop(feedback_id, None))
+
+    async def _store_feedback(self, feedback_id: str, samples: Any) -> None:
+        runtime = self.request.app[RUNTIME]
+        with runtime.in_flight(), contextlib.suppress(ConnectionResetError):
+            try:
+                ids = await store_feedback(runtime, self.request.app[GUARD], self.principal, samples)
+            except ApiError as exc:
+                await self.send_error(feedback_id, exc)
+                return
+            except Exception:  # never leave the client waiting for an answer
+                log.exception("websocket feedback failed")
+                await self.send_error(feedback_id, ApiError(500, "internal server error", code="internal_error"))
+                return
+            await self.send({"type": "feedback_accepted", "id": feedback_id, "ids": ids})
 
     async def _run_chat(self, conversation_id: str, prepared: PreparedRequest) -> None:
         with self.request.app[RUNTIME].in_flight(), contextlib.suppress(ConnectionResetError):
@@ -146,7 +200,9 @@ class _Socket:
         tasks = list(self.tasks.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Feedback writes are not cancelled: one under way completes (its samples are stored either way),
+        # and the server-wide cap on pending writes stays true.
+        await asyncio.gather(*tasks, *self.feedback.values(), return_exceptions=True)
 
 
 @routes.get("/v1/ws")
