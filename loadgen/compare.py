@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadgen.metrics import exact_match, summarize
@@ -27,7 +26,7 @@ from loadgen.progress import Progress
 from loadgen.report import comparison_table, write_records, write_summary
 from loadgen.runner import RunConfig, Runner
 from loadgen.traces import TraceItem
-from mace.client import AsyncClient
+from mace.client import AsyncClient, MaceError
 
 POLICIES = ("none", "periodic", "continuous", "mace")
 
@@ -94,10 +93,9 @@ class PolicyServer:
     async def training_figures(self) -> dict[str, float]:
         """The server's training counters from /metrics (empty when it exposes none)."""
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, \
-                    http.get(self.url + "/metrics") as response:
-                text = await response.text() if response.status == 200 else ""
-        except (aiohttp.ClientError, TimeoutError):
+            async with AsyncClient(self.url, timeout_s=10.0) as client:
+                text = await client.metrics()
+        except MaceError:
             return {}
         wanted = {"mace:train_tokens_total": "train_tokens", "mace:train_optimizer_steps_total": "optimizer_steps",
                   "mace:heldout_loss_serving": "heldout_loss_serving",

@@ -1,4 +1,4 @@
-"""What the users of one run share: the clients, the workload, the recorder and the run's clock."""
+"""What the users of one run share: the client, the workload, the recorder and the run's clock."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loadgen.metrics import GENERATION_KINDS, RequestRecord
-from loadgen.server_api import ServerApi
 from loadgen.traces import TraceItem
 from mace.client import AsyncClient
 
@@ -88,8 +87,7 @@ def _push(window: deque[float], value: float, size: int) -> None:
 
 @dataclass
 class RunContext:
-    client: AsyncClient
-    api: ServerApi
+    client: AsyncClient  # every call to the server goes through the SDK: generation, feedback, adapters
     workload: Workload
     recorder: Recorder
     seed: int = 0

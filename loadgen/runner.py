@@ -14,10 +14,9 @@ from typing import Any, Literal
 from loadgen.arrivals import arrival_times, between, gamma_gaps, poisson_gaps
 from loadgen.context import Recorder, RunContext, Workload
 from loadgen.metrics import RequestRecord
-from loadgen.server_api import ServerApi
 from loadgen.traces import TraceItem
 from loadgen.users import USER_KINDS, FeedbackUser, User
-from mace.client import AsyncClient
+from mace.client import AsyncClient, MaceError, NotFoundError
 
 Arrival = Literal["closed", "poisson", "bursty", "replay"]
 
@@ -94,10 +93,10 @@ class Runner:
     async def run(self) -> RunResult:
         config = self.config
         started_at = time.time()
-        async with (AsyncClient(config.url, config.api_key, config.timeout_s, config.model) as client,
-                    ServerApi(config.url, config.api_key, config.timeout_s) as api):
+        # No retries: a load generator records each refusal (429, 503) as it happened.
+        async with AsyncClient(config.url, config.api_key, config.timeout_s, config.model, max_retries=0) as client:
             cycle = config.arrival != "replay"
-            ctx = RunContext(client, api, Workload(self.items, config.requests, cycle), Recorder(), config.seed,
+            ctx = RunContext(client, Workload(self.items, config.requests, cycle), Recorder(), config.seed,
                              {"temperature": config.temperature})
             helpers = [asyncio.create_task(self._poll_adapters(ctx)), asyncio.create_task(self._tick(ctx))]
             if config.duration_s is not None:
@@ -202,10 +201,18 @@ class Runner:
         ctx.stop.set()
 
     async def _poll_adapters(self, ctx: RunContext) -> None:
-        while self.config.poll_s > 0 and ctx.api.adapters_supported:
-            version = await ctx.api.active_adapter()
-            if version is not None:
-                ctx.recorder.note_adapter(version, ctx.now(), "poll")
+        """The active adapter version, every poll_s. A server without GET /v1/adapters (another
+        OpenAI-compatible server, an older mace) answers 404: polling stops, the run goes on, and the
+        versions still come from the responses' fingerprints."""
+        while self.config.poll_s > 0:
+            try:
+                adapters = await ctx.client.adapters()
+            except NotFoundError:
+                return
+            except MaceError:
+                pass  # a refusal or a blip: ask again next time
+            else:
+                ctx.recorder.note_adapter(adapters.active, ctx.now(), "poll")
             await asyncio.sleep(self.config.poll_s)
 
     async def _tick(self, ctx: RunContext) -> None:

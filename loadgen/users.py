@@ -209,7 +209,8 @@ class WsChatUser(User):
 
 class FeedbackUser(ChatUser):
     """Streaming chat; after a request whose trace item carries feedback, sends it as a correction
-    to POST /v1/feedback with probability `feedback_fraction` (linked by `request_id`)."""
+    to POST /v1/feedback with probability `feedback_fraction` (linked by `request_id`). A server
+    without that endpoint (404) fails the feedback record, not the run."""
 
     feedback_fraction: float = 1.0
 
@@ -222,11 +223,13 @@ class FeedbackUser(ChatUser):
             arrival_s=self.ctx.now(), start_s=self.ctx.now(), trace_id=item.id,
         )
         started = time.perf_counter()
-        result = await self.ctx.api.feedback(samples)
+        try:
+            ids = await self.ctx.client.feedback(samples)
+        except MaceError as exc:
+            sent.status, sent.error = failure_status(exc), f"{type(exc).__name__}: {exc}"[:500]
+        else:
+            sent.answer = ",".join(str(i) for i in ids) or None
         sent.e2e_s = time.perf_counter() - started
-        sent.status = "ok" if result.ok else (f"http_{result.status}" if result.status else "connection")
-        sent.error = result.error
-        sent.answer = ",".join(result.ids) or None
         self.ctx.recorder.add(sent)
 
 

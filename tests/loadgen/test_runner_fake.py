@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 
 import pytest
 from loadgen.arrivals import constant
-from loadgen.metrics import summarize
+from loadgen.context import Recorder, RunContext, Workload
+from loadgen.metrics import RequestRecord, summarize
 from loadgen.runner import RunConfig, Runner
-from loadgen.server_api import ServerApi, active_version
 from loadgen.traces import TraceItem
-from loadgen.users import ChatUser, task
+from loadgen.users import ChatUser, FeedbackUser, task
+
+from mace.client import AsyncClient
 
 
 def items(count: int, fail_every: int = 0) -> list[TraceItem]:
@@ -50,22 +53,23 @@ async def test_error_events_fail_and_missing_feedback_endpoint_does_not_stop_the
     assert [e["version"] for e in result.events] == [5]
 
 
-async def test_missing_adapters_endpoint_is_remembered(fake_url: str) -> None:
-    async with ServerApi(fake_url) as api:
-        assert await api.active_adapter() is None
-        assert api.adapters_supported is False
-        result = await api.feedback([{"prompt": "a", "completion": "b"}])
-        assert result.status == 404 and not result.ok
-    async with ServerApi("http://127.0.0.1:9") as unreachable:  # nothing listens on the discard port
-        result = await unreachable.feedback([])
-        assert result.status == 0 and result.error
+async def test_adapter_polling_stops_at_a_404(fake_url: str) -> None:
+    config = RunConfig(url=fake_url, requests=1, poll_s=0.01)
+    async with AsyncClient(fake_url) as client:
+        ctx = RunContext(client, Workload(items(1)), Recorder())
+        await asyncio.wait_for(Runner(config, items(1))._poll_adapters(ctx), 10)  # returns: it stopped asking
+    assert ctx.recorder.events == []
 
 
-def test_active_version_shapes() -> None:
-    assert active_version({"active": 3}) == 3
-    assert active_version({"active": {"version": 4}}) == 4
-    assert active_version({"active": "v2"}) == 2
-    assert active_version({"active": True}) is None and active_version({}) is None
+async def test_unreachable_feedback_is_a_connection_failure() -> None:
+    async with AsyncClient("http://127.0.0.1:9", timeout_s=5.0) as client:  # nothing listens on the discard port
+        ctx = RunContext(client, Workload(items(1)), Recorder())
+        user = FeedbackUser(ctx, "f")
+        item = items(1)[0]
+        await user.after(item, RequestRecord(request_id="chatcmpl-1", kind="chat"))
+    [sent] = ctx.recorder.records
+    assert (sent.kind, sent.status, sent.request_id) == ("feedback", "connection", "fb-chatcmpl-1")
+    assert sent.error and sent.e2e_s is not None
 
 
 async def test_duration_stops_the_run_and_cancels_stragglers(slow_fake_url: str) -> None:
