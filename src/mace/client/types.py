@@ -71,7 +71,9 @@ class FeedbackSample(TypedDict, total=False):
 
     weight: how much it counts (default 1, at most 100).
     request_id: the generation it corrects, for the record.
-    user: the end user it speaks for (OpenAI's `user`), for keys allowed to act for users.
+    user: the end user it speaks for (OpenAI's `user`), for keys allowed to act for users; a server
+        without tenants ignores it.
+    Other fields the server reads pass through as given.
     """
 
     prompt: str
