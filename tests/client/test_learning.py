@@ -28,22 +28,27 @@ from mace.server.auth import hash_key
 from tests.conftest import RunningServer, start_server, tiny_config
 
 TRAINER, READER, ADMIN = "sk-trainer-0001", "sk-reader-0002", "sk-admin-0003"
+FEEDER = "sk-feeder-0007"  # train only: feedback, but not the infer routes (adapters list)
 # One key per rate test, so that no test finds a bucket another one emptied.
 SLOW_HTTP, SLOW_WS, RETRIED = "sk-slow-http-0004", "sk-slow-ws-0005", "sk-retried-0006"
+THROTTLED = "sk-throttled-0008"  # one request a minute after the burst
+REQUESTS_BURST = 20
 MESSAGES = [{"role": "user", "content": "What is the name of my cat?"}]
 SAMPLE = {"prompt": "colour of the sky?", "completion": "blue"}
 
 
 @pytest.fixture(scope="module")
 async def keyed(tiny_bundle: ModelBundle, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
-    def key(secret: str, scopes: list[str], samples_per_minute: float = 60000) -> dict[str, Any]:
-        return {"sha256": hash_key(secret), "name": secret, "scopes": scopes, "samples_per_minute": samples_per_minute}
+    def key(secret: str, scopes: list[str], samples_per_minute: float = 60000,
+            requests_per_minute: float = 60000) -> dict[str, Any]:
+        return {"sha256": hash_key(secret), "name": secret, "scopes": scopes,
+                "samples_per_minute": samples_per_minute, "requests_per_minute": requests_per_minute}
 
-    keys = [key(TRAINER, ["infer", "train"]), key(READER, ["infer"]), key(ADMIN, ["admin"]),
+    keys = [key(TRAINER, ["infer", "train"]), key(READER, ["infer"]), key(ADMIN, ["admin"]), key(FEEDER, ["train"]),
             key(SLOW_HTTP, ["infer", "train"], 60), key(SLOW_WS, ["infer", "train"], 60),
-            key(RETRIED, ["infer", "train"], 60)]
-    config = tiny_config(tmp_path_factory.mktemp("learning"), server={"api_keys": keys, "samples_burst": 4},
-                         train={"policy": "none"})
+            key(RETRIED, ["infer", "train"], 60), key(THROTTLED, ["infer", "train"], requests_per_minute=1)]
+    server = {"api_keys": keys, "samples_burst": 4, "requests_burst": REQUESTS_BURST}
+    config = tiny_config(tmp_path_factory.mktemp("learning"), server=server, train={"policy": "none"})
     runner, url = await start_server(config, tiny_bundle)
     yield RunningServer(url=url, app=runner.app)
     await runner.cleanup()
@@ -192,6 +197,43 @@ async def test_adapters_and_activate(keyed: RunningServer) -> None:
         assert (missing.value.code, missing.value.param) == ("adapter_not_found", "version")
         with pytest.raises(ValueError):
             await admin.activate(-1)
+
+
+async def test_reads_need_their_scopes(keyed: RunningServer) -> None:
+    async with AsyncClient(keyed.url, api_key=READER) as reader:
+        with pytest.raises(PermissionDeniedError) as denied:
+            await reader.feedback_counts()  # the journal is the train scope's
+        assert denied.value.code == "insufficient_scope"
+    async with AsyncClient(keyed.url, api_key=FEEDER) as feeder:
+        assert (await feeder.feedback_counts()).total >= 0
+        with pytest.raises(PermissionDeniedError):
+            await feeder.adapters()  # versions are the infer scope's
+
+
+async def test_request_rate_limit_on_reads(keyed: RunningServer) -> None:
+    async with AsyncClient(keyed.url, api_key=THROTTLED) as client:
+        for _ in range(REQUESTS_BURST):
+            await client.adapters()
+        for call in (client.adapters, client.feedback_counts):
+            started = time.monotonic()
+            with pytest.raises(RateLimitError) as limited:
+                await call()
+            # A minute is past the client's max_retry_wait_s: raised at once, for the caller to decide.
+            assert time.monotonic() - started < 5.0
+            assert limited.value.retry_after_s is not None and limited.value.retry_after_s > 10
+
+
+async def test_closed_journal_is_503_for_feedback_and_counts(keyed: RunningServer, trainer: AsyncClient) -> None:
+    runtime = keyed.runtime
+    journal, runtime.journal, runtime.journal_error = runtime.journal, None, "OSError: no space left on device"
+    try:
+        for call in (lambda: trainer.feedback(SAMPLE), trainer.feedback_counts):
+            with pytest.raises(ServiceUnavailableError) as unavailable:
+                await call()
+            assert unavailable.value.code == "journal_unavailable" and "no space" in unavailable.value.message
+            assert unavailable.value.retry_after_s == 30
+    finally:
+        runtime.journal, runtime.journal_error = journal, None
 
 
 # ---- websocket ----
