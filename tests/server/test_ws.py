@@ -124,3 +124,15 @@ async def test_bad_feedback_messages_get_errors_with_their_status(
         assert (message["type"], message["id"], message["error"]["param"]) == ("error", "busy", "id")
         await ws.send_json({"type": "cancel", "id": "busy"})
     await wait_until(server.idle, timeout_s=20, what="the cancelled conversation freed")
+
+
+async def test_a_flooded_socket_says_when_to_resume(server: RunningServer, http: aiohttp.ClientSession) -> None:
+    burst = int(2 * server.runtime.config.server.ws_messages_per_s)
+    async with http.ws_connect(server.url + "/v1/ws") as ws:
+        for _ in range(burst + 10):
+            await ws.send_json({"type": "ping"})
+        replies = [await ws.receive_json(timeout=10) for _ in range(burst + 10)]
+    dropped = [reply for reply in replies if reply["type"] == "error"]
+    assert dropped, "the burst was not limited"
+    assert all((r["id"], r["status"], r["error"]["code"]) == (None, 429, "rate_limit_exceeded") for r in dropped)
+    assert all(r["retry_after_s"] >= 1 for r in dropped)

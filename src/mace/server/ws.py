@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from typing import Any
 
 import orjson
@@ -61,7 +62,8 @@ class _Socket:
         wait_s = self.messages.take()
         if wait_s > 0:  # the message is dropped; a client that keeps flooding only gets these errors back
             await self.send_error(None, ApiError(
-                429, f"too many messages on this socket; slow down for {wait_s:.2f}s", code="rate_limit_exceeded"))
+                429, f"too many messages on this socket; slow down for {wait_s:.2f}s", code="rate_limit_exceeded",
+                retry_after_s=math.ceil(wait_s)))
             return
         try:
             message = orjson.loads(data)
