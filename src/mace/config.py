@@ -28,7 +28,9 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name: str = "builtin:smollm2"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 on CUDA with bf16 and on CPUs with AMX or avx512_bf16, else float32"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_model_len: int = Field(2048, ge=16)
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")

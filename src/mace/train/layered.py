@@ -127,6 +127,8 @@ class LayeredMicroStep(_Staged):
         self._passes = [_SamplePass(causal_lm, s, s.weight / batch_size) for s in samples]
         self._stages = [stage for p in self._passes for stage in p.stages(len(self.layers))]
         self._done: torch.cuda.Event | None = None  # recorded after the last stage's kernels on CUDA
+        # A bf16 base model trains under bf16 autocast; the LoRA weights and AdamW's state stay fp32.
+        self._is_bf16 = causal_lm.model.embed_tokens.weight.dtype == torch.bfloat16
 
     @property
     def is_settled(self) -> bool:
@@ -141,7 +143,8 @@ class LayeredMicroStep(_Staged):
         stages_per_sample = 2 * len(self.layers) + 1
         sample_pass = self._passes[self._next // stages_per_sample]
         within = self._next % stages_per_sample
-        with torch.enable_grad():
+        device_type = sample_pass.ids.device.type
+        with torch.enable_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=self._is_bf16):
             if within < len(self.layers):
                 sample_pass.forward_layer(self.layers[within])
             elif within == len(self.layers):
