@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
-CONFIG ?= configs/default.toml
+CONFIG ?=
 MINUTES ?= 10
 
 .PHONY: install browser serve test lint typecheck pytest bench bench-train bench-slo bench-memory soak clean
@@ -27,7 +27,7 @@ browser:
 	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 serve: install
-	$(BIN)/mace serve --config $(CONFIG) --host $(HOST) --port $(PORT)
+	$(BIN)/mace serve $(if $(CONFIG),--config $(CONFIG)) --host $(HOST) --port $(PORT)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks $(wildcard loadgen)
@@ -47,7 +47,7 @@ bench: install
 # Every retraining policy on the same drifting trace and seed, one server each, on the default model.
 bench-train: install
 	$(BIN)/python -m loadgen compare --policies none,periodic,continuous,mace --trace personalization \
-		--model builtin:smollm2 --arrival replay --seed 0 --trace-rate 1.0 --slo ttft=1.0,tpot=0.35 --out docs/results/train \
+		--model builtin:smollm2 --arrival replay --seed 0 --trace-rate 1.0 --slo ttft=1.0,tpot=0.2 --out docs/results/train \
 		--no-progress
 
 # Not in CI: MINUTES of mixed load with random disconnects and a restart, against a subprocess server.

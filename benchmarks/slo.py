@@ -26,11 +26,14 @@ from pathlib import Path
 
 import aiohttp
 
+from mace.config import SloConfig
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_utils import PROMPTS, Server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = {"interactive": (1.0, 0.35), "batch": (30.0, 2.0)}  # configs/default.toml's classes
+TARGETS = {name: (SloConfig().target(name).ttft_s, SloConfig().target(name).tpot_s)  # the default classes
+           for name in SloConfig().class_names}
 
 
 @dataclass

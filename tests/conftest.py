@@ -77,7 +77,7 @@ async def start_server(config: MaceConfig, bundle: ModelBundle | None = None) ->
         async with aiohttp.ClientSession() as session, session.get(f"{url}/ready") as response:
             return response.status == 200
 
-    await wait_until(ready, what="server ready")
+    await wait_until(ready, timeout_s=120, what="server ready")  # the default model warms up in ~10-30 s
     return runner, url
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,21 @@ def test_file_env_and_flag_precedence() -> None:
     assert config.data_dir == Path("/tmp/d")
 
 
-def test_default_config_file_is_valid() -> None:
-    config = load_config(ROOT / "configs" / "default.toml", environ={})
-    assert config.model.name == "builtin:smollm2"
+def test_shipped_default_file_equals_the_code_defaults() -> None:
+    """One source of defaults: `mace serve` with no flags is the server `--config configs/default.toml` runs."""
+    from_file = load_config(ROOT / "configs" / "default.toml", environ={})
+    assert from_file == load_config(environ={})
+    assert from_file.model.name == "builtin:smollm2" and from_file.train.policy == "mace"
+
+
+def test_every_key_in_the_default_file_is_a_code_default() -> None:
+    """A key in default.toml whose value differs from the code would make the equality above fail; this
+    one names it, so the file and the code are fixed together."""
+    defaults = load_config(environ={}).model_dump()
+    for section, values in tomllib.loads((ROOT / "configs" / "default.toml").read_text()).items():
+        for key, value in values.items():
+            expected = defaults[section][key]
+            assert (list(expected) if isinstance(expected, tuple) else expected) == value, f"{section}.{key}"
 
 
 @pytest.mark.parametrize(

@@ -28,15 +28,23 @@ log = structlog.get_logger("mace")
 
 
 def _parser() -> argparse.ArgumentParser:
+    defaults = MaceConfig()
     parser = argparse.ArgumentParser(prog="mace", description="An LLM server that learns while it serves.")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve the OpenAI-compatible API")
-    serve.add_argument("--config", help="TOML config file (configs/default.toml)")
-    serve.add_argument("--model", help="builtin:smollm2, builtin:tiny, or a local Hugging Face checkpoint dir")
-    serve.add_argument("--dtype", choices=["float32", "bfloat16"])
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve = commands.add_parser(
+        "serve", help="serve the OpenAI-compatible API",
+        description="Serve the OpenAI-compatible API and learn from feedback. With no flags this is the product "
+                    "as shipped: every default lives in src/mace/config.py and is written out in "
+                    "configs/default.toml; a config file, MACE_<SECTION>__<KEY> variables and flags override them, "
+                    "in that order.",
+    )
+    serve.add_argument("--config", help="TOML file of overrides (default: none, the built-in defaults)")
+    serve.add_argument("--model", help="builtin:smollm2, builtin:tiny, or a local Hugging Face checkpoint dir "
+                                       f"(default: {defaults.model.name})")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help=f"(default: {defaults.model.dtype})")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"(default: {defaults.model.device})")
+    serve.add_argument("--host", help=f"(default: {defaults.server.host})")
+    serve.add_argument("--port", type=int, help=f"(default: {defaults.server.port})")
     serve.add_argument("--allow-unauthenticated", action="store_true", default=None,
                        help="serve a non-loopback host without API keys (anyone who reaches it is admin)")
     serve.add_argument("--log-level", default=os.environ.get("MACE_LOG_LEVEL", "info").lower(),
@@ -95,7 +103,10 @@ async def _wait_for_signal() -> asyncio.Queue[signal.Signals]:
 def _log_start(config: MaceConfig) -> None:
     server = config.server
     log.info("starting", host=server.host, port=server.port, model=config.model.name,
-             auth="api keys" if server.api_keys else "none", num_api_keys=len(server.api_keys))
+             auth="api keys" if server.api_keys else "none", num_api_keys=len(server.api_keys),
+             train_policy=config.train.policy, tpot_s=config.slo.tpot_s)
+    if config.train.policy == "none":
+        log.warning("training is off (train.policy = none): feedback is journaled but nothing learns from it")
     if server.api_keys:
         return
     if is_loopback(server.host):

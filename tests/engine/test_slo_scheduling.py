@@ -9,7 +9,9 @@ from mace.engine.request import Request, SamplingParams
 from mace.engine.scheduler import Scheduler
 from tests.engine.test_scheduler import step
 
-TARGETS = {"interactive": (1.0, 0.35), "batch": (30.0, 2.0)}
+TARGETS = {name: (SloConfig().target(name).ttft_s, SloConfig().target(name).tpot_s)
+           for name in ("interactive", "batch")}
+INTERACTIVE_TPOT_S = TARGETS["interactive"][1]
 
 
 def request(request_id: str, slo_class: str, arrival_s: float, num_prompt: int = 8, max_tokens: int = 2) -> Request:
@@ -83,14 +85,14 @@ def test_slo_scheduling_caps_the_batch_at_the_tightest_tpot() -> None:
     """Relaxed requests alone never grow the batch past what an interactive request could join."""
     slo_scheduler, fcfs_scheduler = scheduler(max_num_seqs=32), scheduler("fcfs", max_num_seqs=32)
     for s in (slo_scheduler, fcfs_scheduler):
-        _teach_decode_cost(s, 0.015, 0.02)  # the interactive TPOT (0.35 s) holds up to 16 decodes
+        _teach_decode_cost(s, 0.015, 0.01)  # the interactive TPOT holds 18 decodes at 0.2 s
         for i in range(30):
             s.add_request(request(f"b{i}", "batch", arrival_s=0.0, max_tokens=100))
         for _ in range(8):  # 64 prompt tokens a step: all 30 would be in after 4
             step(s)
     cap = slo_scheduler.decode_cap()
-    assert slo_scheduler.latency.predict(StepShape(num_decode_tokens=cap)) <= 0.35
-    assert slo_scheduler.latency.predict(StepShape(num_decode_tokens=cap + 1)) > 0.35
+    assert slo_scheduler.latency.predict(StepShape(num_decode_tokens=cap)) <= INTERACTIVE_TPOT_S
+    assert slo_scheduler.latency.predict(StepShape(num_decode_tokens=cap + 1)) > INTERACTIVE_TPOT_S
     assert len(slo_scheduler.running) == cap < 30
     assert len(fcfs_scheduler.running) == 30
 
@@ -103,7 +105,8 @@ def test_a_full_batch_adds_the_wait_for_a_slot_to_the_predicted_ttft() -> None:
         s.add_request(request(f"b{i}", "batch", arrival_s=0.0, max_tokens=100))
     for _ in range(8):
         step(s)
-    assert s.predict_ttft_s(8, 1.0, now_s=0.0) > empty + 0.35  # at least one decode wave of the running batch
+    # at least one decode wave of the running batch
+    assert s.predict_ttft_s(8, 1.0, now_s=0.0) > empty + INTERACTIVE_TPOT_S
 
 
 def test_an_interactive_arrival_takes_a_relaxed_requests_slot_at_the_cap() -> None:
@@ -156,4 +159,4 @@ def test_the_cap_leaves_room_for_a_prompt_chunk_once_prefill_is_measured() -> No
     cap = s.decode_cap()
     assert cap < alone
     chunk = StepShape(16, cap, num_prefill_chunks=1)
-    assert s.latency.predict(chunk) + s.latency.error_margin_s <= 0.35 + 1e-9
+    assert s.latency.predict(chunk) + s.latency.error_margin_s <= INTERACTIVE_TPOT_S + 1e-9

@@ -138,6 +138,7 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         if model_thread is None:
             model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mace-engine")
+        self.notify_feedback()  # samples acknowledged before a restart are trained without waiting for a POST
         self._loop_done = model_thread.submit(self._run_loop)
 
     @property

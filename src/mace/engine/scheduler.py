@@ -58,6 +58,9 @@ class Scheduler:
         self.policy: RetrainPolicy = policy or NoTraining()
         self.latency = LatencyModel()
         self.latency.guard.reference_s = min(self.slo.target(name).tpot_s for name in self.slo.class_names)
+        # Warm-up decodes batches past the TPOT cap: a fit over one or two decodes cannot tell a decode's
+        # cost from a step's fixed cost, and the cap is computed from that fit.
+        self.is_measuring = False
         self.training = (TrainPlanner(train_source, self.policy, self.latency, self.slo, train_memory, clock)
                          if train_source is not None else None)
         self.waiting: list[Request] = []  # in queue order (see _queue_key)
@@ -299,7 +302,7 @@ class Scheduler:
     def decode_cap(self) -> int:
         """How many requests may run at once: the TPOT-bound cap under "slo" scheduling (engine/slots.py),
         `max_num_seqs` under FCFS."""
-        if self.config.scheduling != "slo":
+        if self.config.scheduling != "slo" or self.is_measuring:
             return self.config.max_num_seqs
         return decode_cap(self.latency, self.slo, self.config.max_num_seqs, self._min_prefill_chunk())
 

@@ -17,11 +17,13 @@ A few seconds on a CPU.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mace.engine.request import Request, SamplingParams
-from mace.train.policy import TrainContext, TrainDecision
+from mace.train.policy import NoTraining, RetrainPolicy, TrainContext, TrainDecision
 from mace.train.replay import TrainSample
 
 if TYPE_CHECKING:
@@ -49,7 +51,13 @@ def warm_up(engine: Engine) -> WarmUpReport:
     batch of up to `BURST_PROMPTS + 4`: enough variety for the model to tell the terms apart.
     """
     lengths = [*PROMPT_LENGTHS, *[BURST_PROMPT_TOKENS] * BURST_PROMPTS]
-    steps, max_decodes = _serve(engine, lengths, first_index=0)
+    # Inference alone first, even when a restart brought back samples to train: it is what is measured.
+    engine.scheduler.is_measuring = True
+    try:
+        with _training_policy(engine, NoTraining()):
+            steps, max_decodes = _serve(engine, lengths, first_index=0)
+    finally:
+        engine.scheduler.is_measuring = False
     if engine.trainer is not None and engine.scheduler.training is not None:
         engine.scheduler.latency.refit()  # training is planned beside inference measured just now
         steps += _train_alongside(engine, first_index=len(lengths))
@@ -97,22 +105,35 @@ class _TrainInTheSlack:
 
 
 def _train_alongside(engine: Engine, first_index: int) -> int:
-    trainer, planner = engine.trainer, engine.scheduler.training
-    assert trainer is not None and planner is not None
+    trainer = engine.trainer
+    assert trainer is not None
     vocab_size = int(engine.bundle.causal_lm.config.vocab_size)
     samples = []
     for number, (prompt, answer) in enumerate(TRAIN_SAMPLES):
         tokens = [(23 + 7927 * number + 37 * position) % vocab_size for position in range(prompt + answer)]
         samples.append(TrainSample(-1 - number, tokens, prompt, created_at=time.time()))
     trainer.open_warm_up_job(samples)
-    policy, planner.policy = planner.policy, _TrainInTheSlack(sum(len(s.token_ids) for s in samples))
     seconds_before = trainer.train_seconds_total
     try:
-        steps, _ = _serve(engine, list(PROMPT_LENGTHS), first_index)
+        with _training_policy(engine, _TrainInTheSlack(sum(len(s.token_ids) for s in samples))):
+            steps, _ = _serve(engine, list(PROMPT_LENGTHS), first_index)
     finally:
-        planner.policy = policy
         trainer.train_seconds_total = seconds_before  # users' training time only, in /metrics
     return steps
+
+
+@contextmanager
+def _training_policy(engine: Engine, policy: RetrainPolicy) -> Iterator[None]:
+    """Plan training with `policy` for the duration (no-op without a trainer)."""
+    planner = engine.scheduler.training
+    if planner is None:
+        yield
+        return
+    saved, planner.policy = planner.policy, policy
+    try:
+        yield
+    finally:
+        planner.policy = saved
 
 
 def _add_prompt(engine: Engine, index: int, length: int) -> None:

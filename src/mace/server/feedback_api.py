@@ -108,13 +108,24 @@ async def post_feedback(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     _journal(runtime)  # a journal that is down answers 503 before the body is read
     ids = await store_feedback(runtime, request.app[GUARD], request[PRINCIPAL], await read_json(request))
-    return web.json_response({"object": "feedback.accepted", "ids": ids}, status=202, dumps=dumps)
+    body = {"object": "feedback.accepted", "ids": ids, "training": training_state(runtime)}
+    return web.json_response(body, status=202, dumps=dumps)
 
 
 @routes.get("/v1/feedback")
 async def get_feedback(request: web.Request) -> web.Response:
-    counts = await asyncio.to_thread(_journal(request.app[RUNTIME]).counts)
-    return web.json_response({"object": "feedback.counts", **asdict(counts)}, dumps=dumps)
+    runtime = request.app[RUNTIME]
+    counts = await asyncio.to_thread(_journal(runtime).counts)
+    body = {"object": "feedback.counts", **asdict(counts), "training": training_state(runtime),
+            "policy": runtime.config.train.policy}
+    return web.json_response(body, dumps=dumps)
+
+
+def training_state(runtime: Runtime) -> str:
+    """"on" when journaled samples will be trained; "off" with `train.policy = "none"`, where the journal
+    keeps them (for a later start with training on) but nothing learns from them."""
+    engine = runtime.ready_engine()
+    return "on" if engine.trainer is not None else "off"
 
 
 def _finite(value: float | None) -> float | None:

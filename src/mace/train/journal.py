@@ -6,11 +6,13 @@ every acknowledged sample. A batch is one transaction: all of it is stored or no
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -22,10 +24,14 @@ CREATE TABLE IF NOT EXISTS samples (
     tenant TEXT,
     weight REAL NOT NULL DEFAULT 1.0,
     held_out INTEGER NOT NULL DEFAULT 0,
-    num_trained INTEGER NOT NULL DEFAULT 0
+    num_trained INTEGER NOT NULL DEFAULT 0,
+    loss REAL
 );
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+# Columns added after the first release; a journal written by an older mace gains them at open.
+LATER_COLUMNS = {"loss": "REAL"}
+COLUMNS = "id, created_at, prompt, completion, weight, held_out, num_trained, loss"
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class StoredSample:
     weight: float
     held_out: bool
     num_trained: int
+    loss: float | None  # its loss when it was last trained: a restart ranks it without scoring it again
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,10 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(samples)")}
+        for name, kind in LATER_COLUMNS.items():
+            if name not in present:
+                self._db.execute(f"ALTER TABLE samples ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -103,23 +114,34 @@ class Journal:
     def since(self, after_id: int, limit: int = 1000) -> list[StoredSample]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, created_at, prompt, completion, weight, held_out, num_trained FROM samples "
-                "WHERE id > ? ORDER BY id LIMIT ?",
-                (after_id, limit),
+                f"SELECT {COLUMNS} FROM samples WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
             ).fetchall()
-        return [StoredSample(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6]) for r in rows]
+        return [_stored(row) for row in rows]
 
     def recent(self, limit: int) -> list[StoredSample]:
-        with self._lock:
-            last = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()[0]
-        return self.since(max(0, last - limit), limit)
+        return self.since(max(0, self.last_id() - limit), limit)
 
-    def mark_trained(self, sample_ids: list[int], cursor: int) -> None:
-        """Record trained samples and the training cursor (the highest sample id seen) together."""
+    def window(self, num_training: int, num_held_out: int) -> list[StoredSample]:
+        """The newest `num_training` training samples and `num_held_out` held-out ones, oldest first:
+        what a trainer that never stopped would hold now (older samples have left its windows)."""
+        query = f"SELECT {COLUMNS} FROM samples WHERE held_out = ? ORDER BY id DESC LIMIT ?"
+        with self._lock:
+            rows = [*self._db.execute(query, (0, num_training)), *self._db.execute(query, (1, num_held_out))]
+        return sorted((_stored(row) for row in rows), key=lambda sample: sample.sample_id)
+
+    def last_id(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()[0])
+
+    def mark_trained(self, sample_ids: list[int], cursor: int, losses: list[float] | None = None) -> None:
+        """Record trained samples (and their latest losses) and the training cursor (the highest sample
+        id seen) together."""
+        stored_losses = losses if losses is not None else [None] * len(sample_ids)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(
-                "UPDATE samples SET num_trained = num_trained + 1 WHERE id = ?", [(i,) for i in sample_ids]
+                "UPDATE samples SET num_trained = num_trained + 1, loss = COALESCE(?, loss) WHERE id = ?",
+                [(_finite_or_none(loss), i) for i, loss in zip(sample_ids, stored_losses, strict=True)],
             )
             self._db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('cursor', ?)", (cursor,))
             self._db.execute("COMMIT")
@@ -137,3 +159,11 @@ class Journal:
         return JournalCounts(
             total=total, pending=total - trained - held_out, trained=trained, held_out=held_out, cursor=self.cursor()
         )
+
+
+def _stored(row: tuple[Any, ...]) -> StoredSample:
+    return StoredSample(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7])
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

@@ -23,7 +23,7 @@ import torch
 
 from mace.config import MaceConfig
 from mace.train.adapters import AdapterStore, AdapterVersion
-from mace.train.journal import Journal
+from mace.train.journal import Journal, StoredSample
 from mace.train.layered import LayeredLoss, LayeredMicroStep, loss_stages
 from mace.train.learner import CANDIDATE, LEARNER, Learner, save_adapter
 from mace.train.policy import RetrainPolicy, make_policy
@@ -113,6 +113,7 @@ class Trainer:
         self._gate_pending = False
         self._serving_losses: dict[int, float] = {}  # held-out sample id -> loss under `_serving_losses_version`
         self._serving_losses_version = -1
+        self._unscored: list[TrainSample] = []  # training samples a restart found never scored
         self._restore()
 
     # ---- what the scheduler reads ----
@@ -151,15 +152,27 @@ class Trainer:
     # ---- intake ----
 
     def ingest(self) -> int:
-        """Tokenize samples journaled since the last call and queue their scoring; returns how many."""
-        stored = self.journal.since(self._last_seen_id)
-        for row in stored:
-            sample = self._tokenize(row.sample_id, row.prompt, row.completion, row.created_at, row.weight)
-            sample.num_trained = row.num_trained
-            self._queue_loss(sample, None, partial(self._score, sample, row.held_out))
-            self._last_seen_id = row.sample_id
-        self.num_new_samples += len(stored)
-        return len(stored)
+        """Tokenize samples journaled since the last call and queue their scoring; returns how many.
+
+        Samples a restart found unscored in the journal's window are queued first.
+        """
+        unscored, self._unscored = self._unscored, []
+        for sample in unscored:
+            self._queue_loss(sample, None, partial(self._score, sample, False))
+        num_new = 0
+        while stored := self.journal.since(self._last_seen_id):
+            for row in stored:
+                sample = self._sample(row)
+                self._queue_loss(sample, None, partial(self._score, sample, row.held_out))
+                self._last_seen_id = row.sample_id
+            num_new += len(stored)
+        self.num_new_samples += num_new
+        return num_new + len(unscored)
+
+    def _sample(self, row: StoredSample) -> TrainSample:
+        sample = self._tokenize(row.sample_id, row.prompt, row.completion, row.created_at, row.weight)
+        sample.num_trained = row.num_trained
+        return sample
 
     def _tokenize(self, sample_id: int, prompt: str, completion: str, created_at: float, weight: float) -> TrainSample:
         max_tokens = self.config.max_sample_tokens
@@ -241,7 +254,8 @@ class Trainer:
         if finite:
             self.learner_loss = sum(finite) / len(finite)
         self.train_tokens_total += sum(sample.num_tokens for sample in job.samples)
-        self.journal.mark_trained([s.sample_id for s in job.samples], self._last_seen_id)
+        self.journal.mark_trained([s.sample_id for s in job.samples], self._last_seen_id,
+                                  [s.loss for s in job.samples])
         self.learner.accumulated(len(job.samples))
         if self.learner.batch_ready():
             if self.learner.optimizer_step():
@@ -349,6 +363,29 @@ class Trainer:
         if self.checkpoint_path.is_file():
             state = torch.load(self.checkpoint_path, weights_only=True)
             self.learner.load_state_dict(state)
+        self._resume_from_journal()
+
+    def _resume_from_journal(self) -> None:
+        """Rebuild replay and the held-out slice from the journal's recent window, as a trainer that
+        never stopped would hold them. Samples trained before keep their stored loss, so only those
+        never trained (acknowledged, then a crash) cost a scoring pass, queued by the first `ingest`;
+        held-out samples need none (the publish gate measures its own losses).
+
+        A journal of any length costs the same: older samples had left the windows anyway.
+        """
+        rows = self.journal.window(self.config.replay_window, self.config.heldout_size)
+        samples = [(row, self._sample(row)) for row in rows]
+        newest = {sample.prompt_key: sample for _, sample in samples}
+        for row, sample in samples:
+            if supersedes(newest[sample.prompt_key], sample):
+                continue  # the user answered this prompt differently later
+            if row.held_out:
+                self._score(sample, held_out=True, loss=math.nan)
+            elif row.loss is None:
+                self._unscored.append(sample)
+            else:
+                self._score(sample, held_out=False, loss=row.loss)
+        self._last_seen_id = self.journal.last_id()
 
     def stats(self) -> TrainStats:
         return TrainStats(
