@@ -8,7 +8,7 @@ PORT ?= 8000
 CONFIG ?=
 MINUTES ?= 10
 
-.PHONY: install browser serve test lint typecheck pytest bench bench-train bench-slo bench-memory soak clean
+.PHONY: install browser serve test lint typecheck pytest bench bench-train bench-learn bench-slo bench-memory soak clean
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ bench-train: install
 	$(BIN)/python -m loadgen compare --policies none,periodic,continuous,mace --trace personalization \
 		--model builtin:smollm2 --arrival replay --seed 0 --trace-rate 1.0 --slo ttft=1.0,tpot=0.2 --out docs/results/train \
 		--no-progress
+
+# One new fact taught to `mace serve` as shipped while chat goes on: time to learn it, chat speed, answers kept.
+bench-learn: install
+	$(BIN)/python benchmarks/learn.py $(ARGS)
 
 # Not in CI: MINUTES of mixed load with random disconnects and a restart, against a subprocess server.
 soak: install

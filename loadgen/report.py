@@ -57,6 +57,10 @@ def _num(value: Any, digits: int = 2) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _per_s(seconds: Any) -> str:
+    return "-" if not seconds or (isinstance(seconds, float) and math.isnan(seconds)) else f"{1 / seconds:.1f}"
+
+
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"
 
@@ -72,6 +76,9 @@ def rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     for metric, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"), ("e2e_s", "E2E")):
         stats = summary[metric]
         out.append((f"{label} p50 / p90 / p99 (ms)", " / ".join(_ms(stats[f"p{p}"]) for p in (50, 90, 99))))
+    # What one chat user sees: the none policy's column is the same traffic with training off.
+    out.append(("tokens/s of one stream, p50 / p10 (1 / TPOT p50 / p90)",
+                " / ".join(_per_s(summary["tpot_s"][f"p{p}"]) for p in (50, 90))))
     slo = summary.get("slo") or {}
     if slo:
         limits = ", ".join(f"{k}≤{v:g}s" for k, v in slo.items())

@@ -58,3 +58,15 @@ def test_intake_far_above_what_the_learner_fits_keeps_the_signal_up() -> None:
     assert signal.ratio < 1.01
     signal.on_trained(math.nan, num_trained_before=1)
     assert signal.trained_loss is not None and math.isfinite(signal.trained_loss)
+
+
+def test_a_version_that_answers_nearly_surely_rests_even_if_a_tiny_loss_still_halves() -> None:
+    plain, floored = DriftSignal(smoothing=0.5), DriftSignal(smoothing=0.5, loss_floor=0.1)
+    for signal in (plain, floored):
+        signal.on_publish(serving_loss=0.004, learner_loss=0.002)  # a fact learned, then learned "twice as well"
+        for _ in range(20):
+            signal.observe(0.004)
+    assert plain.ratio >= 1.99  # without a floor, overfitting one fact reads as strong drift
+    assert floored.ratio < 1.03
+    floored.observe(3.0)  # a new fact arrives: the floor does not hide real drift
+    assert floored.ratio > 5

@@ -135,10 +135,15 @@ class DriftSignal:
       users keep sending corrections the served model predicts far worse than the learner fits what
       it has seen, there is something left to learn even if the held-out slice does not show it yet
       (facts that are asked again); when new samples are as predictable as trained ones, it is 1.
+
+    Every ratio compares losses plus `loss_floor`: once a version answers what users asked almost
+    surely (per-token loss near the floor), a further halving of an already tiny loss is no drift, and
+    training on it would only overfit a few samples at the cost of everything else the model knew.
     """
 
-    def __init__(self, smoothing: float = 0.2) -> None:
+    def __init__(self, smoothing: float = 0.2, loss_floor: float = 0.0) -> None:
         self._smoothing = smoothing
+        self._floor = loss_floor
         self.mean_loss: float | None = None
         self.baseline_loss: float | None = None
         self.progress = 1.0
@@ -161,8 +166,8 @@ class DriftSignal:
 
     def on_evaluation(self, serving_loss: float, learner_loss: float) -> None:
         """The publish gate measured both versions on the held-out slice."""
-        if math.isfinite(serving_loss) and math.isfinite(learner_loss) and learner_loss > 0:
-            self.progress = max(1.0, serving_loss / learner_loss)
+        if math.isfinite(serving_loss) and math.isfinite(learner_loss) and learner_loss + self._floor > 0:
+            self.progress = max(1.0, self._ratio(serving_loss, learner_loss))
 
     def on_publish(self, serving_loss: float, learner_loss: float) -> None:
         """The new version's held-out loss becomes the reference; the loss users saw until now is the
@@ -175,15 +180,18 @@ class DriftSignal:
     def intake_ratio(self) -> float:
         if self.mean_loss is None:
             return 1.0
-        if not self.baseline_loss:
+        if self.baseline_loss is None or self.baseline_loss + self._floor <= 0:
             return UNALIGNED_RATIO  # nothing published yet: every user sample is news
-        return self.mean_loss / self.baseline_loss
+        return self._ratio(self.mean_loss, self.baseline_loss)
 
     @property
     def room(self) -> float:
-        if self.mean_loss is None or not self.trained_loss:
+        if self.mean_loss is None or self.trained_loss is None or self.trained_loss + self._floor <= 0:
             return 1.0
-        return self.mean_loss / self.trained_loss
+        return self._ratio(self.mean_loss, self.trained_loss)
+
+    def _ratio(self, loss: float, reference: float) -> float:
+        return (loss + self._floor) / (reference + self._floor)
 
     @property
     def ratio(self) -> float:

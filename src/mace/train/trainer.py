@@ -93,7 +93,7 @@ class Trainer:
         self.checkpoint_path = config.data_dir / "checkpoints" / "learner.pt"
         self.replay = ReplayBuffer(config.train.replay_window, config.train.freshness_half_life_s)
         self.heldout: list[TrainSample] = []
-        self.drift = DriftSignal()
+        self.drift = DriftSignal(loss_floor=config.train.converged_loss)
         self.active_version = 0
         self.publishing_held = False  # an operator chose a version by hand: keep it until they choose the newest
         self.num_new_samples = 0
