@@ -61,6 +61,8 @@ class ModelRunner:
         self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scaling: float = self.head_dim**-0.5
         dtype = next(causal_lm.parameters()).dtype
+        self.compute_dtype = dtype
+        self._head_weight = self._fp32_head(causal_lm.lm_head)
         with torch.inference_mode():
             self.kv = SlotKVCache(
                 len(decoder.layers), self.num_kv_heads, self.head_dim, max_model_len, dtype, device
@@ -162,15 +164,17 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _forward(self, inputs: _StepInputs) -> torch.Tensor:
-        decoder = self.decoder
-        hidden = decoder.embed_tokens(inputs.input_ids)  # [T, hidden]
+        decoder, low = self.decoder, self.compute_dtype
+        # The residual stream stays fp32 whatever the weights' dtype: summed over every layer in bf16,
+        # its rounding changed a greedy token in 15% of answer positions on the default model.
+        hidden = decoder.embed_tokens(inputs.input_ids).float()  # [T, hidden]
         cos, sin = decoder.rotary_emb(hidden, inputs.positions[None])  # [1, T, head_dim] each
+        cos, sin = cos.to(low), sin.to(low)
         for layer_index, layer in enumerate(decoder.layers):
-            residual = hidden
-            attn_out = self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, layer_index, inputs)
-            hidden = residual + layer.self_attn.o_proj(attn_out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        normed: torch.Tensor = decoder.norm(hidden)
+            x = layer.input_layernorm(hidden).to(low)
+            hidden = hidden + layer.self_attn.o_proj(self._attention(layer.self_attn, x, cos, sin, layer_index, inputs))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden).to(low))
+        normed: torch.Tensor = decoder.norm(hidden).to(low)
         return normed
 
     def _attention(
@@ -282,8 +286,19 @@ class ModelRunner:
                 sampling.append(chunk)
         if not rows:
             return None
-        logits = self.causal_lm.lm_head(hidden[torch.tensor(rows, device=self.device)])  # [S, vocab]
+        last = hidden[torch.tensor(rows, device=self.device)]  # [S, hidden]
+        if self._head_weight is None or not isinstance(self.causal_lm.lm_head, torch.nn.Linear):
+            logits = self.causal_lm.lm_head(last)
+        else:
+            logits = F.linear(last.float(), self._head_weight)  # [S, vocab]
         return _Logits(logits.float(), sampling)
+
+    def _fp32_head(self, lm_head: Any) -> torch.Tensor | None:
+        """An fp32 copy of a low-precision LM head: bf16 logits (8 bits of mantissa, steps of 0.125 at 20)
+        turn near-ties into changed greedy tokens. None where the head is fp32 already; unused once adapted (LoRA)."""
+        if self.compute_dtype == torch.float32 or not isinstance(lm_head, torch.nn.Linear):
+            return None
+        return lm_head.weight.detach().float()
 
     def _sample(self, logits: _Logits) -> dict[str, int]:
         request_ids = [chunk.request.request_id for chunk in logits.chunks]
