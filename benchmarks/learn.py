@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_utils import PROMPTS, Server, free_port
 from mace.client import AsyncClient
+from mace.client.errors import MaceError
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -80,14 +81,16 @@ SWEEP = {
 class ChatTimings:
     tpot_s: list[float] = field(default_factory=list)
     ttft_s: list[float] = field(default_factory=list)
+    refused: int = 0  # answered 429/503 (shed) or failed
 
     def summary(self) -> str:
         if not self.tpot_s:
-            return "no streams"
+            return f"no streams ({self.refused} refused)"
         tpot = sorted(self.tpot_s)
         p50, p99 = tpot[len(tpot) // 2], tpot[min(len(tpot) - 1, int(0.99 * len(tpot)))]
         return (f"TPOT p50 {p50 * 1000:.0f} ms / p99 {p99 * 1000:.0f} ms ({1 / p50:.1f} tokens/s), "
-                f"TTFT p50 {statistics.median(self.ttft_s) * 1000:.0f} ms, {len(tpot)} streams")
+                f"TTFT p50 {statistics.median(self.ttft_s) * 1000:.0f} ms, {len(tpot)} streams, "
+                f"{self.refused} refused")
 
 
 @dataclass
@@ -104,9 +107,14 @@ class Outcome:
 async def stream_once(client: AsyncClient, prompt: str, timings: ChatTimings) -> None:
     started = time.monotonic()
     arrivals: list[float] = []
-    async for _ in client.chat([{"role": "user", "content": prompt}], stream=True, max_tokens=CHAT_MAX_TOKENS,
-                               temperature=0.7, ignore_eos=True):
-        arrivals.append(time.monotonic())
+    try:
+        async for _ in client.chat([{"role": "user", "content": prompt}], stream=True, max_tokens=CHAT_MAX_TOKENS,
+                                   temperature=0.7, ignore_eos=True):
+            arrivals.append(time.monotonic())
+    except MaceError as exc:
+        print(f"chat refused: {exc}", file=sys.stderr)
+        timings.refused += 1
+        return
     if len(arrivals) >= 2:
         timings.ttft_s.append(arrivals[0] - started)
         timings.tpot_s.append((arrivals[-1] - arrivals[0]) / (len(arrivals) - 1))

@@ -27,6 +27,7 @@ from mace.train.journal import Journal, StoredSample
 from mace.train.layered import LayeredLoss, LayeredMicroStep, loss_stages
 from mace.train.learner import CANDIDATE, LEARNER, Learner, save_adapter
 from mace.train.policy import RetrainPolicy, make_policy
+from mace.train.rehearsal import anchors
 from mace.train.replay import DriftSignal, ReplayBuffer, TrainSample, recency_weighted_mean, supersedes
 from mace.train.work import StageKind, TrainStage, TrainWork
 
@@ -88,6 +89,11 @@ class Trainer:
         self.tokenizer = tokenizer
         self.journal = journal
         self.policy: RetrainPolicy = make_policy(config.train)
+        # Generated with the base weights, before the learner's adapters exist on the model.
+        self.anchors = anchors(causal_lm, tokenizer, config.data_dir / "rehearsal.json",
+                               f"{config.model.name}:{next(causal_lm.parameters()).dtype}") \
+            if config.train.rehearsal else []
+        self._next_anchor = 0
         self.learner = Learner(causal_lm, config.train)
         self.store = AdapterStore(config.data_dir / "adapters")
         self.checkpoint_path = config.data_dir / "checkpoints" / "learner.pt"
@@ -136,8 +142,16 @@ class Trainer:
             chunk = self.replay.pick(max_job_tokens, time.time(), max(1, room), at_least_one=True)
             if chunk is None:
                 return []
-            self._job = self.learner.micro_step(chunk.samples)
+            self._job = self.learner.micro_step([*chunk.samples, *self._rehearsal()])
         return self._job.remaining
+
+    def _rehearsal(self) -> list[TrainSample]:
+        """One anchor with the first micro-step of each optimizer step (train/rehearsal.py)."""
+        if not self.anchors or self.learner.num_accumulated > 0:
+            return []
+        anchor = self.anchors[self._next_anchor % len(self.anchors)]
+        self._next_anchor += 1
+        return [anchor]
 
     def open_warm_up_job(self, samples: list[TrainSample]) -> None:
         """Open a micro-step on synthetic samples whose gradients are thrown away when it is done: it
@@ -246,17 +260,17 @@ class Trainer:
             self.checkpoint()
 
     def _account(self, job: LayeredMicroStep) -> None:
-        for sample, loss in zip(job.samples, job.losses, strict=True):
+        users = [(s, loss) for s, loss in zip(job.samples, job.losses, strict=True) if s.sample_id > 0]
+        for sample, loss in users:
             sample.loss = loss if math.isfinite(loss) else sample.loss
             self.drift.on_trained(loss, sample.num_trained)
             sample.num_trained += 1
-        finite = [loss for loss in job.losses if math.isfinite(loss)]
+        finite = [loss for _, loss in users if math.isfinite(loss)]
         if finite:
             self.learner_loss = sum(finite) / len(finite)
         self.train_tokens_total += sum(sample.num_tokens for sample in job.samples)
-        self.journal.mark_trained([s.sample_id for s in job.samples], self._last_seen_id,
-                                  [s.loss for s in job.samples])
-        self.learner.accumulated(len(job.samples))
+        self.journal.mark_trained([s.sample_id for s, _ in users], self._last_seen_id, [s.loss for s, _ in users])
+        self.learner.accumulated(len(users))  # an anchor rides along; the batch counts users' samples
         if self.learner.batch_ready():
             if self.learner.optimizer_step():
                 self._queue_publish_gate()
