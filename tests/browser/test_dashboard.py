@@ -49,6 +49,7 @@ async def test_numbers_follow_load_and_learning(page: Page, learning_server: Run
     await expect(page.locator("#connection")).to_have_text("live")
     await expect(page.locator("#model")).to_have_text("builtin:tiny")
     await expect(page.locator("#train-policy")).to_have_text("mace")
+    await expect(page.locator("#training-off")).to_be_hidden()
     await expect(page.locator("#tokens-per-s")).to_have_text("0.0")
     await expect(page.locator("#running")).to_have_text("0")
     await expect(page.locator("#ttft-p50")).to_have_text("—")
@@ -78,3 +79,10 @@ async def test_numbers_follow_load_and_learning(page: Page, learning_server: Run
     assert float(found[2]) < float(found[1])  # published because the learner did better
     await expect(page.locator("#loss-learner")).to_have_text(re.compile(r"^\d+\.\d{3}$"))
     await keep_screenshot(page, "dashboard")
+
+
+async def test_a_server_that_does_not_learn_says_so(page: Page, server: RunningServer) -> None:
+    await page.goto(server.url + "/dashboard")  # the shared test server: configs/tiny.toml, policy none
+    await expect(page.locator("#connection")).to_have_text("live")
+    await expect(page.locator("#training-off")).to_be_visible()
+    await expect(page.locator("#training-off")).to_contain_text("feedback is kept in the journal")

@@ -98,6 +98,7 @@ async def test_feedback_message_is_journaled_and_acknowledged(
         ack = await ws.receive_json(timeout=30)
         assert ack["type"] == "feedback_accepted" and ack["id"] == "f1"
         assert len(ack["ids"]) == 2 and all(isinstance(i, int) for i in ack["ids"])
+        assert ack["training"] == "off"  # the shared test server runs configs/tiny.toml: journal only
         await ws.send_json({"type": "feedback", "id": "f2", "samples": sample})  # one sample, not a list
         assert len((await ws.receive_json(timeout=30))["ids"]) == 1
     assert journal.counts().total == before + 3

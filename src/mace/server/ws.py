@@ -5,7 +5,7 @@ Client -> server: {"type": "chat", "id", "messages", ...same sampling fields as 
                   {"type": "cancel", "id"}   {"type": "ping"}
 Server -> client: {"type": "delta", "id", "text"}
                   {"type": "done", "id", "finish_reason", "usage", "adapter_version", "system_fingerprint"}
-                  {"type": "feedback_accepted", "id", "ids"}
+                  {"type": "feedback_accepted", "id", "ids", "training": "on" | "off"}
                   {"type": "error", "id", "status", "error": {message, type, param, code}, "retry_after_s"?}
                   {"type": "pong"}
 See docs/websocket.md.
@@ -24,7 +24,7 @@ from aiohttp import WSMsgType, web
 
 from mace.server.auth import GUARD, PRINCIPAL, Guard
 from mace.server.errors import ApiError
-from mace.server.feedback_api import store_feedback
+from mace.server.feedback_api import store_feedback, training_state
 from mace.server.generation import PreparedRequest, generate, prepare_chat
 from mace.server.keys import RUNTIME
 from mace.server.limits import TokenBucket
@@ -165,7 +165,8 @@ class _Socket:
                 log.exception("websocket feedback failed")
                 await self.send_error(feedback_id, ApiError(500, "internal server error", code="internal_error"))
                 return
-            await self.send({"type": "feedback_accepted", "id": feedback_id, "ids": ids})
+            await self.send({"type": "feedback_accepted", "id": feedback_id, "ids": ids,
+                             "training": training_state(self.request.app[RUNTIME])})
 
     async def _run_chat(self, conversation_id: str, prepared: PreparedRequest) -> None:
         with self.request.app[RUNTIME].in_flight(), contextlib.suppress(ConnectionResetError):
