@@ -69,10 +69,9 @@ CHAT_EVERY_S = 2.0
 CHAT_MAX_TOKENS = 32
 SWEEP = {
     "shipped defaults": {},
+    "no rehearsal": {"MACE_TRAIN__REHEARSAL": "false"},
     "learning rate 0.001": {"MACE_TRAIN__LEARNING_RATE": "0.001"},
-    "learning rate 0.004": {"MACE_TRAIN__LEARNING_RATE": "0.004"},
-    "rank 16": {"MACE_TRAIN__LORA_RANK": "16", "MACE_TRAIN__LORA_ALPHA": "32"},
-    "q,k,v,o projections": {"MACE_TRAIN__TARGET_MODULES": "q_proj,k_proj,v_proj,o_proj"},
+    "learning rate 0.0005": {"MACE_TRAIN__LEARNING_RATE": "0.0005"},
     "batch of 2 (smaller, more frequent steps)": {"MACE_TRAIN__BATCH_SIZE": "2"},
 }
 
@@ -210,7 +209,7 @@ async def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="every configuration of the sweep, one server each")
     parser.add_argument("--set", action="append", default=[], metavar="MACE_KEY=VALUE",
                         help="an environment override for the server (repeatable)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the fact to be learned")
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the fact to be learned")
     args = parser.parse_args()
     runs = SWEEP if args.sweep else {"shipped defaults" if not args.set else ", ".join(args.set):
                                      dict(item.split("=", 1) for item in args.set)}

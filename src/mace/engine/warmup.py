@@ -22,12 +22,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import structlog
+
 from mace.engine.request import Request, SamplingParams
 from mace.train.policy import NoTraining, RetrainPolicy, TrainContext, TrainDecision
+from mace.train.rehearsal import ANCHOR_ANSWER_TOKENS, AnchorStore, anchor_prompts
 from mace.train.replay import TrainSample
 
 if TYPE_CHECKING:
     from mace.engine.engine import Engine
+
+log = structlog.get_logger(__name__)
 
 PROMPT_LENGTHS = (16, 48, 96, 160)
 OUTPUT_TOKENS = 6
@@ -58,6 +63,8 @@ def warm_up(engine: Engine) -> WarmUpReport:
             steps, max_decodes = _serve(engine, lengths, first_index=0)
     finally:
         engine.scheduler.is_measuring = False
+    if engine.trainer is not None and engine.config.train.rehearsal and not engine.trainer.anchors.samples:
+        steps += _generate_anchors(engine, engine.trainer.anchors)
     if engine.trainer is not None and engine.scheduler.training is not None:
         engine.scheduler.latency.refit()  # training is planned beside inference measured just now
         steps += _train_alongside(engine, first_index=len(lengths))
@@ -119,6 +126,26 @@ def _train_alongside(engine: Engine, first_index: int) -> int:
             steps, _ = _serve(engine, list(PROMPT_LENGTHS), first_index)
     finally:
         trainer.train_seconds_total = seconds_before  # users' training time only, in /metrics
+    return steps
+
+
+def _generate_anchors(engine: Engine, store: AnchorStore) -> int:
+    """Serve the rehearsal questions greedily on version 0, as users would get them, and keep the answers
+    (train/rehearsal.py); once per model, since the store caches them."""
+    started = time.perf_counter()
+    requests = []
+    for index, prompt in enumerate(anchor_prompts(engine.bundle.tokenizer)):
+        requests.append(Request(
+            request_id=f"warmup-anchor-{index}", prompt_token_ids=prompt,
+            sampling_params=SamplingParams(max_tokens=ANCHOR_ANSWER_TOKENS, temperature=0),
+            eos_token_ids=engine.bundle.eos_token_ids, max_model_len=engine.max_model_len,
+            arrival_time_s=time.monotonic(),
+        ))
+        engine.scheduler.add_request(requests[-1])
+    with _training_policy(engine, NoTraining()):
+        steps, _ = _serve(engine, [], first_index=0)
+    store.set([(r.prompt_token_ids, list(r.output_token_ids)) for r in requests])
+    log.info("rehearsal anchors generated", num=len(requests), seconds=round(time.perf_counter() - started, 2))
     return steps
 
 

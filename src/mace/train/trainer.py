@@ -27,7 +27,7 @@ from mace.train.journal import Journal, StoredSample
 from mace.train.layered import LayeredLoss, LayeredMicroStep, loss_stages
 from mace.train.learner import CANDIDATE, LEARNER, Learner, save_adapter
 from mace.train.policy import RetrainPolicy, make_policy
-from mace.train.rehearsal import anchors
+from mace.train.rehearsal import AnchorStore
 from mace.train.replay import DriftSignal, ReplayBuffer, TrainSample, recency_weighted_mean, supersedes
 from mace.train.work import StageKind, TrainStage, TrainWork
 
@@ -89,10 +89,10 @@ class Trainer:
         self.tokenizer = tokenizer
         self.journal = journal
         self.policy: RetrainPolicy = make_policy(config.train)
-        # Generated with the base weights, before the learner's adapters exist on the model.
-        self.anchors = anchors(causal_lm, tokenizer, config.data_dir / "rehearsal.json",
-                               f"{config.model.name}:{next(causal_lm.parameters()).dtype}") \
-            if config.train.rehearsal else []
+        # Filled by the engine's warm-up at the first start of a model (engine/warmup.py), cached after.
+        self.anchors = AnchorStore(config.data_dir / "rehearsal.json",
+                                   f"{config.model.name}:{next(causal_lm.parameters()).dtype}")
+        self._rehearse = config.train.rehearsal
         self._next_anchor = 0
         self.learner = Learner(causal_lm, config.train)
         self.store = AdapterStore(config.data_dir / "adapters")
@@ -147,9 +147,10 @@ class Trainer:
 
     def _rehearsal(self) -> list[TrainSample]:
         """One anchor with the first micro-step of each optimizer step (train/rehearsal.py)."""
-        if not self.anchors or self.learner.num_accumulated > 0:
+        anchors = self.anchors.samples
+        if not self._rehearse or not anchors or self.learner.num_accumulated > 0:
             return []
-        anchor = self.anchors[self._next_anchor % len(self.anchors)]
+        anchor = anchors[self._next_anchor % len(anchors)]
         self._next_anchor += 1
         return [anchor]
 
