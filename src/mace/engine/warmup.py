@@ -61,10 +61,10 @@ def warm_up(engine: Engine) -> WarmUpReport:
     try:
         with _training_policy(engine, NoTraining()):
             steps, max_decodes = _serve(engine, lengths, first_index=0)
+        if engine.trainer is not None and engine.config.train.rehearsal and not engine.trainer.anchors.samples:
+            steps += _generate_anchors(engine, engine.trainer.anchors)
     finally:
         engine.scheduler.is_measuring = False
-    if engine.trainer is not None and engine.config.train.rehearsal and not engine.trainer.anchors.samples:
-        steps += _generate_anchors(engine, engine.trainer.anchors)
     if engine.trainer is not None and engine.scheduler.training is not None:
         engine.scheduler.latency.refit()  # training is planned beside inference measured just now
         steps += _train_alongside(engine, first_index=len(lengths))
@@ -142,7 +142,7 @@ def _generate_anchors(engine: Engine, store: AnchorStore) -> int:
             arrival_time_s=time.monotonic(),
         ))
         engine.scheduler.add_request(requests[-1])
-    with _training_policy(engine, NoTraining()):
+    with _training_policy(engine, NoTraining()):  # all of them in one batch: nobody else is served yet
         steps, _ = _serve(engine, [], first_index=0)
     store.set([(r.prompt_token_ids, list(r.output_token_ids)) for r in requests])
     log.info("rehearsal anchors generated", num=len(requests), seconds=round(time.perf_counter() - started, 2))
