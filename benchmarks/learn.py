@@ -4,9 +4,11 @@ One run: a server with the shipped defaults (plus any `--set KEY=VALUE` override
 answers 50 fixed general prompts greedily on its base version; then 16 feedback samples teach one new
 fact (4 paraphrases of the question, 4 times each) while one streaming chat request arrives every 2 s.
 It reports when a newly published version first answers the fact, what the chat streams got meanwhile
-(TPOT, tokens/s) against the same chat without training, how many of the 50 general answers the
-learned version keeps unchanged, and the same count for version 0 asked twice (the noise floor:
-reduced-precision kernels round differently with the batch around a request).
+(TPOT, tokens/s) against the same chat without training, and how many of the 50 general answers the
+newest version keeps unchanged against version 0, both asked back to back on the same server at the
+end (a version activated by hand holds publishing meanwhile). Version 0 asked twice gives the noise
+floor. Answers are compared within one server only: reduced-precision kernels round differently with
+the batch and cache layout around a request, which differ between two server processes.
 
     python benchmarks/learn.py                                   # the product as shipped
     python benchmarks/learn.py --sweep                           # the levers, one server each
@@ -161,7 +163,7 @@ async def teach(client: AsyncClient, timeout_s: float) -> tuple[float | None, fl
     return None, first_publish_s, checked
 
 
-async def run_once(env: dict[str, str], baseline: list[str] | None, timeout_s: float) -> tuple[Outcome, list[str]]:
+async def run_once(env: dict[str, str], measure_noise: bool, timeout_s: float) -> Outcome:
     port = free_port()
     data_dir = tempfile.mkdtemp(prefix="mace-learn-")
     argv = [str(BIN / "mace"), "serve", "--port", str(port)]
@@ -178,12 +180,6 @@ async def run_once(env: dict[str, str], baseline: list[str] | None, timeout_s: f
             await asyncio.sleep(10 * CHAT_EVERY_S)  # the same chat, nothing to learn
             stop.set()
             await traffic
-            noise = None
-            if baseline is None:
-                baseline = await general_answers(client)
-                again = await general_answers(client)
-                noise = sum(a == b for a, b in zip(baseline, again, strict=True))
-            before = baseline
             learning = ChatTimings()
             stop = asyncio.Event()
             traffic = asyncio.create_task(chat_traffic(client, learning, stop))
@@ -191,13 +187,28 @@ async def run_once(env: dict[str, str], baseline: list[str] | None, timeout_s: f
             stop.set()
             await traffic
             unseen = FACT_WORD in (await answer(client, UNSEEN_QUESTION, max_tokens=12))[0]
-            after = await general_answers(client)
+            kept, noise = await retention(client, measure_noise)
         finally:
             await client.close()
-    kept = sum(a == b for a, b in zip(before, after, strict=True))
+    return Outcome(learned_s, first_publish_s, unseen, kept, learning, quiet, versions, noise)
+
+
+async def retention(client: AsyncClient, measure_noise: bool) -> tuple[int, int | None]:
+    """General answers of the newest version against version 0's, asked back to back on the same server
+    (activating a version by hand holds publishing, so neither changes meanwhile)."""
+    newest = (await client.adapters()).newest.version
+    await client.activate(newest)
+    after = await general_answers(client)
+    await client.activate(0)
+    before = await general_answers(client)
+    noise = None
+    if measure_noise:
+        again = await general_answers(client)
+        noise = sum(a == b for a, b in zip(before, again, strict=True))
+    await client.activate(newest)  # publishing resumes
     for prompt, old, new in [(p, a, b) for p, a, b in zip(GENERAL_PROMPTS, before, after, strict=True) if a != b][:3]:
         print(f"changed: {prompt!r}: {old!r} -> {new!r}", file=sys.stderr)
-    return Outcome(learned_s, first_publish_s, unseen, kept, learning, quiet, versions, noise), before
+    return sum(a == b for a, b in zip(before, after, strict=True)), noise
 
 
 def report(name: str, outcome: Outcome) -> str:
@@ -230,9 +241,8 @@ async def main() -> None:
     print(f"{len(FACT_QUESTIONS) * 4} samples of one fact; one {CHAT_MAX_TOKENS}-token chat stream every "
           f"{CHAT_EVERY_S:.0f} s; {len(GENERAL_PROMPTS)} general prompts, greedy, {GENERAL_MAX_TOKENS} tokens.\n")
     print(HEADER)
-    baseline = None
-    for name, env in runs.items():
-        outcome, baseline = await run_once(env, baseline, args.timeout)
+    for index, (name, env) in enumerate(runs.items()):
+        outcome = await run_once(env, measure_noise=index == 0, timeout_s=args.timeout)
         print(report(name, outcome), flush=True)
 
 
