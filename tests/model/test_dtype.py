@@ -107,3 +107,16 @@ async def test_bf16_answers_as_fp32_on_the_default_model(tmp_path: Path) -> None
     assert len(PROMPTS) >= 50
     assert token_agreement(answers["float32"], answers["bfloat16"]) >= 0.9
     assert abs(perplexities["bfloat16"] / perplexities["float32"] - 1) <= 0.02
+
+
+def test_low_precision_logits_are_rescored_in_fp32_at_the_top() -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(2000, 64, generator=generator).bfloat16()  # [vocab, hidden]
+    last = torch.randn(4, 64, generator=generator).bfloat16()  # [S, hidden]
+    exact = last.float() @ weight.float().T  # what an fp32 output of the same weights gives
+    rounded = torch.nn.functional.linear(last, weight).float()
+    rescored = ModelRunner._rescore_top(rounded.clone(), last, weight)
+    top = exact.argmax(dim=-1, keepdim=True)
+    assert torch.equal(rescored.argmax(dim=-1, keepdim=True), top)
+    assert torch.allclose(rescored.gather(1, top), exact.gather(1, top), atol=1e-4)
+    assert not torch.allclose(rounded.gather(1, top), exact.gather(1, top), atol=1e-4)  # bf16 alone is off

@@ -23,6 +23,7 @@ from mace.engine.streams import StreamManager
 from mace.train.trainer import Trainer
 
 SNAP_WINDOW = 16  # last queries of a chunk whose attention scores tokens for KV pruning
+RESCORED_LOGITS = 16  # low-precision logits recomputed in fp32, from the largest: all near-ties of the top one
 POOL_KERNEL = 7  # neighbours whose scores a token shares when pruning (odd: the output keeps its length)
 
 
@@ -62,7 +63,6 @@ class ModelRunner:
         self.scaling: float = self.head_dim**-0.5
         dtype = next(causal_lm.parameters()).dtype
         self.compute_dtype = dtype
-        self._head_weight = self._fp32_head(causal_lm.lm_head)
         with torch.inference_mode():
             self.kv = SlotKVCache(
                 len(decoder.layers), self.num_kv_heads, self.head_dim, max_model_len, dtype, device
@@ -287,18 +287,19 @@ class ModelRunner:
         if not rows:
             return None
         last = hidden[torch.tensor(rows, device=self.device)]  # [S, hidden]
-        if self._head_weight is None or not isinstance(self.causal_lm.lm_head, torch.nn.Linear):
-            logits = self.causal_lm.lm_head(last)
-        else:
-            logits = F.linear(last.float(), self._head_weight)  # [S, vocab]
-        return _Logits(logits.float(), sampling)
+        lm_head = self.causal_lm.lm_head
+        logits = lm_head(last).float()  # [S, vocab]
+        if self.compute_dtype != torch.float32 and isinstance(lm_head, torch.nn.Linear):
+            logits = self._rescore_top(logits, last, lm_head.weight)
+        return _Logits(logits, sampling)
 
-    def _fp32_head(self, lm_head: Any) -> torch.Tensor | None:
-        """An fp32 copy of a low-precision LM head: bf16 logits (8 bits of mantissa, steps of 0.125 at 20)
-        turn near-ties into changed greedy tokens. None where the head is fp32 already; unused once adapted (LoRA)."""
-        if self.compute_dtype == torch.float32 or not isinstance(lm_head, torch.nn.Linear):
-            return None
-        return lm_head.weight.detach().float()
+    @staticmethod
+    def _rescore_top(logits: torch.Tensor, last: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Low-precision logits are rounded to 8 bits of mantissa (steps of 0.125 near 20), which turned
+        near-ties into changed greedy tokens; the top candidates are recomputed with an fp32 output."""
+        top = logits.topk(RESCORED_LOGITS, dim=-1).indices  # [S, K]
+        exact = torch.einsum("skh,sh->sk", weight[top].float(), last.float())  # [S, K]
+        return logits.scatter_(1, top, exact)
 
     def _sample(self, logits: _Logits) -> dict[str, int]:
         request_ids = [chunk.request.request_id for chunk in logits.chunks]
