@@ -167,8 +167,10 @@ class TrainConfig(_Section):
     replay_window: int = Field(256, ge=1)
     freshness_half_life_s: float = Field(600.0, gt=0)
     drift_full_ratio: float = Field(1.5, gt=1, description="mace: drift ratio at which training takes all slack")
-    rehearsal: bool = Field(True, description="train one of the base model's own answers to a general question "
-                            "with each optimizer step, so learning a fact does not overwrite the rest")
+    # Off by default: in bench-learn it kept 5 of 50 general answers against 1 without it, while costing a
+    # quarter of training's tokens (docs/results/train/learn.md); a lever, not yet a guard.
+    rehearsal: bool = Field(False, description="train one of the base model's own answers to a general question "
+                            "with each optimizer step, against overwriting the rest")
     converged_loss: float = Field(0.1, ge=0, description="mace: per-token loss the drift ratios add to both sides, "
                                   "so a version that already answers its users nearly surely rests")
     heldout_every: int = Field(5, ge=2, description="every Nth sample is held out for the publish gate")

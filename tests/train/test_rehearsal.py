@@ -3,13 +3,15 @@ ride along with the first micro-step of every optimizer step and never touch the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
-from mace.model.loader import load_model
+from mace.model.loader import ModelBundle, load_model
 from mace.server.keys import RUNTIME
-from mace.train.journal import NewSample
+from mace.train.journal import Journal, NewSample
 from mace.train.rehearsal import ANCHOR_QUESTIONS, AnchorStore
 from mace.train.trainer import Trainer
 from mace.train.work import TrainWork
@@ -17,7 +19,7 @@ from tests.conftest import start_server, tiny_config
 
 
 async def test_warm_up_serves_the_anchors_greedily_once_per_model(tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, train={"policy": "mace"})
+    config = tiny_config(tmp_path, train={"policy": "mace", "rehearsal": True})
     bundle = load_model(config.model, config.cache_dir)
     runner, _ = await start_server(config, bundle)
     try:
@@ -37,7 +39,19 @@ async def test_warm_up_serves_the_anchors_greedily_once_per_model(tmp_path: Path
         await runner.cleanup()
 
 
-def test_each_optimizer_step_carries_one_anchor_outside_the_journal(trainer: Trainer) -> None:
+@pytest.fixture
+def rehearsing(tmp_path: Path, tiny_bundle: ModelBundle) -> Iterator[Trainer]:
+    config = tiny_config(tmp_path, train={"policy": "mace", "rehearsal": True})
+    journal = Journal(tmp_path / "journal.sqlite3", heldout_every=config.train.heldout_every)
+    trainer = Trainer(tiny_bundle.causal_lm, tiny_bundle.tokenizer, journal, config)
+    yield trainer
+    trainer.store.close()
+    trainer.learner.peft_model.unload()
+    journal.close()
+
+
+def test_each_optimizer_step_carries_one_anchor_outside_the_journal(rehearsing: Trainer) -> None:
+    trainer = rehearsing
     trainer.anchors.set([([1, 2, 3], [4, 5]), ([6, 7], [8])])
     trainer.journal.append([NewSample(f"question {i}?", f"answer {i}") for i in range(4)])
     trainer.ingest()
