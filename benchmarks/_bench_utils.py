@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import resource
 import signal
@@ -133,9 +134,9 @@ class LoadResult:
         return sum(self.tokens) / self.seconds
 
 
-async def _one_request(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> int:
-    """Stream one chat completion; return its completion tokens (server's usage, else the content chunks)."""
-    chunks, usage = 0, None
+async def timed_request(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, float]:
+    """Stream one chat completion: (completion tokens, its TPOT: first to last content chunk per token)."""
+    chunks, usage, first, last = 0, None, math.nan, math.nan
     async with session.post(url, json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
@@ -151,10 +152,17 @@ async def _one_request(session: aiohttp.ClientSession, url: str, body: dict[str,
                 raise RuntimeError(f"stream error: {event['error']}")
             if event.get("usage"):
                 usage = event["usage"]["completion_tokens"]
-            for choice in event.get("choices") or []:
-                if (choice.get("delta") or {}).get("content"):
-                    chunks += 1
-    return int(usage) if usage is not None else chunks
+            if any((choice.get("delta") or {}).get("content") for choice in event.get("choices") or []):
+                chunks += 1
+                last = time.perf_counter()
+                first = last if math.isnan(first) else first
+    tokens = int(usage) if usage is not None else chunks
+    return tokens, (last - first) / (tokens - 1) if tokens > 1 else math.nan
+
+
+async def _one_request(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> int:
+    """Stream one chat completion; return its completion tokens (server's usage, else the content chunks)."""
+    return (await timed_request(session, url, body))[0]
 
 
 async def drive(base_url: str, bodies: list[dict[str, Any]], timeout_s: float = 1800) -> LoadResult:

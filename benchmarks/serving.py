@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import math
 import os
 import signal
 import statistics
@@ -39,7 +38,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a plain script by `make bench`
-from _bench_utils import PROMPTS, CpuContention, Server, free_port, scrape_metrics
+from _bench_utils import PROMPTS, CpuContention, Server, free_port, scrape_metrics, timed_request
 
 THREADS = 2
 NEW_TOKENS = 48
@@ -123,32 +122,6 @@ def bare_loop(model: Any, prompts: list[list[int]], pad_id: int, new_tokens: int
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         steps.append(time.perf_counter() - step_start)
     return len(prompts) * new_tokens / (time.perf_counter() - start), statistics.median(steps)
-
-
-async def timed_request(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, float]:
-    """Stream one chat completion: (completion tokens, its TPOT: first to last content chunk per token)."""
-    chunks, usage, first, last = 0, None, math.nan, math.nan
-    async with session.post(url, json=body) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[len("data:") :].strip()
-            if data == "[DONE]":
-                break
-            event = json.loads(data)
-            if "error" in event:
-                raise RuntimeError(f"stream error: {event['error']}")
-            if event.get("usage"):
-                usage = event["usage"]["completion_tokens"]
-            if any((choice.get("delta") or {}).get("content") for choice in event.get("choices") or []):
-                chunks += 1
-                last = time.perf_counter()
-                first = last if math.isnan(first) else first
-    tokens = int(usage) if usage is not None else chunks
-    return tokens, (last - first) / (tokens - 1) if tokens > 1 else math.nan
 
 
 async def drive(base_url: str, bodies: list[dict[str, Any]], together: bool) -> tuple[float, list[int], list[float]]:
