@@ -22,7 +22,7 @@ def test_batch_is_all_or_nothing(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.Error):
         journal.append([NewSample("p", "c"), NewSample("p", None)])  # type: ignore[arg-type]
     assert journal.counts().total == 1
-    journal.mark_trained([1], cursor=1)
+    journal.mark_trained([1], cursor=1, losses=[0.7])
     assert journal.counts().trained == 1 and journal.cursor() == 1
     journal.close()
 

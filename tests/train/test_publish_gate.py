@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 from mace.train.replay import TrainSample, recency_weighted_mean
-from mace.train.trainer import Trainer, _PublishGate
+from mace.train.trainer import Trainer
+from mace.train.upkeep import PublishGate
 
 
 def test_a_sample_one_half_life_back_weighs_half_the_newest() -> None:
@@ -28,11 +29,11 @@ def test_a_long_half_life_is_the_plain_mean() -> None:
     assert math.isclose(recency_weighted_mean(serving, half_life=1e9), sum(serving) / len(serving), rel_tol=1e-6)
 
 
-def _gate(trainer: Trainer, serving_loss: float, learner_loss: float) -> _PublishGate:
+def _gate(trainer: Trainer, serving_loss: float, learner_loss: float) -> PublishGate:
     """A finished held-out evaluation of one sample with these losses."""
     sample = TrainSample(1000, [5, 6, 7, 8], 2, created_at=0.0)
     trainer._serving_losses, trainer._serving_losses_version = {sample.sample_id: serving_loss}, trainer.active_version
-    return _PublishGate([sample], trainer.active_version, {sample.sample_id: learner_loss})
+    return PublishGate([sample], trainer.active_version, {sample.sample_id: learner_loss})
 
 
 def test_the_serving_versions_held_out_loss_follows_the_version_that_serves(trainer: Trainer) -> None:

@@ -133,15 +133,14 @@ class Journal:
         with self._lock:
             return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()[0])
 
-    def mark_trained(self, sample_ids: list[int], cursor: int, losses: list[float] | None = None) -> None:
+    def mark_trained(self, sample_ids: list[int], cursor: int, losses: list[float]) -> None:
         """Record trained samples (and their latest losses) and the training cursor (the highest sample
         id seen) together."""
-        stored_losses = losses if losses is not None else [None] * len(sample_ids)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(
                 "UPDATE samples SET num_trained = num_trained + 1, loss = COALESCE(?, loss) WHERE id = ?",
-                [(_finite_or_none(loss), i) for i, loss in zip(sample_ids, stored_losses, strict=True)],
+                [(_finite_or_none(loss), i) for i, loss in zip(sample_ids, losses, strict=True)],
             )
             self._db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('cursor', ?)", (cursor,))
             self._db.execute("COMMIT")

@@ -14,7 +14,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -29,6 +29,7 @@ from mace.train.learner import CANDIDATE, LEARNER, Learner, save_adapter
 from mace.train.policy import RetrainPolicy, make_policy
 from mace.train.rehearsal import AnchorStore
 from mace.train.replay import DriftSignal, ReplayBuffer, TrainSample, recency_weighted_mean, supersedes
+from mace.train.upkeep import PublishGate, Upkeep
 from mace.train.work import StageKind, TrainStage, TrainWork
 
 log = structlog.get_logger(__name__)
@@ -48,39 +49,6 @@ class TrainStats:
     drift: float
     seconds_since_publish: float
     num_trainable: int
-
-
-@dataclass
-class _Upkeep:
-    """Forward-only work in layer stages: a sample's loss under an adapter, then what is done with it.
-
-    The pass is built at its first stage, so a score is taken under the version serving by then.
-    """
-
-    stages: list[TrainStage]  # those left
-    begin: Callable[[], LayeredLoss] | None  # None: bookkeeping only (`finish` gets NaN)
-    finish: Callable[[float], None]
-    loss_pass: LayeredLoss | None = None
-
-    def run_next(self) -> None:
-        self.stages.pop(0)
-        if self.begin is not None:
-            if self.loss_pass is None:
-                self.loss_pass = self.begin()
-            self.loss_pass.run_next()
-
-    def complete(self) -> None:
-        """Hand the loss on; at a step boundary, since reading it waits for the device."""
-        self.finish(self.loss_pass.loss if self.loss_pass is not None else math.nan)
-
-
-@dataclass
-class _PublishGate:
-    """Held-out losses of the learner and of the serving version, gathered one sample per stage."""
-
-    samples: list[TrainSample]  # oldest first
-    serving_version: int
-    learner_losses: dict[int, float] = field(default_factory=dict)  # by sample id
 
 
 class Trainer:
@@ -111,8 +79,8 @@ class Trainer:
         self.last_publish_s = time.monotonic()
         self._last_checkpoint_s = time.monotonic()
         self._last_seen_id = 0
-        self._upkeep: deque[_Upkeep] = deque()
-        self._finished_upkeep: list[_Upkeep] = []  # completed at the next step boundary, in order
+        self._upkeep: deque[Upkeep] = deque()
+        self._finished_upkeep: list[Upkeep] = []  # completed at the next step boundary, in order
         self._job: LayeredMicroStep | None = None
         self._finished_jobs: list[LayeredMicroStep] = []
         self._warm_up_job: LayeredMicroStep | None = None
@@ -202,7 +170,7 @@ class Trainer:
         def begin() -> LayeredLoss:
             return self.learner.loss_pass(sample, adapter or self.learner.adapter_for(self.active_version))
 
-        self._upkeep.append(_Upkeep(loss_stages(sample, self.learner.num_layers), begin, finish))
+        self._upkeep.append(Upkeep(loss_stages(sample, self.learner.num_layers), begin, finish))
 
     def _score(self, sample: TrainSample, held_out: bool, loss: float) -> None:
         """A sample's value: its loss under the version users are served now."""
@@ -291,17 +259,17 @@ class Trainer:
             self._serving_losses, self._serving_losses_version = {}, self.active_version
         # Training goes on during the evaluation; the gate judges, and publishes, this snapshot.
         self.learner.snapshot_candidate()
-        gate = _PublishGate(heldout, self.active_version)
+        gate = PublishGate(heldout, self.active_version)
         serving = self.learner.adapter_for(self.active_version)
         for sample in heldout:
             self._queue_loss(sample, CANDIDATE, partial(gate.learner_losses.__setitem__, sample.sample_id))
             if sample.sample_id not in self._serving_losses:
                 self._queue_loss(sample, serving, partial(self._serving_losses.__setitem__, sample.sample_id))
-        self._upkeep.append(_Upkeep([TrainStage(StageKind.HEAD, 0, is_upkeep=True)], None,
+        self._upkeep.append(Upkeep([TrainStage(StageKind.HEAD, 0, is_upkeep=True)], None,
                                     lambda _: self._decide_publish(gate)))
         self._gate_pending = True
 
-    def _decide_publish(self, gate: _PublishGate) -> None:
+    def _decide_publish(self, gate: PublishGate) -> None:
         self._gate_pending = False
         if gate.serving_version != self.active_version or self.publishing_held:
             return  # an operator chose a version meanwhile
