@@ -4,6 +4,9 @@
    prompt, with the prefix cache on and off (requests one at a time, so TTFT is the prefill alone).
    1b. The same prompts submitted all at once on a cold cache.
    1c. 1 and 1b with transformers' own continuous batching, for reference.
+   1d. Sharing to the token: a ~1,000-token system prompt and a short user question in SmolLM2's
+       chat template, one at a time: cold, whole blocks shared, and every shared token (the cached
+       block where the prompts part lent in part), with where the warm TTFT goes.
 2. KV pruning at a fixed memory budget: how many sequences run at once and decode tokens/s, with
    pruning to 50% of each sequence's KV against no pruning.
 3. Pruning's quality cost: perplexity of a held-out continuation of long prompts with the KV pruned
@@ -11,6 +14,7 @@
 
     make bench-memory
     python benchmarks/memory.py --model builtin:tiny --parts ttft   # quick look
+    python benchmarks/memory.py --parts exact                       # part 1d alone
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mace-engine")
 SYSTEM_TOKENS = 700
 USER_TOKENS = 78  # 10% of each prompt
+EXACT_SYSTEM_TOKENS = 1000  # part 1d
+BLOCK_SIZE = 16  # the default memory.block_size
 GUIDELINES = (
     "You are a careful, friendly assistant for a public library. Answer questions about opening hours, "
     "membership, borrowing rules, fines, events, study rooms, printing and the digital catalogue. Keep "
@@ -78,18 +85,31 @@ async def time_to_first_token(engine: Engine, ids: list[int]) -> float:
     raise RuntimeError("no token")
 
 
+@dataclass(frozen=True)
+class TtftRun:
+    ttfts: list[float]  # sorted
+    num_cached_tokens: int  # prompt tokens found in the prefix cache, the warm-up's included
+    step_s: float  # engine steps while the measured requests ran, all of them (planning, KV loads, forward)
+    forward_s: float  # of which the forward passes
+
+
 async def measure_ttfts(args: argparse.Namespace, bundle: ModelBundle, sharing: bool, warm_up: list[int],
-                        prompts: list[list[int]], at_once: bool) -> tuple[list[float], int]:
-    """Sorted TTFTs of `prompts` on a new engine after one warm-up request, and the prompt tokens it found cached."""
+                        prompts: list[list[int]], at_once: bool, to_the_token: bool = True) -> TtftRun:
+    """TTFTs of `prompts` on a new engine after one warm-up request (which also caches its prompt)."""
     engine = Engine(bundle, make_config(args, 1024, prefix_caching=sharing))
+    if engine.memory.prefix_cache is not None:
+        engine.memory.prefix_cache.share_partial_blocks = to_the_token
     engine.start(MODEL_THREAD)
     try:
         await time_to_first_token(engine, warm_up)
+        before = engine.stats()
         if at_once:
             ttfts = list(await asyncio.gather(*(time_to_first_token(engine, ids) for ids in prompts)))
         else:
             ttfts = [await time_to_first_token(engine, ids) for ids in prompts]
-        return sorted(ttfts), engine.stats().prefix_cache_hits
+        after = engine.stats()
+        return TtftRun(sorted(ttfts), after.prefix_cache_hits, after.step_time_s_total - before.step_time_s_total,
+                       after.forward_time_s_total - before.forward_time_s_total)
     finally:
         engine.shutdown()
 
@@ -99,7 +119,8 @@ async def ttft_with_and_without_sharing(args: argparse.Namespace, bundle: ModelB
     p50 = {}
     for sharing in (False, True):
         # The first prompt warms up; with sharing it also caches the system prompt.
-        ttfts, cached = await measure_ttfts(args, bundle, sharing, prompts[0], prompts[1:], at_once=False)
+        run = await measure_ttfts(args, bundle, sharing, prompts[0], prompts[1:], at_once=False)
+        ttfts, cached = run.ttfts, run.num_cached_tokens
         p50[sharing] = statistics.median(ttfts)
         print(f"  prefix sharing {'on ' if sharing else 'off'}: TTFT p50 {p50[sharing] * 1000:7.1f} ms, "
               f"p90 {ttfts[int(0.9 * len(ttfts))] * 1000:7.1f} ms, cached prompt tokens {cached}")
@@ -115,11 +136,53 @@ async def burst_ttft_with_and_without_sharing(args: argparse.Namespace, bundle: 
     unrelated = bundle.tokenizer.encode("Hello there, how are you today? " * 30, add_special_tokens=False)
     p50 = {}
     for sharing in (False, True):
-        ttfts, cached = await measure_ttfts(args, bundle, sharing, unrelated, prompts, at_once=True)
+        run = await measure_ttfts(args, bundle, sharing, unrelated, prompts, at_once=True)
+        ttfts, cached = run.ttfts, run.num_cached_tokens
         p50[sharing] = statistics.median(ttfts)
         print(f"  prefix sharing {'on ' if sharing else 'off'}: TTFT p50 {p50[sharing] * 1000:7.1f} ms, "
               f"first {ttfts[0] * 1000:7.1f} ms, last {ttfts[-1] * 1000:7.1f} ms, cached prompt tokens {cached}")
     print(f"  => {p50[False] / p50[True]:.1f}x lower p50 TTFT with sharing ({len(prompts)} requests at once)")
+
+
+def chat_prompts(bundle: ModelBundle, num_requests: int, system_tokens: int) -> list[list[int]]:
+    """A system prompt of about `system_tokens`, then one short question each, as the chat template renders them."""
+    tokenizer = bundle.tokenizer
+    system = tokenizer.decode(tokenizer.encode(GUIDELINES * 16, add_special_tokens=False)[:system_tokens])
+    prompts = []
+    for index in range(num_requests):
+        messages = [{"role": "system", "content": system},
+                    {"role": "user", "content": PROMPTS[index % len(PROMPTS)]}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompts.append(list(tokenizer.encode(text, add_special_tokens=False)))
+    return prompts
+
+
+def num_shared_tokens(prompts: list[list[int]]) -> int:
+    return min(next(i for i, (a, b) in enumerate(zip(prompts[0], ids, strict=False)) if a != b) for ids in prompts[1:])
+
+
+async def ttft_to_the_token(args: argparse.Namespace, bundle: ModelBundle) -> None:
+    """Part 1d. The system prompt is trimmed so that the shared prefix ends half way through a block,
+    the average place when prompt lengths fall at random (a prefix that ends on a block boundary
+    gains nothing from sharing to the token)."""
+    prompts = chat_prompts(bundle, args.requests + 1, EXACT_SYSTEM_TOKENS)
+    trim = (BLOCK_SIZE // 2 - num_shared_tokens(prompts)) % BLOCK_SIZE
+    prompts = chat_prompts(bundle, args.requests + 1, EXACT_SYSTEM_TOKENS + trim)
+    num_shared = num_shared_tokens(prompts)
+    print(f"  prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, the first {num_shared} "
+          f"shared by all ({num_shared % BLOCK_SIZE} past the last whole {BLOCK_SIZE}-token block)")
+    p50 = {}
+    for label, sharing, to_the_token in (("off", False, False), ("whole blocks", True, False),
+                                         ("to the token", True, True)):
+        run = await measure_ttfts(args, bundle, sharing, prompts[0], prompts[1:], False, to_the_token)
+        p50[label] = statistics.median(run.ttfts)
+        num_measured = len(run.ttfts)
+        print(f"  sharing {label:>12}: TTFT p50 {p50[label] * 1000:7.1f} ms, p90 "
+              f"{run.ttfts[int(0.9 * num_measured)] * 1000:7.1f} ms, cached prompt tokens {run.num_cached_tokens}; "
+              f"per request: steps {run.step_s / num_measured * 1000:6.1f} ms, of which forward "
+              f"{run.forward_s / num_measured * 1000:6.1f} ms")
+    for label in ("whole blocks", "to the token"):
+        print(f"  => sharing {label}: {p50['off'] / p50[label]:.1f}x lower p50 TTFT than cold")
 
 
 def transformers_reference(args: argparse.Namespace, bundle: ModelBundle) -> None:
@@ -194,7 +257,7 @@ async def concurrency_at_fixed_budget(args: argparse.Namespace, bundle: ModelBun
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:smollm2")
-    parser.add_argument("--parts", default="ttft,burst,transformers,concurrency,quality")
+    parser.add_argument("--parts", default="ttft,burst,transformers,exact,concurrency,quality")
     parser.add_argument("--requests", type=int, default=10, help="measured requests per TTFT run")
     parser.add_argument("--budget-mib", type=int, default=160, help="part 2's memory budget")
     parser.add_argument("--sequences", type=int, default=16, help="part 2: long requests submitted at once")
@@ -214,6 +277,9 @@ async def main() -> None:
     if "transformers" in parts:
         print("1c. The same with transformers' continuous batching (generate_batch) for reference")
         transformers_reference(args, bundle)
+    if "exact" in parts:
+        print(f"1d. Prefix sharing to the token ({args.model}, {args.requests} chat requests one at a time)")
+        await ttft_to_the_token(args, bundle)
     if "concurrency" in parts:
         print(f"2. KV pruning at a fixed budget ({args.budget_mib} MiB, {args.sequences} x 512-token prompts)")
         await concurrency_at_fixed_budget(args, bundle)

@@ -40,12 +40,14 @@ class FakeRunner:
         for copy in copies:
             if copy.kind == "save":
                 start = copy.first_block * BLOCK_SIZE
-                tokens = self.slots[copy.request_id]
+                tokens = self.slots[copy.request_id][start : start + copy.num_tokens]
+                assert len(tokens) == copy.num_tokens  # only computed positions are saved
                 for index, block in enumerate(copy.block_ids):
-                    self.store[block] = tokens[start + index * BLOCK_SIZE : start + (index + 1) * BLOCK_SIZE]
+                    self.store[block] = tokens[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE]
             elif copy.kind == "load":
                 loaded = [t for block in copy.block_ids for t in self.store[block]]
-                self.slots[copy.request_id] = loaded
+                assert len(loaded) >= copy.num_tokens
+                self.slots[copy.request_id] = loaded[: copy.num_tokens]
             else:
                 for block in copy.block_ids:
                     del self.store[block]
@@ -165,10 +167,70 @@ def test_version_is_part_of_the_key() -> None:
     cache.commit(first, cache.match(first))
     first.num_computed_tokens = first.num_tokens
     cache.save(first, first.num_tokens)
-    assert cache.num_cached_blocks == 2
-    assert len(cache.match(make_request("b", [*SYSTEM, 12], version=3))) == 2
+    assert cache.num_cached_blocks == 3  # two whole blocks and the partial [9, 10, 11]
+    assert cache.match(make_request("b", [*SYSTEM, 12], version=3)).num_tokens == 10
     cache.unpin()
-    assert cache.match(make_request("c", [*SYSTEM, 12], version=4)) == []
+    assert cache.match(make_request("c", [*SYSTEM, 12], version=4)).num_tokens == 0
+
+
+def cached(pool: BlockPool, cache: PrefixCache, name: str, tokens: list[int]) -> None:
+    """`tokens` computed by request `name`, which finishes and offers them all to the cache."""
+    request = make_request(name, tokens)
+    assert pool.grow(name, len(tokens))
+    request.num_computed_tokens = len(tokens)
+    cache.save(request, len(tokens))
+    pool.free(name)
+
+
+@pytest.mark.parametrize(("tokens", "num_hit"), [
+    ([*SYSTEM, 12, 13], 10),  # two whole blocks, then two tokens of the cached partial block
+    ([*SYSTEM, 11], 10),  # the same prompt again: its last token still runs, for the logits
+    ([*SYSTEM, 11, 12], 11),  # the partial block lent whole
+    ([1, 2, 3, 4, 5, 6, 99], 6),  # a whole cached block lent in part
+    ([1, 2, 99], 2),  # the first block lent in part
+    ([99, 1, 2], 0),
+])
+def test_a_hit_reaches_the_exact_token(tokens: list[int], num_hit: int) -> None:
+    pool = BlockPool(16, BLOCK_SIZE)
+    cache = PrefixCache(pool)
+    cached(pool, cache, "first", [*SYSTEM, 11])
+    request = make_request("next", tokens)
+    hit = cache.match(request)
+    assert hit.num_tokens == num_hit
+    assert pool.grow("next", request.num_tokens)
+    cache.commit(request, hit)
+    assert request.num_computed_tokens == request.num_cached_tokens == num_hit
+    assert (cache.num_hit_tokens, cache.num_queried_tokens) == (num_hit, len(tokens))
+    loads = [copy for copy in cache.take_copies() if copy.kind == "load"]
+    assert [copy.num_tokens for copy in loads] == ([num_hit] if num_hit else [])
+    cache.check()
+
+
+def test_whole_blocks_only_when_partial_sharing_is_off() -> None:
+    pool = BlockPool(16, BLOCK_SIZE)
+    cache = PrefixCache(pool)
+    cache.share_partial_blocks = False
+    cached(pool, cache, "first", [*SYSTEM, 11])
+    assert cache.num_cached_blocks == 2
+    assert cache.match(make_request("next", [*SYSTEM, 11, 12])).num_tokens == 8
+
+
+def test_a_longer_partial_block_supersedes_the_shorter_and_a_covered_one_is_not_saved() -> None:
+    pool = BlockPool(16, BLOCK_SIZE)
+    cache = PrefixCache(pool)
+    cached(pool, cache, "short", [1, 2, 3, 4, 5])
+    cached(pool, cache, "long", [1, 2, 3, 4, 5, 6, 7])  # the same block, extended: saved as a new block
+    assert cache.num_cached_blocks == 2
+    cached(pool, cache, "covered", [1, 2, 3, 4, 5, 6])  # its tokens are lent by "long"'s block
+    assert cache.num_cached_blocks == 2
+    cached(pool, cache, "whole", [1, 2, 3, 4, 5, 6, 7, 8])  # a whole block supersedes the partial too
+    assert cache.num_cached_blocks == 2
+    assert cache.match(make_request("next", [1, 2, 3, 4, 5, 6, 7, 8, 9])).num_tokens == 8
+    drops = [block for copy in cache.take_copies() if copy.kind == "drop" for block in copy.block_ids]
+    assert len(drops) == 2
+    cache.unpin()
+    cache.check()
+    pool.check()
 
 
 def test_reclaim_evicts_least_recent_leaf_first_and_spares_pinned() -> None:
@@ -182,7 +244,7 @@ def test_reclaim_evicts_least_recent_leaf_first_and_spares_pinned() -> None:
         pool.free(name)
     assert cache.num_cached_blocks == 4
     pinned = cache.match(make_request("reader", [20] * 8 + [1]))
-    assert len(pinned) == 2
+    assert len(pinned.keys) == 2
     assert cache.reclaim(4) == 2  # only "new"'s blocks: "old" is pinned by the admission in progress
     cache.commit(make_request("reader", [20] * 8 + [1]), pinned)
     assert cache.reclaim(1) == 1

@@ -13,6 +13,7 @@ from mace.engine.engine import Engine, GenerationDelta
 from mace.engine.request import SamplingParams
 from mace.model.loader import ModelBundle
 from tests.conftest import RunningServer, tiny_config, wait_until
+from tests.engine.test_memory import consume
 from tests.engine.test_oracle import reference
 
 SYSTEM = "You are a terse assistant who answers in one line. " * 4  # ~200 byte tokens, 12 blocks
@@ -102,6 +103,101 @@ async def test_cached_tokens_in_usage_and_metrics(server: RunningServer, http: a
     assert values["mace:kv_cache_blocks_cached"] > 0 and values["mace:kv_cache_cached_bytes"] > 0
     assert values["mace:kv_cache_blocks_used"] == 0
     assert values["mace:kv_cache_blocks_total"] > 0 and values["mace:memory_budget_bytes"] == 268435456
+
+
+def common_length(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def tokens_of(deltas: list[GenerationDelta]) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]
+
+
+async def test_a_prefix_ending_mid_block_is_reused_to_the_token(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+    first, second = (prompt_ids(tiny_bundle, q) for q in ("What is 2+2?", "What is the capital of Spain?"))
+    common = common_length(first, second)
+    assert common % 16  # the shared prefix ends inside a block
+    engine = Engine(tiny_bundle, tiny_config(tmp_path))
+    engine.start()
+    try:
+        results = [await collect(engine, ids, 8) for ids in (first, second, first)]
+    finally:
+        engine.shutdown()
+    # The first prompt again: all of it is cached, but its last token runs to give the logits.
+    assert [deltas[-1].num_cached_tokens for deltas in results] == [0, common, len(first) - 1]
+    assert engine.stats().prefix_cache_hits == common + len(first) - 1
+    for ids, deltas in zip((first, second, first), results, strict=True):
+        assert tokens_of(deltas) == reference(tiny_bundle, ids, 8)
+
+
+async def test_requests_sharing_a_partial_block_then_diverging_both_stay_exact(
+    tmp_path: Path, tiny_bundle: ModelBundle
+) -> None:
+    prefix = prompt_ids(tiny_bundle, "Q: what")
+    assert len(prefix) % 16
+    tails = ["s red?", "'s blue?", " cat?"]  # no two share a first token
+    prompts = [prefix + list(tiny_bundle.tokenizer.encode(tail, add_special_tokens=False)) for tail in tails]
+    engine = Engine(tiny_bundle, tiny_config(tmp_path))
+    engine.start()
+    try:
+        await collect(engine, prefix, 1)  # caches the prefix, its last block partial
+        # Admitted in one step, both start from the partial block, then each writes its own tail after it.
+        both = await asyncio.gather(*(collect(engine, ids, 16) for ids in prompts[:2]))
+        third = await collect(engine, prompts[2], 16)  # the block they shared is still what it was
+        again = await collect(engine, prefix, 4)
+    finally:
+        engine.shutdown()
+    assert [deltas[-1].num_cached_tokens for deltas in [*both, third]] == [len(prefix)] * 3
+    assert again[-1].num_cached_tokens == len(prefix) - 1
+    for ids, deltas in zip(prompts, [*both, third], strict=True):
+        assert tokens_of(deltas) == reference(tiny_bundle, ids, 16)
+    assert tokens_of(again) == reference(tiny_bundle, prefix, 4)
+
+
+async def test_preemptions_and_aborts_mid_prefill_leave_no_block_behind(
+    tmp_path: Path, tiny_bundle: ModelBundle
+) -> None:
+    config = tiny_config(tmp_path, engine={"max_num_batched_tokens": 24}, memory={"budget_bytes": 2 * 1024**2})
+    engine = Engine(tiny_bundle, config)  # 20 blocks of 16 tokens: four of these requests do not fit at once
+    prefix = prompt_ids(tiny_bundle, "Shared:")[-37:]  # two blocks and five tokens
+    kept = [prefix + [40 + i] * 20 for i in range(4)]
+    aborted = [prefix + [60 + i] * 120 for i in range(2)]  # five steps of prefill at 24 tokens a step
+
+    async def abort_mid_prefill(ids: list[int], request_id: str) -> None:
+        params = SamplingParams(max_tokens=8, temperature=0)
+        task = asyncio.ensure_future(consume(engine.generate(ids, params, request_id=request_id), 1, []))
+
+        async def prefilling() -> bool:  # past its cached prefix, not yet at its first token
+            return any(r.request_id == request_id and len(prefix) < r.num_computed_tokens < len(ids)
+                       for r in list(engine.scheduler.running))
+
+        await wait_until(prefilling, what=f"{request_id} mid-prefill")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    engine.start()
+    try:
+        await collect(engine, prefix, 1)
+        outputs = await asyncio.gather(*(collect(engine, ids, 40) for ids in kept),
+                                       *(abort_mid_prefill(ids, f"aborted-{i}") for i, ids in enumerate(aborted)))
+
+        async def idle() -> bool:
+            return not engine.scheduler.has_work and engine.runner.kv.num_used_slots == 0
+
+        await wait_until(idle, what="engine idle")
+    finally:
+        engine.shutdown()
+    assert engine.scheduler.num_preemptions > 0
+    for ids, deltas in zip(kept, outputs[: len(kept)], strict=True):
+        assert tokens_of(deltas) == reference(tiny_bundle, ids, 40)
+    cache = engine.memory.prefix_cache
+    assert cache is not None and engine.blocks.num_used_blocks == 0
+    engine.blocks.check()
+    cache.check()
+    assert len(engine.runner.block_store) == cache.num_cached_blocks
+    cache.clear()
+    engine.runner.block_store.drop(tuple(b for c in cache.take_copies() for b in c.block_ids))
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and len(engine.runner.block_store) == 0
 
 
 @pytest.mark.slow

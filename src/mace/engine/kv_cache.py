@@ -126,7 +126,8 @@ def _next_pow2(n: int) -> int:
 
 
 class BlockStore:
-    """The prefix cache's KV tensors, by block id: one [2, layers, kv_heads, block_size, head_dim] each.
+    """The prefix cache's KV tensors, by block id: one [2, layers, kv_heads, n, head_dim] each, n the
+    block's tokens (block_size, or fewer for a partial block).
 
     Cached blocks live outside the slots so that memory follows the number of cached blocks (the
     budget's accounting), not slots x capacity. Applying a plan's `BlockCopy`s in order keeps a
@@ -141,25 +142,27 @@ class BlockStore:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def save(self, kv: SlotKVCache, request_id: str, first_block: int, block_ids: tuple[int, ...]) -> None:
+    def save(self, kv: SlotKVCache, request_id: str, first_block: int, block_ids: tuple[int, ...],
+             num_tokens: int) -> None:
+        """Copy `num_tokens` positions of the slot, from block `first_block` on, into `block_ids`."""
         slot, size = kv.slot(request_id), self.block_size
-        start, stop = first_block * size, (first_block + len(block_ids)) * size
-        keys = torch.stack([layer[slot, :, start:stop] for layer in kv.keys])  # [L, KVH, n * size, D]
-        values = torch.stack([layer[slot, :, start:stop] for layer in kv.values])
-        both = torch.stack([keys, values])  # [2, L, KVH, n * size, D]
+        start = first_block * size
+        keys = torch.stack([layer[slot, :, start : start + num_tokens] for layer in kv.keys])  # [L, KVH, T, D]
+        values = torch.stack([layer[slot, :, start : start + num_tokens] for layer in kv.values])
+        both = torch.stack([keys, values])  # [2, L, KVH, T, D]
         for index, block_id in enumerate(block_ids):
             self.drop((block_id,))
             block = self._blocks[block_id] = both[:, :, :, index * size : (index + 1) * size].clone()
             self._nbytes += block.numel() * block.element_size()
 
-    def load(self, kv: SlotKVCache, request_id: str, block_ids: tuple[int, ...]) -> None:
-        """Write the blocks, in order, as the first positions of `request_id`'s slot (created if new)."""
-        num_tokens = len(block_ids) * self.block_size
+    def load(self, kv: SlotKVCache, request_id: str, block_ids: tuple[int, ...], num_tokens: int) -> None:
+        """Write the blocks' first `num_tokens` positions, in order, as the first positions of
+        `request_id`'s slot (created if new): the slot's copy is the request's own to write."""
         slot = kv.ensure(request_id, num_tokens)
-        both = torch.cat([self._blocks[block_id] for block_id in block_ids], dim=3)  # [2, L, KVH, n * size, D]
+        both = torch.cat([self._blocks[block_id] for block_id in block_ids], dim=3)  # [2, L, KVH, >= T, D]
         for layer, (keys, values) in enumerate(zip(kv.keys, kv.values, strict=True)):
-            keys[slot, :, :num_tokens].copy_(both[0, layer])
-            values[slot, :, :num_tokens].copy_(both[1, layer])
+            keys[slot, :, :num_tokens].copy_(both[0, layer, :, :num_tokens])
+            values[slot, :, :num_tokens].copy_(both[1, layer, :, :num_tokens])
 
     def drop(self, block_ids: tuple[int, ...]) -> None:
         for block_id in block_ids:

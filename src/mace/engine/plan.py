@@ -42,17 +42,20 @@ class ScheduledChunk:
 
 @dataclass(frozen=True)
 class BlockCopy:
-    """Whole KV blocks moved between a request's slot and the prefix cache's block store.
+    """KV moved between a request's slot and the prefix cache's block store, by blocks.
 
-    `save`: the request's blocks `first_block...` (its positions from `first_block * block_size`) are
-    copied into cache blocks `block_ids`; `load`: cache blocks `block_ids` become the request's first
-    positions. `drop`: cache blocks `block_ids` were evicted (no request involved).
+    `save`: `num_tokens` of the request's positions from `first_block * block_size` are copied into
+    cache blocks `block_ids` (the last one partial when they end mid-block); `load`: the first
+    `num_tokens` positions that cache blocks `block_ids` hold, in order, become the request's first
+    positions (the last block may be lent in part). `drop`: cache blocks `block_ids` were evicted
+    (no request involved).
     """
 
     kind: Literal["save", "load", "drop"]
     block_ids: tuple[int, ...]
     request_id: str = ""
     first_block: int = 0
+    num_tokens: int = 0
 
 
 @dataclass(frozen=True)

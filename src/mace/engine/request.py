@@ -82,7 +82,7 @@ class Request:
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
     num_pruned_tokens: int = 0  # computed tokens whose KV was pruned away (slot positions shift left by this)
-    num_saved_blocks: int = 0  # full blocks already offered to the prefix cache
+    num_saved_tokens: int = 0  # computed tokens already offered to the prefix cache
     num_admission_skips: int = 0  # steps a smaller request was admitted past this one
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks
     first_scheduled_time_s: float | None = None

@@ -114,9 +114,10 @@ class ModelRunner:
         with self.streams.inference(), torch.inference_mode():
             for copy in copies:
                 if copy.kind == "save":
-                    self.block_store.save(self.kv, copy.request_id, copy.first_block, copy.block_ids)
+                    self.block_store.save(self.kv, copy.request_id, copy.first_block, copy.block_ids,
+                                          copy.num_tokens)
                 elif copy.kind == "load":
-                    self.block_store.load(self.kv, copy.request_id, copy.block_ids)
+                    self.block_store.load(self.kv, copy.request_id, copy.block_ids, copy.num_tokens)
                 else:
                     self.block_store.drop(copy.block_ids)
 

@@ -318,12 +318,12 @@ class Scheduler:
     def _allocate(self, request: Request) -> bool:
         """KV blocks for all of `request`'s known tokens (no thrashing mid-prefill); a cached prefix is loaded."""
         cache = self.prefix_cache
-        hit = cache.match(request) if cache is not None and request.num_computed_tokens == 0 else []
+        hit = cache.match(request) if cache is not None and request.num_computed_tokens == 0 else None
         if not self.blocks.grow(request.request_id, request.num_tokens):
             if cache is not None:
                 cache.unpin()
             return False
-        if cache is not None and request.num_computed_tokens == 0:
+        if cache is not None and hit is not None:
             cache.commit(request, hit)
         return True
 
