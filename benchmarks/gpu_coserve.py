@@ -36,6 +36,7 @@ from mace.engine.engine import Engine
 from mace.engine.request import Request, SamplingParams
 from mace.model.loader import ModelBundle
 from mace.model.tiny import build_tokenizer
+from mace.train.intake import held_out_every
 from mace.train.journal import Journal
 from mace.train.replay import TrainSample
 from mace.train.trainer import Trainer
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> list[ModeResult]:
         print(f"training-off TPOT p50 {statistics.median(off.tpot_ms):.2f} ms; training modes' TPOT target "
               f"{target_s * 1000:.2f} ms", flush=True)
         train_config = mode_config(args, data_dir, "mace", True, target_s)
-        journal = Journal(data_dir / "journal.sqlite3", train_config.train.heldout_every)
+        journal = Journal(data_dir / "journal.sqlite3", held_out_every(train_config.train.heldout_every))
         trainer = Trainer(bundle.causal_lm, bundle.tokenizer, journal, train_config)
         fill_replay(trainer, bundle.causal_lm.config.vocab_size, args)
         results = [off]

@@ -12,6 +12,7 @@ from mace.engine.latency import StepShape
 from mace.engine.request import SamplingParams
 from mace.engine.warmup import warm_up
 from mace.model.loader import ModelBundle
+from mace.train.intake import held_out_every
 from mace.train.journal import Journal
 from mace.train.trainer import Trainer
 from tests.conftest import tiny_config
@@ -44,7 +45,7 @@ async def test_warm_up_measures_training_beside_serving_and_learns_nothing(
     tmp_path: Path, tiny_bundle: ModelBundle
 ) -> None:
     config = tiny_config(tmp_path, train={"policy": "mace"})
-    journal = Journal(tmp_path / "journal.sqlite3", heldout_every=config.train.heldout_every)
+    journal = Journal(tmp_path / "journal.sqlite3", held_out_every(config.train.heldout_every))
     trainer = Trainer(tiny_bundle.causal_lm, tiny_bundle.tokenizer, journal, config)
     engine = Engine(tiny_bundle, config, trainer)
     try:

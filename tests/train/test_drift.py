@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from mace.train.replay import UNALIGNED_RATIO, DriftSignal
+from mace.train.drift import UNALIGNED_RATIO, DriftSignal
 
 
 def test_nothing_published_reads_unaligned_once_samples_arrive() -> None:

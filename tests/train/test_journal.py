@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from mace.train.intake import held_out_every
 from mace.train.journal import Journal, NewSample
 from tests.test_cli import free_port, mace, wait_ready
 
 
 def test_batch_is_all_or_nothing(tmp_path: Path) -> None:
-    journal = Journal(tmp_path / "j.sqlite3", heldout_every=5)
+    journal = Journal(tmp_path / "j.sqlite3", held_out_every(5))
     journal.append([NewSample("p", "c")])
     with pytest.raises(sqlite3.Error):
         journal.append([NewSample("p", "c"), NewSample("p", None)])  # type: ignore[arg-type]

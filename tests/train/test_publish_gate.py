@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 
-from mace.train.replay import TrainSample, recency_weighted_mean
+from mace.train.publish_gate import Evaluation, recency_weighted_mean
+from mace.train.replay import TrainSample
 from mace.train.trainer import Trainer
-from mace.train.upkeep import PublishGate
 
 
 def test_a_sample_one_half_life_back_weighs_half_the_newest() -> None:
@@ -29,17 +29,17 @@ def test_a_long_half_life_is_the_plain_mean() -> None:
     assert math.isclose(recency_weighted_mean(serving, half_life=1e9), sum(serving) / len(serving), rel_tol=1e-6)
 
 
-def _gate(trainer: Trainer, serving_loss: float, learner_loss: float) -> PublishGate:
+def _evaluation(trainer: Trainer, serving_loss: float, learner_loss: float) -> Evaluation:
     """A finished held-out evaluation of one sample with these losses."""
     sample = TrainSample(1000, [5, 6, 7, 8], 2, created_at=0.0)
-    trainer._serving_losses, trainer._serving_losses_version = {sample.sample_id: serving_loss}, trainer.active_version
-    return PublishGate([sample], trainer.active_version, {sample.sample_id: learner_loss})
+    return Evaluation([sample], trainer.active_version, {sample.sample_id: learner_loss},
+                      {sample.sample_id: serving_loss})
 
 
 def test_the_serving_versions_held_out_loss_follows_the_version_that_serves(trainer: Trainer) -> None:
-    trainer._decide_publish(_gate(trainer, serving_loss=3.0, learner_loss=2.95))  # not better by the margin
+    trainer.gate.decide(_evaluation(trainer, serving_loss=3.0, learner_loss=2.95))  # not better by the margin
     assert trainer.active_version == 0 and trainer.stats().serving_heldout_loss == 3.0
-    trainer._decide_publish(_gate(trainer, serving_loss=3.0, learner_loss=2.0))
+    trainer.gate.decide(_evaluation(trainer, serving_loss=3.0, learner_loss=2.0))
     stats = trainer.stats()
     assert stats.active_version == 1
     assert stats.serving_heldout_loss == stats.learner_heldout_loss == 2.0  # v1 is the snapshot measured at 2.0

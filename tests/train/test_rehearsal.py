@@ -11,6 +11,7 @@ import torch
 
 from mace.model.loader import ModelBundle, load_model
 from mace.server.keys import RUNTIME
+from mace.train.intake import held_out_every
 from mace.train.journal import Journal, NewSample
 from mace.train.rehearsal import ANCHOR_QUESTIONS, AnchorStore
 from mace.train.trainer import Trainer
@@ -42,10 +43,10 @@ async def test_warm_up_serves_the_anchors_greedily_once_per_model(tmp_path: Path
 @pytest.fixture
 def rehearsing(tmp_path: Path, tiny_bundle: ModelBundle) -> Iterator[Trainer]:
     config = tiny_config(tmp_path, train={"policy": "mace", "rehearsal": True})
-    journal = Journal(tmp_path / "journal.sqlite3", heldout_every=config.train.heldout_every)
+    journal = Journal(tmp_path / "journal.sqlite3", held_out_every(config.train.heldout_every))
     trainer = Trainer(tiny_bundle.causal_lm, tiny_bundle.tokenizer, journal, config)
     yield trainer
-    trainer.store.close()
+    trainer.close()
     trainer.learner.peft_model.unload()
     journal.close()
 
@@ -59,12 +60,13 @@ def test_each_optimizer_step_carries_one_anchor_outside_the_journal(rehearsing: 
         trainer.run_work(TrainWork((stages[0],)))
         trainer.after_step()
     assert trainer.job_stages(max_job_tokens=10_000)
-    job = trainer._job
+    job = trainer.tasks.job
     assert job is not None
-    assert [s.sample_id < 0 for s in job.samples].count(True) == 1  # one anchor beside users' samples
-    users = [s for s in job.samples if s.sample_id > 0]
-    while trainer._job is not None or trainer._finished_jobs:
+    assert [s.sample_id < 0 for s in job.step.samples].count(True) == 1  # one anchor beside users' samples
+    users = [s for s in job.step.samples if s.sample_id > 0]
+    while trainer.tasks.job is not None or trainer.tasks.finished_jobs:
         trainer.run_work(TrainWork(tuple(trainer.job_stages(10_000)[:1])))
         trainer.after_step()
+    trainer.flush()  # the journal's trained marks are written off the engine thread
     assert trainer.journal.counts().trained == len(users)  # anchors are never journal samples
     assert trainer.learner.num_accumulated in (0, len(users))  # the batch counts users' samples only

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mace.model.loader import ModelBundle
+from mace.train.intake import held_out_every
 from mace.train.journal import Journal, NewSample
 from mace.train.replay import TrainSample
 from mace.train.trainer import Trainer
@@ -23,7 +24,7 @@ HELDOUT_SIZE = 3
 
 @pytest.fixture
 def journal(tmp_path: Path) -> Iterator[Journal]:
-    journal = Journal(tmp_path / "journal.sqlite3", heldout_every=5)
+    journal = Journal(tmp_path / "journal.sqlite3", held_out_every(5))
     yield journal
     journal.close()
 
@@ -42,7 +43,7 @@ def open_trainer(tmp_path: Path, tiny_bundle: ModelBundle, journal: Journal) -> 
 
     yield build
     for trainer in opened:
-        trainer.store.close()
+        trainer.close()
     if opened:
         opened[0].learner.peft_model.unload()
 
@@ -78,7 +79,7 @@ def test_trained_samples_come_back_with_their_stored_loss_and_nothing_is_rescore
     assert trainer.num_trainable == len(trained)
     assert sorted(s.loss for s in _replayed(trainer)) == \
         [0.5 + i for i in range(len(trained))]
-    assert [s.sample_id for s in trainer.heldout] == [i for i in ids if i not in trained]
+    assert [s.sample_id for s in trainer.intake.heldout] == [i for i in ids if i not in trained]
     assert trainer.ingest() == 0 and not trainer.upkeep_stages()  # no scoring pass, no re-read
 
 
@@ -105,7 +106,7 @@ def test_only_the_recent_window_is_read_and_the_cursor_follows_the_journal(
     trainer = open_trainer()
     assert trainer.num_trainable == REPLAY_WINDOW
     assert min(s.sample_id for s in _replayed(trainer)) > ids[-20]
-    assert len(trainer.heldout) == HELDOUT_SIZE
+    assert len(trainer.intake.heldout) == HELDOUT_SIZE
     assert trainer.ingest() == 0
     newer = _append(journal, 2, start=200)
     assert trainer.ingest() == len(newer)  # only what came after the cursor

@@ -55,11 +55,12 @@ def test_the_window_evicts_the_oldest_and_forgets_its_prompt() -> None:
 
 
 def test_a_held_out_answer_the_user_corrected_since_leaves_the_gates_slice(trainer: Trainer) -> None:
-    trainer._score(_sample(1, CITY, answer=50), held_out=True, loss=1.0)
-    trainer._score(_sample(2, PET, answer=60), held_out=True, loss=1.0)
-    trainer._score(_sample(3, CITY, answer=51), held_out=False, loss=3.0)  # a training sample corrects it
-    assert [sample.sample_id for sample in trainer.heldout] == [2]
+    intake = trainer.intake
+    intake.accept(_sample(1, CITY, answer=50), held_out=True, loss=1.0)
+    intake.accept(_sample(2, PET, answer=60), held_out=True, loss=1.0)
+    intake.accept(_sample(3, CITY, answer=51), held_out=False, loss=3.0)  # a training sample corrects it
+    assert [sample.sample_id for sample in intake.heldout] == [2]
     assert _picked(trainer.replay) == {3}
-    trainer._score(_sample(4, PET, answer=61), held_out=True, loss=3.0)
-    trainer._score(_sample(5, PET, answer=61), held_out=False, loss=3.0)  # confirms it
-    assert [sample.sample_id for sample in trainer.heldout] == [4]
+    intake.accept(_sample(4, PET, answer=61), held_out=True, loss=3.0)
+    intake.accept(_sample(5, PET, answer=61), held_out=False, loss=3.0)  # confirms it
+    assert [sample.sample_id for sample in intake.heldout] == [4]

@@ -31,6 +31,7 @@ from mace.engine.request import Request, RequestOutput, SamplingParams
 from mace.engine.runner import ModelRunner
 from mace.engine.scheduler import Scheduler
 from mace.model.loader import ModelBundle
+from mace.train.publish_gate import AdapterCatalog
 from mace.train.trainer import Trainer, TrainStats
 
 log = structlog.get_logger(__name__)
@@ -179,6 +180,17 @@ class Engine:
             decode_cap=self.scheduler.decode_cap(),
             train=self.trainer.stats() if self.trainer is not None else None,
         )
+
+    @property
+    def has_trainer(self) -> bool:
+        """Whether journaled feedback is trained on (a retraining policy is on)."""
+        return self.trainer is not None
+
+    def adapters(self) -> AdapterCatalog:
+        """The published adapter versions, from memory (none without a trainer); safe from the event loop."""
+        if self.trainer is None:
+            return AdapterCatalog((), auto_publish=False)
+        return self.trainer.adapters()
 
     # ---- requests (event loop side) ----
 

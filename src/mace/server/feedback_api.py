@@ -124,8 +124,7 @@ async def get_feedback(request: web.Request) -> web.Response:
 def training_state(runtime: Runtime) -> str:
     """"on" when journaled samples will be trained; "off" with `train.policy = "none"`, where the journal
     keeps them (for a later start with training on) but nothing learns from them."""
-    engine = runtime.ready_engine()
-    return "on" if engine.trainer is not None else "off"
+    return "on" if runtime.ready_engine().has_trainer else "off"
 
 
 def _finite(value: float | None) -> float | None:
@@ -135,15 +134,14 @@ def _finite(value: float | None) -> float | None:
 @routes.get("/v1/adapters")
 async def list_adapters(request: web.Request) -> web.Response:
     engine = request.app[RUNTIME].ready_engine()
-    trainer = engine.trainer
+    catalog = engine.adapters()
     versions: list[dict[str, Any]] = [{"version": 0, "name": "base", "serving_loss": None, "learner_loss": None}]
-    if trainer is not None:
-        versions += [{**asdict(v), "serving_loss": _finite(v.serving_loss), "learner_loss": _finite(v.learner_loss)}
-                     for v in trainer.store.versions()]
+    versions += [{**asdict(v), "serving_loss": _finite(v.serving_loss), "learner_loss": _finite(v.learner_loss)}
+                 for v in catalog.versions]
     for version in versions:
         version["active"] = version["version"] == engine.adapter_version
-    auto_publish = trainer is not None and not trainer.publishing_held
-    body = {"object": "list", "active": engine.adapter_version, "auto_publish": auto_publish, "data": versions}
+    body = {"object": "list", "active": engine.adapter_version, "auto_publish": catalog.auto_publish,
+            "data": versions}
     return web.json_response(body, dumps=dumps)
 
 
@@ -154,12 +152,10 @@ async def activate_adapter(request: web.Request) -> web.Response:
     if not raw.isdigit():
         raise ApiError(400, "version must be a non-negative integer", param="version")
     version = int(raw)
-    if engine.trainer is None and version != 0:
-        raise ApiError(404, f"adapter version {version} does not exist", param="version", code="adapter_not_found")
-    if engine.trainer is not None and not engine.trainer.store.exists(version):
+    if not engine.adapters().has(version):
         raise ApiError(404, f"adapter version {version} does not exist", param="version", code="adapter_not_found")
     try:
-        if engine.trainer is not None:
+        if engine.has_trainer:
             await engine.activate_adapter(version)
     except RequestRejected as exc:
         raise ApiError(400, str(exc), param="version") from None

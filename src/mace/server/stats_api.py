@@ -8,7 +8,6 @@ buckets, as Prometheus' `histogram_quantile` does.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections import deque
@@ -23,12 +22,11 @@ from mace.server.errors import ApiError, dumps
 from mace.server.keys import RUNTIME
 from mace.server.metrics import ServerMetrics
 from mace.server.runtime import Runtime
-from mace.train.trainer import Trainer
+from mace.train.adapters import AdapterVersion
 
 DEFAULT_WINDOW_S = 10.0
 MAX_WINDOW_S = 120.0
 _SNAPSHOT_EVERY_S = 0.2  # several dashboards polling share one snapshot
-_VERSIONS_TTL_S = 5.0
 QUANTILES = (0.5, 0.9, 0.99)
 
 
@@ -94,8 +92,6 @@ class StatsWindow:
 
     def __init__(self) -> None:
         self.ring: deque[Snapshot] = deque(maxlen=int(MAX_WINDOW_S / _SNAPSHOT_EVERY_S) + 2)
-        self._versions: list[dict[str, Any]] = []
-        self._versions_key: tuple[int, float] = (-1, 0.0)
 
     def observe(self, runtime: Runtime, stats: EngineStats | None) -> Snapshot:
         if not self.ring or time.monotonic() - self.ring[-1].time_s >= _SNAPSHOT_EVERY_S:
@@ -106,16 +102,6 @@ class StatsWindow:
         """The oldest snapshot inside the window (the newest one when the ring holds no older)."""
         horizon = self.ring[-1].time_s - window_s
         return next(s for s in self.ring if s.time_s >= horizon)
-
-    async def versions(self, trainer: Trainer) -> list[dict[str, Any]]:
-        # A publish changes the active version, so that and a short TTL keep this fresh without a disk read per poll.
-        active, read_at = self._versions_key
-        if active != trainer.active_version or time.monotonic() - read_at > _VERSIONS_TTL_S:
-            found = await asyncio.to_thread(trainer.store.versions)
-            self._versions = [{**asdict(v), "serving_loss": _finite(v.serving_loss),
-                               "learner_loss": _finite(v.learner_loss)} for v in found]
-            self._versions_key = (trainer.active_version, time.monotonic())
-        return self._versions
 
 
 STATS_WINDOW = web.AppKey("stats_window", StatsWindow)
@@ -129,6 +115,11 @@ def setup(app: web.Application) -> None:
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+def _version(version: AdapterVersion) -> dict[str, Any]:
+    return {**asdict(version), "serving_loss": _finite(version.serving_loss),
+            "learner_loss": _finite(version.learner_loss)}
 
 
 def _window(request: web.Request) -> float:
@@ -205,12 +196,12 @@ async def get_stats(request: web.Request) -> web.Response:
     }
     engine = runtime.engine
     if stats is not None and engine is not None:
-        trainer = engine.trainer
+        catalog = engine.adapters()  # from memory: no disk read per poll
         body.update(_engine(stats))
         body["train"] = _train(stats, now, then, span_s)
         body["adapters"] = {
             "active": engine.adapter_version,
-            "auto_publish": trainer is not None and not trainer.publishing_held,
-            "versions": await board.versions(trainer) if trainer is not None else [],
+            "auto_publish": catalog.auto_publish,
+            "versions": [_version(v) for v in catalog.versions],
         }
     return web.json_response(body, dumps=dumps, headers={"Cache-Control": "no-store"})

@@ -4,9 +4,11 @@ A version is written to a staging directory and renamed into place, so a crash n
 version; the active version is a small file replaced atomically, and only once the version it names
 is in place.
 
-Writes run on one writer thread, in order: a publish happens at a step boundary on the engine
-thread, and disk I/O there would land in the interval the streams are waiting on. Until its write
-lands, a version is listed from memory; `flush` waits for the writer.
+Writes run on the trainer's writer thread (train/writer.py), in order: a publish happens at a step
+boundary on the engine thread, and disk I/O there would land in the interval the streams are waiting
+on. The directory is read once, when the store opens; after that the versions are known from memory
+(a version is listed from its `write` on, and dropped again if that write fails), so listing them
+never reads the disk. `flush` waits for the writer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import structlog
 
+from mace.train.writer import DiskWriter
+
 log = structlog.get_logger(__name__)
 
 
@@ -38,29 +42,29 @@ class AdapterVersion:
 
 
 class AdapterStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, writer: DiskWriter | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mace-adapters")
-        self._lock = threading.Lock()
-        self._pending: dict[int, AdapterVersion] = {}  # submitted, not yet renamed into place
+        self._owns_writer = writer is None
+        self._writer = writer if writer is not None else DiskWriter("mace-adapters")
+        self._lock = threading.Lock()  # versions are listed from the event loop while the engine thread publishes
+        self._versions = {v.version: v for v in self._scan()}
         self._active: int | None = None  # the newest set_active, written or not
 
     def path(self, version: int) -> Path:
         return self.root / f"v{version}"
 
-    def versions(self) -> list[AdapterVersion]:
-        with self._lock:  # before the disk: a write landing between the two is then seen at least once
-            pending = dict(self._pending)
-        found = {}
-        for meta in self.root.glob("v*/meta.json"):
-            version = AdapterVersion(**json.loads(meta.read_text()))
-            found[version.version] = version
-        found.update(pending)
-        return sorted(found.values(), key=lambda v: v.version)
+    def _scan(self) -> list[AdapterVersion]:
+        return [AdapterVersion(**json.loads(meta.read_text())) for meta in self.root.glob("v*/meta.json")]
 
-    def next_version(self) -> int:
-        return max((v.version for v in self.versions()), default=0) + 1
+    def versions(self) -> list[AdapterVersion]:
+        with self._lock:
+            return sorted(self._versions.values(), key=lambda v: v.version)
+
+    def newest(self) -> int:
+        """The highest version known (0: none published yet)."""
+        with self._lock:
+            return max(self._versions, default=0)
 
     def write(self, meta: AdapterVersion, save: Callable[[Path], None]) -> concurrent.futures.Future[None]:
         """Queue writing version `meta.version`; `save(dir)` writes the PEFT adapter files into dir.
@@ -68,8 +72,8 @@ class AdapterStore:
         `save` runs on the writer thread, so it must only read data copied off the model.
         """
         with self._lock:
-            self._pending[meta.version] = meta
-        return self._writer.submit(self._write, meta, save)
+            self._versions[meta.version] = meta
+        return self._writer.submit(lambda: self._write(meta, save))
 
     def _write(self, meta: AdapterVersion, save: Callable[[Path], None]) -> None:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
@@ -81,11 +85,11 @@ class AdapterStore:
         except Exception:
             # The version still serves from memory; it is just not on disk for a restart or a rollback.
             log.exception("adapter version not written", version=meta.version)
+            with self._lock:
+                self._versions.pop(meta.version, None)
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-            with self._lock:
-                self._pending.pop(meta.version, None)
 
     def active(self) -> int:
         if self._active is not None:
@@ -96,7 +100,7 @@ class AdapterStore:
     def set_active(self, version: int) -> None:
         """Make `version` the one a restart serves, once every write queued before has landed."""
         self._active = version
-        self._writer.submit(self._write_active, version)
+        self._writer.submit(lambda: self._write_active(version))
 
     def _write_active(self, version: int) -> None:
         if version != 0 and not (self.path(version) / "meta.json").is_file():
@@ -111,16 +115,18 @@ class AdapterStore:
 
     def exists(self, version: int) -> bool:
         with self._lock:
-            if version in self._pending:
-                return True
-        return version == 0 or (self.path(version) / "meta.json").is_file()
+            return version == 0 or version in self._versions
 
     def flush(self) -> None:
         """Wait until every queued write has landed (or failed)."""
-        self._writer.submit(lambda: None).result()
+        self._writer.flush()
 
     def close(self) -> None:
-        self._writer.shutdown(wait=True)
+        """Wait for queued writes (and stop the writer if the store started it)."""
+        if self._owns_writer:
+            self._writer.close()
+        else:
+            self._writer.flush()
 
     @staticmethod
     def now() -> float:

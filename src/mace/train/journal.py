@@ -1,7 +1,14 @@
 """The feedback journal: SQLite (WAL, synchronous=FULL) in the data dir.
 
 A sample is acknowledged only after its transaction committed, so `kill -9` at any moment keeps
-every acknowledged sample. A batch is one transaction: all of it is stored or none of it.
+every acknowledged sample. A batch is one transaction: all of it is stored or none of it. Which
+samples are held out for the publish gate is the caller's choice (train/intake.py), stored with the
+sample so that every start, with training on or off, counts the same slice.
+
+The trainer's own records (trained counts, last losses, the cursor) go through a second connection
+with `synchronous=NORMAL`, written from the trainer's writer thread: they can be derived again (a
+sample whose mark is lost is trained once more after a crash), so they take neither a fsync per
+micro-step nor the lock the feedback path's writes wait on.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import math
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,10 +75,11 @@ class JournalCounts:
 
 
 class Journal:
-    def __init__(self, path: Path, heldout_every: int) -> None:
+    def __init__(self, path: Path, is_held_out: Callable[[int], bool]) -> None:
+        """`is_held_out(sample_id)` says whether a new sample goes to the held-out slice."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._heldout_every = heldout_every
+        self._is_held_out = is_held_out
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -80,8 +89,13 @@ class Journal:
         for name, kind in LATER_COLUMNS.items():
             if name not in present:
                 self._db.execute(f"ALTER TABLE samples ADD COLUMN {name} {kind}")
+        self._marks_lock = threading.Lock()
+        self._marks_db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._marks_db.execute("PRAGMA synchronous=NORMAL")
 
     def close(self) -> None:
+        with self._marks_lock:
+            self._marks_db.close()
         with self._lock:
             self._db.close()
 
@@ -107,7 +121,7 @@ class Journal:
             (now, sample.prompt, sample.completion, sample.request_id, sample.tenant, sample.weight),
         )
         sample_id = int(cursor.lastrowid or 0)
-        if sample_id % self._heldout_every == 0:
+        if self._is_held_out(sample_id):
             self._db.execute("UPDATE samples SET held_out = 1 WHERE id = ?", (sample_id,))
         return sample_id
 
@@ -117,9 +131,6 @@ class Journal:
                 f"SELECT {COLUMNS} FROM samples WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
             ).fetchall()
         return [_stored(row) for row in rows]
-
-    def recent(self, limit: int) -> list[StoredSample]:
-        return self.since(max(0, self.last_id() - limit), limit)
 
     def window(self, num_training: int, num_held_out: int) -> list[StoredSample]:
         """The newest `num_training` training samples and `num_held_out` held-out ones, oldest first:
@@ -135,15 +146,20 @@ class Journal:
 
     def mark_trained(self, sample_ids: list[int], cursor: int, losses: list[float]) -> None:
         """Record trained samples (and their latest losses) and the training cursor (the highest sample
-        id seen) together."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(
-                "UPDATE samples SET num_trained = num_trained + 1, loss = COALESCE(?, loss) WHERE id = ?",
-                [(_finite_or_none(loss), i) for i, loss in zip(sample_ids, losses, strict=True)],
-            )
-            self._db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('cursor', ?)", (cursor,))
-            self._db.execute("COMMIT")
+        id seen) together, on the trainer's connection."""
+        with self._marks_lock:
+            self._marks_db.execute("BEGIN IMMEDIATE")
+            try:
+                self._marks_db.executemany(
+                    "UPDATE samples SET num_trained = num_trained + 1, loss = COALESCE(?, loss) WHERE id = ?",
+                    [(_finite_or_none(loss), i) for i, loss in zip(sample_ids, losses, strict=True)],
+                )
+                self._marks_db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('cursor', ?)", (cursor,))
+                self._marks_db.execute("COMMIT")
+            except BaseException:
+                if self._marks_db.in_transaction:
+                    self._marks_db.execute("ROLLBACK")
+                raise
 
     def cursor(self) -> int:
         with self._lock:

@@ -5,6 +5,10 @@ A micro-step on one sample is not one indivisible chunk: it is the forward of ea
 backward from the last down. Each stage costs a few milliseconds, so training can fill whatever
 latency slack an iteration leaves. Forward-only upkeep (scoring new samples, evaluating the publish
 gate) is staged the same way, layer by layer, so that it never needs more slack than a step has.
+
+Every stage names the task it belongs to (`task_id`: one loss pass or one micro-step) and its place
+in that task (`index`), so the trainer runs exactly the stages a plan holds and can tell a plan that
+does not match its queue from one that does.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ class TrainStage:
     # evaluating a held-out sample for the publish gate. It runs before training and may use all of
     # a step's slack, whatever the policy's training budget.
     is_upkeep: bool = False
+    task_id: int = 0  # the trainer's task (loss pass or micro-step) the stage belongs to
+    index: int = 0  # the stage's place in its task, from 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,109 @@
+"""Intake: journaled samples become training samples (engine thread, tensor-free).
+
+Each sample is read from the journal once, past the cursor, and tokenized once; the held-out choice
+(`held_out_every`) is made when the journal stores it. Once its score (its loss under the serving
+version, a forward pass the trainer queues) is in, `accept` files it: the held-out slice for the
+publish gate, or the replay buffer. A restart rebuilds both from the journal's recent window
+(`resume`), as a trainer that never stopped would hold them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mace.config import TrainConfig
+from mace.train.drift import DriftSignal
+from mace.train.journal import Journal, StoredSample
+from mace.train.replay import ReplayBuffer, TrainSample, supersedes
+
+
+def held_out_every(every: int) -> Callable[[int], bool]:
+    """Every `every`-th sample id is held out: a choice by id, so a restart (or a start with training
+    off) marks the same samples, and the slice spans the whole stream of feedback."""
+    return lambda sample_id: sample_id % every == 0
+
+
+@dataclass(frozen=True)
+class NewTrainSample:
+    """A sample read past the cursor, waiting for its score."""
+
+    sample: TrainSample
+    held_out: bool
+
+
+class Intake:
+    def __init__(self, tokenizer: Any, journal: Journal, config: TrainConfig, replay: ReplayBuffer,
+                 drift: DriftSignal) -> None:
+        self.tokenizer = tokenizer
+        self.journal = journal
+        self.config = config
+        self.replay = replay
+        self.drift = drift
+        self.heldout: list[TrainSample] = []  # the publish gate's slice, oldest first
+        self.cursor = 0  # the highest journal id read
+        self.num_new_samples = 0  # read since the last publish (the policy's sample count)
+        self._unscored: list[TrainSample] = []  # training samples a restart found never scored
+
+    def read_new(self) -> list[NewTrainSample]:
+        """Samples journaled since the last call, tokenized; those a restart found unscored come first."""
+        found = [NewTrainSample(sample, held_out=False) for sample in self._unscored]
+        self._unscored = []
+        num_new = 0
+        while stored := self.journal.since(self.cursor):
+            found += [NewTrainSample(self._sample(row), row.held_out) for row in stored]
+            self.cursor = stored[-1].sample_id
+            num_new += len(stored)
+        self.num_new_samples += num_new
+        return found
+
+    def accept(self, sample: TrainSample, held_out: bool, loss: float) -> None:
+        """File a scored sample; its loss under the version users are served now is its value."""
+        sample.loss = loss
+        self.drift.observe(sample.loss)
+        # The gate must not judge a version on an answer the user has since corrected (ReplayBuffer.add).
+        self.heldout = [older for older in self.heldout if not supersedes(sample, older)]
+        if held_out:
+            self.heldout = [*self.heldout[-self.config.heldout_size :], sample]
+        elif sample.num_trained == 0 or len(self.replay) < self.config.replay_window:
+            self.replay.add(sample)
+
+    def gate_slice(self) -> list[TrainSample]:
+        return self.heldout[-self.config.heldout_size :]
+
+    def resume(self) -> None:
+        """Rebuild replay and the held-out slice from the journal's recent window, as a trainer that
+        never stopped would hold them. Samples trained before keep their stored loss, so only those
+        never trained (acknowledged, then a crash) cost a scoring pass, handed out by the first
+        `read_new`; held-out samples need none (the publish gate measures its own losses).
+
+        A journal of any length costs the same: older samples had left the windows anyway.
+        """
+        rows = self.journal.window(self.config.replay_window, self.config.heldout_size)
+        samples = [(row, self._sample(row)) for row in rows]
+        newest = {sample.prompt_key: sample for _, sample in samples}
+        for row, sample in samples:
+            if supersedes(newest[sample.prompt_key], sample):
+                continue  # the user answered this prompt differently later
+            if row.held_out:
+                self.accept(sample, held_out=True, loss=math.nan)
+            elif row.loss is None:
+                self._unscored.append(sample)
+            else:
+                self.accept(sample, held_out=False, loss=row.loss)
+        self.cursor = self.journal.last_id()
+
+    def _sample(self, row: StoredSample) -> TrainSample:
+        sample = self._tokenize(row.sample_id, row.prompt, row.completion, row.created_at, row.weight)
+        sample.num_trained = row.num_trained
+        return sample
+
+    def _tokenize(self, sample_id: int, prompt: str, completion: str, created_at: float, weight: float) -> TrainSample:
+        max_tokens = self.config.max_sample_tokens
+        answer_ids = [*self.tokenizer.encode(completion, add_special_tokens=False), self.tokenizer.eos_token_id]
+        answer_ids = answer_ids[: max_tokens - 1]
+        # An over-long sample loses the start of its prompt, never its answer (the part that is learned).
+        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False)[-(max_tokens - len(answer_ids)) :]
+        return TrainSample(sample_id, prompt_ids + answer_ids, len(prompt_ids), created_at, weight)

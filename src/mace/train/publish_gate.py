@@ -1,0 +1,175 @@
+"""The publish gate and the adapter versions it makes (engine thread).
+
+After an optimizer step the gate freezes the learner as the `candidate` adapter and asks for both
+versions' losses on the held-out slice (`open`: loss passes the trainer queues as upkeep, training
+going on meanwhile). When the last of them is in (`record`), it judges that snapshot: published if
+better by `publish_margin`, or no worse after `max_staleness_s`, at most every
+`min_publish_interval_s`. Version numbers are counted in memory from the store's newest at start.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from mace.config import TrainConfig
+from mace.train.adapters import AdapterStore, AdapterVersion
+from mace.train.drift import DriftSignal
+from mace.train.learner import CANDIDATE, LEARNER, Learner, save_adapter
+from mace.train.replay import TrainSample, half_life_decay
+from mace.train.tasks import LossPurpose, LossRequest, LossResult
+
+log = structlog.get_logger(__name__)
+
+
+def recency_weighted_mean(losses: list[float], half_life: float) -> float:
+    """The mean of `losses` (oldest first) with a weight that halves every `half_life` samples back
+    from the newest: the publish gate judges a version on what users say now, and an answer they
+    have since corrected (a fact that changed) counts less than its correction."""
+    weights = [half_life_decay(len(losses) - 1 - index, half_life) for index in range(len(losses))]
+    return sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
+
+
+@dataclass
+class Evaluation:
+    """Held-out losses of the candidate and of the serving version, gathered one sample per pass."""
+
+    samples: list[TrainSample]  # oldest first
+    serving_version: int
+    learner_losses: dict[int, float] = field(default_factory=dict)  # by sample id
+    serving_losses: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def is_complete(self) -> bool:
+        return len(self.learner_losses) == len(self.serving_losses) == len(self.samples)
+
+
+@dataclass(frozen=True)
+class AdapterCatalog:
+    """Published versions as the server lists them (read from any thread)."""
+
+    versions: tuple[AdapterVersion, ...]
+    auto_publish: bool  # False while an operator's choice of an older version holds publishing
+
+    def has(self, version: int) -> bool:
+        return version == 0 or any(v.version == version for v in self.versions)
+
+
+class PublishGate:
+    def __init__(self, learner: Learner, store: AdapterStore, drift: DriftSignal, config: TrainConfig) -> None:
+        self.learner = learner
+        self.store = store
+        self.drift = drift
+        self.config = config
+        self.active_version = 0
+        self.publishing_held = False  # an operator chose a version by hand: keep it until they choose the newest
+        self.last_publish_s = time.monotonic()
+        self.serving_heldout_loss = math.nan
+        self.learner_heldout_loss = math.nan
+        self._next_version = store.newest() + 1
+        self._pending: Evaluation | None = None
+        self._serving_losses: dict[int, float] = {}  # held-out sample id -> loss under `_serving_losses_version`
+        self._serving_losses_version = -1
+
+    def open(self, heldout: list[TrainSample]) -> list[LossRequest]:
+        """Freeze the learner as the candidate and ask for the held-out losses (none: not now)."""
+        if self._pending is not None or not heldout or self.publishing_held:
+            return []
+        if time.monotonic() - self.last_publish_s < self.config.min_publish_interval_s:
+            return []
+        if self._serving_losses_version != self.active_version:
+            self._serving_losses, self._serving_losses_version = {}, self.active_version
+        # Training goes on during the evaluation; the gate judges, and publishes, this snapshot.
+        self.learner.snapshot_candidate()
+        evaluation = self._pending = Evaluation(heldout, self.active_version)
+        serving = self.learner.adapter_for(self.active_version)
+        requests = []
+        for sample in heldout:
+            requests.append(LossRequest(sample, LossPurpose.CANDIDATE, CANDIDATE))
+            if sample.sample_id in self._serving_losses:  # the serving version has not changed since
+                evaluation.serving_losses[sample.sample_id] = self._serving_losses[sample.sample_id]
+            else:
+                requests.append(LossRequest(sample, LossPurpose.SERVING, serving))
+        return requests
+
+    def record(self, result: LossResult) -> int | None:
+        """One held-out loss; when the evaluation is complete, the decision (the version published, if any)."""
+        evaluation = self._pending
+        assert evaluation is not None, "a held-out loss arrived with no evaluation open"
+        sample_id = result.request.sample.sample_id
+        if result.request.purpose is LossPurpose.CANDIDATE:
+            evaluation.learner_losses[sample_id] = result.loss
+        else:
+            evaluation.serving_losses[sample_id] = self._serving_losses[sample_id] = result.loss
+        if not evaluation.is_complete:
+            return None
+        self._pending = None
+        return self.decide(evaluation)
+
+    def decide(self, evaluation: Evaluation) -> int | None:
+        if evaluation.serving_version != self.active_version or self.publishing_held:
+            return None  # an operator chose a version meanwhile
+        half_life = self.config.heldout_half_life
+        learner = recency_weighted_mean([evaluation.learner_losses[s.sample_id] for s in evaluation.samples], half_life)
+        serving = recency_weighted_mean([evaluation.serving_losses[s.sample_id] for s in evaluation.samples], half_life)
+        self.learner_heldout_loss, self.serving_heldout_loss = learner, serving
+        if not (math.isfinite(learner) and math.isfinite(serving)):
+            return None
+        self.drift.on_evaluation(serving, learner)
+        better = learner < serving * (1.0 - self.config.publish_margin)
+        stale = time.monotonic() - self.last_publish_s > self.config.max_staleness_s and learner <= serving
+        if not (better or stale):
+            log.info("publish gate held the learner back", serving_loss=round(serving, 4),
+                     learner_loss=round(learner, 4), drift=round(self.drift.ratio, 3))
+            return None
+        return self.publish(serving, learner, "better on held-out" if better else "stale, no worse", source=CANDIDATE)
+
+    def publish(self, serving_loss: float, learner_loss: float, reason: str, source: str = LEARNER) -> int:
+        version, self._next_version = self._next_version, self._next_version + 1
+        self.learner.publish(version, source)
+        meta = AdapterVersion(version, self.store.now(), serving_loss, learner_loss,
+                              self.learner.num_optimizer_steps, reason)
+        weights, lora_config = self.learner.version_weights(version), self.learner.lora_config
+        self.store.write(meta, lambda directory: save_adapter(directory, weights, lora_config))
+        self.store.set_active(version)
+        self.active_version = version
+        self.serving_heldout_loss = learner_loss  # what the gate measured is what serves now
+        self.last_publish_s = time.monotonic()
+        self.drift.on_publish(serving_loss, learner_loss)
+        log.info("adapter published", version=version, serving_loss=serving_loss, learner_loss=learner_loss,
+                 reason=reason)
+        return version
+
+    def activate(self, version: int) -> None:
+        if version != 0 and version not in self.learner.loaded_versions:
+            self.store.flush()  # a version published moments ago may still be on its way to disk
+            self.learner.load_version(version, self.store.path(version))
+        self.store.set_active(version)
+        if version != self.active_version:  # its loss on the slice is not known until the next gate
+            self.active_version, self.serving_heldout_loss = version, math.nan
+        self.publishing_held = version != self.store.newest()
+
+    def restore(self) -> None:
+        """Serve the version a restart finds active, with the publish scores it was published with as
+        the drift's reference."""
+        active = self.store.active()
+        if not (active and self.store.exists(active)):
+            return
+        self.activate(active)
+        self.last_publish_s = time.monotonic()
+        meta = next((v for v in self.store.versions() if v.version == active), None)
+        if meta is not None and meta.serving_loss is not None and meta.learner_loss is not None:
+            self.drift.on_publish(meta.serving_loss, meta.learner_loss)
+
+    def release_versions(self, in_use: set[int]) -> None:
+        """Unload old versions no request is pinned to, keeping the newest few loaded."""
+        keep = sorted(self.learner.loaded_versions)[-self.config.max_versions_loaded :]
+        for version in list(self.learner.loaded_versions):
+            if version not in keep and version not in in_use and version != self.active_version:
+                self.learner.unload_version(version)
+
+    def catalog(self) -> AdapterCatalog:
+        return AdapterCatalog(tuple(self.store.versions()), auto_publish=not self.publishing_held)
