@@ -84,11 +84,12 @@ async def test_cached_tokens_in_usage_and_metrics(server: RunningServer, http: a
     completion = {"model": "builtin:tiny", "prompt": SYSTEM + "Once upon", "max_tokens": 3, "temperature": 0}
     for path, body in (("chat/completions", chat), ("completions", completion)):
         async with http.post(f"{server.url}/v1/{path}", json=body) as response:
-            assert (await response.json())["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+            # At most a template's opening tokens, sent by earlier tests to the same server: not the system prompt.
+            assert (await response.json())["usage"]["prompt_tokens_details"]["cached_tokens"] < 16
         async with http.post(f"{server.url}/v1/{path}", json=body) as response:
             usage = (await response.json())["usage"]
-        assert usage["prompt_tokens_details"]["cached_tokens"] >= 192
-        assert usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
+        # The same prompt again: all of it but the last token, which runs for the logits.
+        assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
         stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
         async with http.post(f"{server.url}/v1/{path}", json=stream) as response:
             events = [json.loads(line[6:]) async for line in response.content if line.startswith(b"data: {")]
