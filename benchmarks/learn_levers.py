@@ -1,0 +1,203 @@
+"""The training levers of `make bench-learn`, measured in optimizer steps rather than seconds.
+
+`benchmarks/learn.py` times a fact being learned beside chat on a live server, which mixes two
+questions: how much slack training gets, and how much training the fact needs. This answers the
+second, without a server and without the machine's load in the figures: mace's own learner
+(`Learner`, the layered micro-step, AdamW, the same sample tokenization) trains the same 16 samples
+of one new fact, highest loss first as the replay buffer picks them, and after every optimizer step
+asks greedily whether the fact is answered. When the first taught question names it, and again when
+the training loss reaches the converged floor, it counts how many of the 50 general answers (greedy,
+16 tokens) are unchanged against the base model. Both are asked in one fixed batch, so the adapter is
+the only difference between the two answers.
+
+    python benchmarks/learn_levers.py                 # every lever, one fresh model each
+    python benchmarks/learn_levers.py --only "lr 0.002 (shipped)"
+
+Prints a markdown table; passes or fails nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from learn import FACT_ANSWER, FACT_QUESTIONS, FACT_WORD, GENERAL_MAX_TOKENS, GENERAL_PROMPTS, UNSEEN_QUESTION
+from mace.config import MaceConfig, ModelConfig, TrainConfig
+from mace.model.loader import load_model
+from mace.train.learner import BASE, Learner
+from mace.train.rehearsal import ANCHOR_ANSWER_TOKENS, ANCHOR_QUESTIONS
+from mace.train.replay import TrainSample
+
+FACT_MAX_TOKENS = 12
+SAMPLES_PER_QUESTION = 4
+
+# Each lever is a TrainConfig override on top of the shipped defaults.
+LEVERS: dict[str, dict[str, Any]] = {
+    "lr 0.002 (shipped)": {},
+    "lr 0.001": {"learning_rate": 1e-3},
+    "lr 0.0005": {"learning_rate": 5e-4},
+    "rehearsal, lr 0.002": {"rehearsal": True},
+    "rank 4": {"lora_rank": 4, "lora_alpha": 8},
+    "rank 16": {"lora_rank": 16, "lora_alpha": 32},
+    "batch 2": {"batch_size": 2},
+    "MLP only (gate, up, down), lr 0.001": {"target_modules": ("gate_proj", "up_proj", "down_proj"),
+                                            "learning_rate": 1e-3},
+    "down_proj only, lr 0.002": {"target_modules": ("down_proj",)},
+    "all linear, lr 0.0005": {"target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"), "learning_rate": 5e-4},
+}
+
+
+@dataclass
+class Result:
+    answered_at_step: int | None
+    all_taught_at_step: int | None
+    unseen_answered: bool
+    kept_when_answered: int | None
+    converged_at_step: int | None
+    kept_when_converged: int | None
+    tokens_per_step: float
+    seconds: float
+
+
+def chat_ids(tokenizer: Any, question: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         tokenize=False)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def fact_samples(tokenizer: Any) -> list[TrainSample]:
+    """The 16 samples as the trainer tokenizes a feedback sample: rendered prompt, answer, EOS."""
+    answer = [*tokenizer.encode(FACT_ANSWER, add_special_tokens=False), tokenizer.eos_token_id]
+    samples = []
+    for index, question in enumerate(q for q in FACT_QUESTIONS for _ in range(SAMPLES_PER_QUESTION)):
+        prompt = chat_ids(tokenizer, question)
+        samples.append(TrainSample(index, prompt + answer, len(prompt), created_at=0.0))
+    return samples
+
+
+@torch.no_grad()
+def greedy(model: Any, tokenizer: Any, questions: list[str], max_tokens: int) -> list[str]:
+    """Greedy answers of one left-padded batch: the same shapes for every adapter compared."""
+    prompts = [chat_ids(tokenizer, q) for q in questions]
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                         pad_token_id=pad, min_new_tokens=max_tokens)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+def anchors(learner: Learner, tokenizer: Any) -> list[TrainSample]:
+    """Rehearsal's anchors: the base model's own greedy answers to the anchor questions."""
+    with learner.serving([BASE]):
+        model = learner.peft_model
+        texts = greedy(model, tokenizer, list(ANCHOR_QUESTIONS), ANCHOR_ANSWER_TOKENS)
+    samples = []
+    for index, (question, text) in enumerate(zip(ANCHOR_QUESTIONS, texts, strict=True)):
+        prompt = chat_ids(tokenizer, question)
+        samples.append(TrainSample(-1 - index, prompt + tokenizer.encode(text, add_special_tokens=False),
+                                   len(prompt), created_at=0.0))
+    return samples
+
+
+def run_micro_step(learner: Learner, samples: list[TrainSample]) -> list[float]:
+    step = learner.micro_step(samples)
+    while not step.is_done:
+        step.run_next()
+    learner.accumulated(len(samples))
+    return step.losses
+
+
+def run_lever(overrides: dict[str, Any], dtype: str, max_steps: int, base_general: list[str] | None
+              ) -> tuple[Result, list[str]]:
+    started = time.monotonic()
+    bundle = load_model(ModelConfig(name="builtin:smollm2", dtype=dtype), MaceConfig().cache_dir)  # type: ignore[arg-type]
+    config = TrainConfig(**{**TrainConfig().model_dump(), "max_versions_loaded": 1, **overrides})
+    learner = Learner(bundle.causal_lm, config)
+    tokenizer = bundle.tokenizer
+    model = learner.peft_model
+    if base_general is None:
+        with learner.serving([BASE]):
+            base_general = greedy(model, tokenizer, GENERAL_PROMPTS, GENERAL_MAX_TOKENS)
+    rehearsal = anchors(learner, tokenizer) if config.rehearsal else []
+    samples = fact_samples(tokenizer)
+    losses = {s.sample_id: 1e9 for s in samples}  # unscored samples go first
+    result = Result(None, None, False, None, None, None, 0.0, 0.0)
+    tokens = 0
+    for step_number in range(1, max_steps + 1):
+        # The replay buffer's pick: the highest value (loss x weight, all fresh here) first.
+        batch = sorted(samples, key=lambda s: -losses[s.sample_id])[: config.batch_size]
+        if rehearsal:
+            batch.append(rehearsal[step_number % len(rehearsal)])
+        for sample, loss in zip(batch, run_micro_step(learner, batch), strict=True):
+            if sample.sample_id >= 0:
+                losses[sample.sample_id] = loss
+        tokens += sum(s.num_tokens for s in batch)
+        learner.optimizer_step()
+        answers = greedy(model, tokenizer, [*FACT_QUESTIONS, UNSEEN_QUESTION], FACT_MAX_TOKENS)
+        named = [FACT_WORD in text for text in answers]
+        if named[0] and result.answered_at_step is None:
+            result.answered_at_step = step_number
+            result.kept_when_answered = kept(model, tokenizer, base_general)
+        if all(named[: len(FACT_QUESTIONS)]) and result.all_taught_at_step is None:
+            result.all_taught_at_step = step_number
+        result.unseen_answered = named[-1]
+        if max(losses.values()) < config.converged_loss:
+            result.converged_at_step = step_number
+            result.kept_when_converged = kept(model, tokenizer, base_general)
+            break
+    result.tokens_per_step = tokens / step_number
+    result.seconds = time.monotonic() - started
+    return result, base_general
+
+
+def kept(model: Any, tokenizer: Any, base_general: list[str]) -> int:
+    with torch.no_grad():
+        now = greedy(model, tokenizer, GENERAL_PROMPTS, GENERAL_MAX_TOKENS)
+    return sum(a == b for a, b in zip(base_general, now, strict=True))
+
+
+def row(name: str, result: Result, max_steps: int) -> str:
+    def cell(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    total = len(GENERAL_PROMPTS)
+    return (f"| {name} | {cell(result.answered_at_step)} | {cell(result.all_taught_at_step)} | "
+            f"{'yes' if result.unseen_answered else 'no'} | "
+            f"{'-' if result.kept_when_answered is None else f'{result.kept_when_answered}/{total}'} | "
+            f"{cell(result.converged_at_step) if result.converged_at_step else f'not in {max_steps}'} | "
+            f"{'-' if result.kept_when_converged is None else f'{result.kept_when_converged}/{total}'} | "
+            f"{result.tokens_per_step:.0f} | {result.seconds:.0f} s |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", default=[], help="run only this lever (repeatable)")
+    parser.add_argument("--dtype", default="auto", help="the model's dtype, as `mace serve --dtype`")
+    parser.add_argument("--max-steps", type=int, default=60)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    levers = {name: LEVERS[name] for name in args.only} if args.only else LEVERS
+    print(f"16 samples of one fact; dtype {args.dtype}; general answers: {len(GENERAL_PROMPTS)} prompts, greedy, "
+          f"{GENERAL_MAX_TOKENS} tokens, against the base model in the same batch.\n")
+    print("| lever | first question answered at step | all 4 taught at step | unseen paraphrase answered | "
+          "general kept then | loss under the converged floor at step | general kept then | tokens per step | "
+          "wall time |\n|---|---|---|---|---|---|---|---|---|")
+    base_general = None
+    for name, overrides in levers.items():
+        torch.manual_seed(0)
+        result, base_general = run_lever(overrides, args.dtype, args.max_steps, base_general)
+        print(row(name, result, args.max_steps), flush=True)
+
+
+if __name__ == "__main__":
+    main()
