@@ -32,7 +32,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mace.config import MaceConfig, load_config
-from mace.engine.engine import Engine
+from mace.engine.core import EngineCore
 from mace.engine.request import Request, SamplingParams
 from mace.model.loader import ModelBundle
 from mace.model.tiny import build_tokenizer
@@ -127,7 +127,7 @@ def mode_config(args: argparse.Namespace, data_dir: Path, policy: str, overlap: 
 
 def run_mode(name: str, bundle: ModelBundle, config: MaceConfig, trainer: Trainer | None,
              args: argparse.Namespace) -> ModeResult:
-    engine = Engine(bundle, config, trainer)
+    engine = EngineCore(bundle, config, trainer)
     vocab = bundle.causal_lm.config.vocab_size
     generator = torch.Generator().manual_seed(1)
     for index in range(args.batch):

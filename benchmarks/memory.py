@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_utils import PROMPTS
 from _pruning_quality import print_quality_table
 from mace.config import MaceConfig, load_config
-from mace.engine.engine import Engine
+from mace.engine.frontend import AsyncEngine
 from mace.engine.request import SamplingParams
 from mace.model.loader import ModelBundle, load_model
 
@@ -77,10 +77,10 @@ def shared_prompts(bundle: ModelBundle, num_requests: int) -> tuple[list[int], l
     return system, users
 
 
-async def time_to_first_token(engine: Engine, ids: list[int]) -> float:
+async def time_to_first_token(engine: AsyncEngine, ids: list[int]) -> float:
     started = time.perf_counter()
     async for delta in engine.generate(ids, SamplingParams(max_tokens=1, temperature=0)):
-        if delta.token_ids:
+        if delta.new_token_ids:
             return time.perf_counter() - started
     raise RuntimeError("no token")
 
@@ -96,18 +96,18 @@ class TtftRun:
 async def measure_ttfts(args: argparse.Namespace, bundle: ModelBundle, sharing: bool, warm_up: list[int],
                         prompts: list[list[int]], at_once: bool, to_the_token: bool = True) -> TtftRun:
     """TTFTs of `prompts` on a new engine after one warm-up request (which also caches its prompt)."""
-    engine = Engine(bundle, make_config(args, 1024, prefix_caching=sharing))
-    if engine.memory.prefix_cache is not None:
-        engine.memory.prefix_cache.share_partial_blocks = to_the_token
+    engine = AsyncEngine(bundle, make_config(args, 1024, prefix_caching=sharing))
+    if engine.core.memory.prefix_cache is not None:
+        engine.core.memory.prefix_cache.share_partial_blocks = to_the_token
     engine.start(MODEL_THREAD)
     try:
         await time_to_first_token(engine, warm_up)
-        before = engine.stats()
+        before = engine.load
         if at_once:
             ttfts = list(await asyncio.gather(*(time_to_first_token(engine, ids) for ids in prompts)))
         else:
             ttfts = [await time_to_first_token(engine, ids) for ids in prompts]
-        after = engine.stats()
+        after = engine.load
         return TtftRun(sorted(ttfts), after.prefix_cache_hits, after.step_time_s_total - before.step_time_s_total,
                        after.forward_time_s_total - before.forward_time_s_total)
     finally:
@@ -230,16 +230,16 @@ async def concurrency_at_fixed_budget(args: argparse.Namespace, bundle: ModelBun
     prompts = [tokenizer.encode(f"Story {i}. " + GUIDELINES * 3, add_special_tokens=False)[:512]
                for i in range(args.sequences)]
     for label, memory in (("off", {"kv_pruning": False}), ("50%", {"kv_pruning": True, "prune_seq_tokens": 256})):
-        engine = Engine(bundle, make_config(args, args.budget_mib, tpot_s=30.0, prefix_caching=False, **memory))
+        engine = AsyncEngine(bundle, make_config(args, args.budget_mib, tpot_s=30.0, prefix_caching=False, **memory))
         peak = 0
 
-        async def one(ids: list[int], engine: Engine = engine) -> int:
+        async def one(ids: list[int], engine: AsyncEngine = engine) -> int:
             nonlocal peak
             count = 0
             params = SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True)
             async for delta in engine.generate(ids, params):
-                count += len(delta.token_ids)
-                peak = max(peak, len(engine.scheduler.running))
+                count += len(delta.new_token_ids)
+                peak = max(peak, len(engine.core.scheduler.running))
             return count
 
         engine.start(MODEL_THREAD)
@@ -249,7 +249,7 @@ async def concurrency_at_fixed_budget(args: argparse.Namespace, bundle: ModelBun
         finally:
             engine.shutdown()
         elapsed = time.perf_counter() - started
-        stats = engine.stats()
+        stats = engine.load
         print(f"  pruning {label}: {stats.kv_blocks_total} blocks, peak {peak} sequences at once, "
               f"{tokens / elapsed:6.1f} tokens/s, {stats.num_preemptions} preemptions, {elapsed:5.1f} s")
 

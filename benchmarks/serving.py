@@ -309,7 +309,7 @@ def train_tokens_per_s(bundle: Any, train_config: Any) -> float:
 def quality_and_training(args: argparse.Namespace) -> list[str]:
     """bf16 against fp32 through mace's engine (the quality guard), and training tokens/s per dtype."""
     from mace.config import load_config
-    from mace.engine.engine import Engine
+    from mace.engine.frontend import AsyncEngine
     from mace.logging import configure_logging
     from mace.model.loader import load_model
     from mace.model.quality import PROMPTS as GUARD_PROMPTS
@@ -326,7 +326,7 @@ def quality_and_training(args: argparse.Namespace) -> list[str]:
                                         "train": {"policy": "none"}, "cache_dir": str(args.cache_dir),
                                         "data_dir": data_dir}, environ={})
             bundle = load_model(config.model, config.cache_dir)
-            answers[dtype] = asyncio.run(greedy_answers(Engine(bundle, config), max_tokens=16))
+            answers[dtype] = asyncio.run(greedy_answers(AsyncEngine(bundle, config), max_tokens=16))
             ppl[dtype] = perplexity(bundle)
             train[dtype] = train_tokens_per_s(bundle, config.train)
     agreement = token_agreement(answers["float32"], answers["bfloat16"])

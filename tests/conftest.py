@@ -54,9 +54,9 @@ class RunningServer:
         engine = self.runtime.engine
         assert engine is not None
         return (
-            not engine.scheduler.has_work
-            and engine.blocks.num_used_blocks == 0
-            and engine.runner.kv.num_used_slots == 0
+            not engine.core.scheduler.has_work
+            and engine.core.blocks.num_used_blocks == 0
+            and engine.core.runner.kv.num_used_slots == 0
         )
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mace.engine.engine import Engine
+from mace.engine.frontend import AsyncEngine
 from mace.engine.plan import IterationPlan, RunnerOutput
 from mace.engine.request import SamplingParams
 from mace.model.loader import load_model
@@ -17,8 +17,8 @@ async def test_failed_forward_fails_its_requests_then_engine_recovers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tiny_config(tmp_path)
-    engine = Engine(load_model(config.model, config.cache_dir), config)
-    real_run = engine.runner.run
+    engine = AsyncEngine(load_model(config.model, config.cache_dir), config)
+    real_run = engine.core.runner.run
     calls = {"n": 0}
 
     def flaky_run(plan: IterationPlan) -> RunnerOutput:
@@ -27,7 +27,7 @@ async def test_failed_forward_fails_its_requests_then_engine_recovers(
             raise RuntimeError("simulated kernel failure")
         return real_run(plan)
 
-    monkeypatch.setattr(engine.runner, "run", flaky_run)
+    monkeypatch.setattr(engine.core.runner, "run", flaky_run)
     engine.start()
     try:
         deltas = [d async for d in engine.generate([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))]
@@ -35,6 +35,6 @@ async def test_failed_forward_fails_its_requests_then_engine_recovers(
         assert deltas[-1].error is not None and "simulated kernel failure" in deltas[-1].error
         after = [d async for d in engine.generate([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))]
         assert after[-1].finish_reason == "length" and after[-1].num_output_tokens == 5
-        assert engine.blocks.num_used_blocks == 0
+        assert engine.core.blocks.num_used_blocks == 0
     finally:
         engine.shutdown()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from mace.config import EngineConfig, MemoryConfig
-from mace.engine.engine import Engine
+from mace.engine.frontend import AsyncEngine
 from mace.engine.kv_blocks import BlockPool
 from mace.engine.kv_pruning import KVPruner
 from mace.engine.plan import IterationPlan, KVPrune, ScheduledChunk
@@ -76,21 +76,21 @@ def test_memory_short_prunes_the_request_instead_of_preempting() -> None:
 
 def test_sequences_stay_within_their_kv_budget(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
     config = tiny_config(tmp_path, memory={"kv_pruning": True, "prune_seq_tokens": 64})
-    engine = Engine(tiny_bundle, config)
+    engine = AsyncEngine(tiny_bundle, config)
     for index in range(3):
-        engine.scheduler.add_request(Request(
+        engine.core.scheduler.add_request(Request(
             f"r{index}", [index + 3] * 100, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True),
             frozenset(), engine.max_model_len, 0.0,
         ))
     num_pruned = 0
-    while engine.scheduler.has_work:
-        plan = engine.scheduler.schedule()
+    while engine.core.scheduler.has_work:
+        plan = engine.core.scheduler.schedule()
         for chunk in plan.chunks:
             if chunk.is_decode:  # a whole prompt goes in first; the step after, it is pruned
                 assert chunk.request.num_kv_tokens + 1 <= 64
-                assert engine.blocks.num_blocks_of(chunk.request.request_id) <= 64 // 16
-        engine.scheduler.update(plan, engine.runner.run(plan))
+                assert engine.core.blocks.num_blocks_of(chunk.request.request_id) <= 64 // 16
+        engine.core.scheduler.update(plan, engine.core.runner.run(plan))
         num_pruned += len(plan.kv_prunes)
     assert num_pruned >= 3 * 2
-    assert engine.blocks.num_used_blocks == 0
-    engine.blocks.check()
+    assert engine.core.blocks.num_used_blocks == 0
+    engine.core.blocks.check()

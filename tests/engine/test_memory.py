@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from mace.config import EngineConfig
-from mace.engine.engine import Engine, GenerationDelta
+from mace.engine.frontend import AsyncEngine
 from mace.engine.kv_blocks import BlockPool
 from mace.engine.memory import MemoryPlan, TrainingReservation
 from mace.engine.prefix_cache import PrefixCache
-from mace.engine.request import Request, SamplingParams
+from mace.engine.request import Request, RequestOutput, SamplingParams
 from mace.engine.scheduler import MAX_ADMISSION_SKIPS, Scheduler
 from mace.model.loader import ModelBundle
 from tests.conftest import tiny_config, wait_until
@@ -90,8 +90,8 @@ def test_training_shrinks_before_any_request_is_preempted() -> None:
 
 
 async def test_request_larger_than_free_memory_waits_then_is_served(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
-    engine = Engine(tiny_bundle, tiny_config(tmp_path, memory={"budget_bytes": ONE_MIB}))
-    assert engine.blocks.num_blocks == 10
+    engine = AsyncEngine(tiny_bundle, tiny_config(tmp_path, memory={"budget_bytes": ONE_MIB}))
+    assert engine.core.blocks.num_blocks == 10
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     big_ids = [random.Random(1).randrange(256) for _ in range(150)]
     done: list[str] = []
@@ -106,7 +106,7 @@ async def test_request_larger_than_free_memory_waits_then_is_served(tmp_path: Pa
         async for delta in engine.generate(big_ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)):
             if not tokens:
                 assert sorted(done) == ["small-0", "small-1"]  # it needs all ten blocks
-            tokens.extend(delta.token_ids)
+            tokens.extend(delta.new_token_ids)
         return tokens
 
     engine.start()
@@ -115,26 +115,26 @@ async def test_request_larger_than_free_memory_waits_then_is_served(tmp_path: Pa
     finally:
         engine.shutdown()
     assert results[2] == reference(tiny_bundle, big_ids, 8)
-    assert engine.scheduler.num_preemptions == 0
+    assert engine.core.scheduler.num_preemptions == 0
 
 
 async def test_preempted_request_recomputes_to_the_same_tokens(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
-    engine = Engine(tiny_bundle, tiny_config(tmp_path, memory={"budget_bytes": ONE_MIB}))
+    engine = AsyncEngine(tiny_bundle, tiny_config(tmp_path, memory={"budget_bytes": ONE_MIB}))
     victims: list[str] = []
-    preempt = engine.scheduler._preempt
+    preempt = engine.core.scheduler._preempt
 
     def record(request: Request) -> None:
         victims.append(request.request_id)
         preempt(request)
 
-    engine.scheduler._preempt = record  # type: ignore[method-assign]
+    engine.core.scheduler._preempt = record  # type: ignore[method-assign]
     prompts = {"low": [5] * 30, "high-0": [6] * 30, "high-1": [7] * 30}
 
     async def run(name: str) -> list[int]:
         params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
         priority = 5 if name == "low" else 0
         deltas = [d async for d in engine.generate(prompts[name], params, request_id=name, priority=priority)]
-        return [t for d in deltas for t in d.token_ids]
+        return [t for d in deltas for t in d.new_token_ids]
 
     engine.start()
     try:
@@ -150,7 +150,7 @@ async def test_preempted_request_recomputes_to_the_same_tokens(tmp_path: Path, t
 async def test_thousand_streams_aborted_at_random_points_free_every_block(
     tmp_path: Path, tiny_bundle: ModelBundle, seed: int
 ) -> None:
-    engine = Engine(tiny_bundle, tiny_config(tmp_path, memory={"budget_bytes": 8 * ONE_MIB}))
+    engine = AsyncEngine(tiny_bundle, tiny_config(tmp_path, memory={"budget_bytes": 8 * ONE_MIB}))
     rng = random.Random(seed)
     prefixes = [[rng.randrange(256) for _ in range(40)] for _ in range(3)]
     slots = asyncio.Semaphore(48)
@@ -173,22 +173,22 @@ async def test_thousand_streams_aborted_at_random_points_free_every_block(
         await asyncio.gather(*(stream(i) for i in range(1000)))
 
         async def idle() -> bool:
-            return not engine.scheduler.has_work and engine.runner.kv.num_used_slots == 0
+            return not engine.core.scheduler.has_work and engine.core.runner.kv.num_used_slots == 0
 
         await wait_until(idle, what="engine idle after the aborts")
     finally:
         engine.shutdown()
     assert received  # streams that were not cancelled read their deltas before closing
-    assert engine.blocks.num_used_blocks == 0
-    engine.blocks.check()
-    cache = engine.memory.prefix_cache
+    assert engine.core.blocks.num_used_blocks == 0
+    engine.core.blocks.check()
+    cache = engine.core.memory.prefix_cache
     assert cache is not None
     cache.check()
-    assert len(engine.runner.block_store) == cache.num_cached_blocks
-    assert engine.blocks.num_free_blocks + cache.num_cached_blocks == engine.blocks.num_blocks
+    assert len(engine.core.runner.block_store) == cache.num_cached_blocks
+    assert engine.core.blocks.num_free_blocks + cache.num_cached_blocks == engine.core.blocks.num_blocks
 
 
-async def consume(deltas: AsyncIterator[GenerationDelta], stop_after: int, received: list[int]) -> None:
+async def consume(deltas: AsyncIterator[RequestOutput], stop_after: int, received: list[int]) -> None:
     iterator = aiter(deltas)
     try:
         for index in range(stop_after):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mace.engine.engine import Engine
+from mace.engine.frontend import AsyncEngine
 from mace.engine.request import SamplingParams
 from mace.model.loader import ModelBundle, load_model
 from tests.conftest import tiny_config
@@ -43,12 +43,12 @@ def chat_ids(bundle: ModelBundle, text: str) -> list[int]:
     return list(bundle.tokenizer.encode(rendered, add_special_tokens=False))
 
 
-async def run_staggered(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+async def run_staggered(engine: AsyncEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     async def one(index: int, ids: list[int]) -> list[int]:
         await asyncio.sleep(0.03 * index)  # arrive while earlier requests are mid-generation
         tokens: list[int] = []
         async for delta in engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0)):
-            tokens.extend(delta.token_ids)
+            tokens.extend(delta.new_token_ids)
         return tokens
 
     engine.start()
@@ -62,7 +62,7 @@ async def run_staggered(engine: Engine, prompts: list[list[int]], max_tokens: in
 async def test_greedy_equals_generate_on_tiny(tmp_path: Path, batched_tokens: int) -> None:
     config = tiny_config(tmp_path, engine={"max_num_batched_tokens": batched_tokens})
     bundle = load_model(config.model, config.cache_dir)
-    engine = Engine(bundle, config)
+    engine = AsyncEngine(bundle, config)
     prompts = [chat_ids(bundle, text) for text in PROMPTS]
     got = await run_staggered(engine, prompts, max_tokens=24)
     for ids, tokens in zip(prompts, got, strict=True):
@@ -80,7 +80,7 @@ async def test_greedy_equals_generate_on_default_model(tmp_path_factory: pytest.
         cache_dir=str(shared_cache_dir()),
     )
     bundle = load_model(config.model, config.cache_dir)
-    engine = Engine(bundle, config)
+    engine = AsyncEngine(bundle, config)
     prompts = [chat_ids(bundle, text) for text in PROMPTS[:4]]
     got = await run_staggered(engine, prompts, max_tokens=16)
     for ids, tokens in zip(prompts, got, strict=True):

@@ -9,8 +9,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mace.engine.engine import Engine, GenerationDelta
-from mace.engine.request import SamplingParams
+from mace.engine.frontend import AsyncEngine
+from mace.engine.request import RequestOutput, SamplingParams
 from mace.model.loader import ModelBundle
 from tests.conftest import RunningServer, tiny_config, wait_until
 from tests.engine.test_memory import consume
@@ -24,13 +24,13 @@ def prompt_ids(bundle: ModelBundle, question: str) -> list[int]:
     return list(bundle.tokenizer.encode(SYSTEM + question, add_special_tokens=False))
 
 
-async def collect(engine: Engine, ids: list[int], max_tokens: int, delay_s: float = 0.0) -> list[GenerationDelta]:
+async def collect(engine: AsyncEngine, ids: list[int], max_tokens: int, delay_s: float = 0.0) -> list[RequestOutput]:
     await asyncio.sleep(delay_s)  # staggered: later requests arrive while earlier ones decode
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     return [delta async for delta in engine.generate(ids, params)]
 
 
-async def run_all(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[GenerationDelta]]:
+async def run_all(engine: AsyncEngine, prompts: list[list[int]], max_tokens: int) -> list[list[RequestOutput]]:
     engine.start()
     try:
         first = [await collect(engine, prompts[0], max_tokens)]  # computes and caches the shared prefix
@@ -49,13 +49,13 @@ async def test_greedy_outputs_equal_with_sharing_on_and_off(
     for sharing in (True, False):
         config = tiny_config(tmp_path, engine={"max_num_batched_tokens": batched_tokens},
                              memory={"prefix_caching": sharing})
-        engine = Engine(tiny_bundle, config)
+        engine = AsyncEngine(tiny_bundle, config)
         results = await run_all(engine, prompts, max_tokens=12)
-        outputs[sharing] = [[t for d in deltas for t in d.token_ids] for deltas in results]
+        outputs[sharing] = [[t for d in deltas for t in d.new_token_ids] for deltas in results]
         cached = [deltas[-1].num_cached_tokens for deltas in results]
         if sharing:
             assert all(n >= len(tiny_bundle.tokenizer.encode(SYSTEM)) // 16 * 16 for n in cached[1:]), cached
-            assert engine.stats().prefix_cache_hits == sum(cached) > 0
+            assert engine.load.prefix_cache_hits == sum(cached) > 0
         else:
             assert cached == [0] * len(results)
     assert outputs[True] == outputs[False]
@@ -64,13 +64,13 @@ async def test_greedy_outputs_equal_with_sharing_on_and_off(
 
 
 async def test_kv_of_another_adapter_version_is_never_reused(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
-    engine = Engine(tiny_bundle, tiny_config(tmp_path))
+    engine = AsyncEngine(tiny_bundle, tiny_config(tmp_path))
     ids = prompt_ids(tiny_bundle, QUESTIONS[0])
     engine.start()
     try:
         await collect(engine, ids, 2)
         again = await collect(engine, ids, 2)
-        engine.adapter_version = 1  # what a publish does; new requests pin it
+        engine.core.adapter_version = 1  # what a publish does; new requests pin it
         other = await collect(engine, ids, 2)
     finally:
         engine.shutdown()
@@ -110,15 +110,15 @@ def common_length(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def tokens_of(deltas: list[GenerationDelta]) -> list[int]:
-    return [t for d in deltas for t in d.token_ids]
+def tokens_of(deltas: list[RequestOutput]) -> list[int]:
+    return [t for d in deltas for t in d.new_token_ids]
 
 
 async def test_a_prefix_ending_mid_block_is_reused_to_the_token(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
     first, second = (prompt_ids(tiny_bundle, q) for q in ("What is 2+2?", "What is the capital of Spain?"))
     common = common_length(first, second)
     assert common % 16  # the shared prefix ends inside a block
-    engine = Engine(tiny_bundle, tiny_config(tmp_path))
+    engine = AsyncEngine(tiny_bundle, tiny_config(tmp_path))
     engine.start()
     try:
         results = [await collect(engine, ids, 8) for ids in (first, second, first)]
@@ -126,7 +126,7 @@ async def test_a_prefix_ending_mid_block_is_reused_to_the_token(tmp_path: Path, 
         engine.shutdown()
     # The first prompt again: all of it is cached, but its last token runs to give the logits.
     assert [deltas[-1].num_cached_tokens for deltas in results] == [0, common, len(first) - 1]
-    assert engine.stats().prefix_cache_hits == common + len(first) - 1
+    assert engine.load.prefix_cache_hits == common + len(first) - 1
     for ids, deltas in zip((first, second, first), results, strict=True):
         assert tokens_of(deltas) == reference(tiny_bundle, ids, 8)
 
@@ -138,7 +138,7 @@ async def test_requests_sharing_a_partial_block_then_diverging_both_stay_exact(
     assert len(prefix) % 16
     tails = ["s red?", "'s blue?", " cat?"]  # no two share a first token
     prompts = [prefix + list(tiny_bundle.tokenizer.encode(tail, add_special_tokens=False)) for tail in tails]
-    engine = Engine(tiny_bundle, tiny_config(tmp_path))
+    engine = AsyncEngine(tiny_bundle, tiny_config(tmp_path))
     engine.start()
     try:
         await collect(engine, prefix, 1)  # caches the prefix, its last block partial
@@ -159,7 +159,7 @@ async def test_preemptions_and_aborts_mid_prefill_leave_no_block_behind(
     tmp_path: Path, tiny_bundle: ModelBundle
 ) -> None:
     config = tiny_config(tmp_path, engine={"max_num_batched_tokens": 24}, memory={"budget_bytes": 2 * 1024**2})
-    engine = Engine(tiny_bundle, config)  # 20 blocks of 16 tokens: four of these requests do not fit at once
+    engine = AsyncEngine(tiny_bundle, config)  # 20 blocks of 16 tokens: four of these requests do not fit at once
     prefix = prompt_ids(tiny_bundle, "Shared:")[-37:]  # two blocks and five tokens
     kept = [prefix + [40 + i] * 20 for i in range(4)]
     aborted = [prefix + [60 + i] * 120 for i in range(2)]  # five steps of prefill at 24 tokens a step
@@ -170,7 +170,7 @@ async def test_preemptions_and_aborts_mid_prefill_leave_no_block_behind(
 
         async def prefilling() -> bool:  # past its cached prefix, not yet at its first token
             return any(r.request_id == request_id and len(prefix) < r.num_computed_tokens < len(ids)
-                       for r in list(engine.scheduler.running))
+                       for r in list(engine.core.scheduler.running))
 
         await wait_until(prefilling, what=f"{request_id} mid-prefill")
         task.cancel()
@@ -183,22 +183,23 @@ async def test_preemptions_and_aborts_mid_prefill_leave_no_block_behind(
                                        *(abort_mid_prefill(ids, f"aborted-{i}") for i, ids in enumerate(aborted)))
 
         async def idle() -> bool:
-            return not engine.scheduler.has_work and engine.runner.kv.num_used_slots == 0
+            return not engine.core.scheduler.has_work and engine.core.runner.kv.num_used_slots == 0
 
         await wait_until(idle, what="engine idle")
     finally:
         engine.shutdown()
-    assert engine.scheduler.num_preemptions > 0
+    assert engine.core.scheduler.num_preemptions > 0
     for ids, deltas in zip(kept, outputs[: len(kept)], strict=True):
         assert tokens_of(deltas) == reference(tiny_bundle, ids, 40)
-    cache = engine.memory.prefix_cache
-    assert cache is not None and engine.blocks.num_used_blocks == 0
-    engine.blocks.check()
+    cache = engine.core.memory.prefix_cache
+    assert cache is not None and engine.core.blocks.num_used_blocks == 0
+    engine.core.blocks.check()
     cache.check()
-    assert len(engine.runner.block_store) == cache.num_cached_blocks
+    assert len(engine.core.runner.block_store) == cache.num_cached_blocks
     cache.clear()
-    engine.runner.block_store.drop(tuple(b for c in cache.take_copies() for b in c.block_ids))
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and len(engine.runner.block_store) == 0
+    engine.core.runner.block_store.drop(tuple(b for c in cache.take_copies() for b in c.block_ids))
+    blocks = engine.core.blocks
+    assert blocks.num_free_blocks == blocks.num_blocks and len(engine.core.runner.block_store) == 0
 
 
 @pytest.mark.slow
@@ -216,8 +217,8 @@ async def test_greedy_with_a_shared_system_prompt_equals_generate_on_default_mod
         add_generation_prompt=True, tokenize=False,
     )) for q in QUESTIONS[:3]]
     ids = [list(bundle.tokenizer.encode(text, add_special_tokens=False)) for text in map("".join, prompts)]
-    results = await run_all(Engine(bundle, config), ids, max_tokens=8)
+    results = await run_all(AsyncEngine(bundle, config), ids, max_tokens=8)
     assert all(deltas[-1].num_cached_tokens >= 48 for deltas in results[1:])
     for prompt, deltas in zip([ids[0], *ids], results, strict=True):
         expected = reference(bundle, prompt, 8)  # stops at EOS, where the engine (ignore_eos) goes on
-        assert [t for d in deltas for t in d.token_ids][: len(expected)] == expected
+        assert [t for d in deltas for t in d.new_token_ids][: len(expected)] == expected

@@ -110,14 +110,15 @@ def test_failed_step_ends_only_its_requests() -> None:
     scheduler.add_request(make_request("in-step", 16))
     scheduler.add_request(make_request("not-in-step", 16))
     plan = scheduler.schedule()
-    outputs = scheduler.fail_all(plan, "boom")
+    failed = {chunk.request.request_id: "boom" for chunk in plan.chunks}  # what a step that raised reports
+    outputs = scheduler.update(plan, RunnerOutput(sampled_token_ids={}, forward_time_s=0.0, failed_request_ids=failed))
     assert [(o.request_id, o.finish_reason) for o in outputs] == [("in-step", "error")]
     assert [r.request_id for r in scheduler.waiting] == ["not-in-step"]
 
 
 def test_prefill_beside_decodes_is_chunked_to_keep_their_tpot() -> None:
     from mace.config import SloConfig
-    from mace.engine.scheduler import MIN_PREFILL_CHUNK
+    from mace.engine.step_budget import MIN_PREFILL_CHUNK
 
     config = EngineConfig(max_num_batched_tokens=512, max_num_seqs=8)
     scheduler = Scheduler(config, BlockPool(1024, 16), clock=lambda: 0.0, slo=SloConfig(tpot_s=0.1))

@@ -133,16 +133,16 @@ def test_a_request_past_its_deadline_keeps_its_slot() -> None:
 
 
 def test_predicted_ttft_counts_relaxed_requests_that_have_no_yields_left() -> None:
-    """A batch request keeps its slot once it has given it up MAX_SLOT_YIELDS times: an interactive
+    """A batch request keeps its place once it has given it up MAX_YIELDS times: an interactive
     arrival then waits for it, and the prediction (the shed decision) must say so."""
-    from mace.engine.slots import MAX_SLOT_YIELDS
+    from mace.engine.decode_cap import MAX_YIELDS
 
     s = scheduler(max_num_seqs=1)
     _teach_decode_cost(s, 0.01, 0.02)
     s.add_request(request("b0", "batch", arrival_s=0.0, max_tokens=100))
     step(s)
     yielding = s.predict_ttft_s(8, 1.0, now_s=0.0)
-    s.running[0].num_preemptions = MAX_SLOT_YIELDS
+    s.running[0].num_preemptions = MAX_YIELDS
     assert s.predict_ttft_s(8, 1.0, now_s=0.0) > yielding + 1.0  # ~99 decode steps of b0 first
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import structlog.testing
 import torch
 
-from mace.engine.engine import Engine
+from mace.engine.frontend import AsyncEngine
 from mace.engine.latency import StepShape
 from mace.engine.request import SamplingParams
 from mace.engine.warmup import warm_up
@@ -21,17 +21,17 @@ from tests.conftest import tiny_config
 async def test_warm_up_measures_prefill_and_decode_and_leaves_the_engine_idle(
     tmp_path: Path, tiny_bundle: ModelBundle
 ) -> None:
-    engine = Engine(tiny_bundle, tiny_config(tmp_path))
-    assert not engine.scheduler.latency.is_measured(StepShape(16, 2))
-    report = warm_up(engine)
+    engine = AsyncEngine(tiny_bundle, tiny_config(tmp_path))
+    assert not engine.core.scheduler.latency.is_measured(StepShape(16, 2))
+    report = warm_up(engine.core)
     assert report.steps > 0
     assert report.max_decodes >= 8  # the burst decoded as a batch: the fit can tell a decode's cost apart
-    latency = engine.scheduler.latency
+    latency = engine.core.scheduler.latency
     assert latency.is_measured(StepShape(16, 2))
     assert latency.guard.num_missed == latency.guard.num_met == 0
-    assert not engine.scheduler.has_work
-    assert engine.blocks.num_used_blocks == 0 and engine.runner.kv.num_used_slots == 0
-    cache = engine.memory.prefix_cache
+    assert not engine.core.scheduler.has_work
+    assert engine.core.blocks.num_used_blocks == 0 and engine.core.runner.kv.num_used_slots == 0
+    cache = engine.core.memory.prefix_cache
     assert cache is not None and cache.num_cached_blocks == 0
     engine.start()
     try:  # and it serves as before
@@ -47,16 +47,16 @@ async def test_warm_up_measures_training_beside_serving_and_learns_nothing(
     config = tiny_config(tmp_path, train={"policy": "mace"})
     journal = Journal(tmp_path / "journal.sqlite3", held_out_every(config.train.heldout_every))
     trainer = Trainer(tiny_bundle.causal_lm, tiny_bundle.tokenizer, journal, config)
-    engine = Engine(tiny_bundle, config, trainer)
+    engine = AsyncEngine(tiny_bundle, config, trainer)
     try:
         learner = trainer.learner
         weights_before = [p.detach().clone() for p in learner._learner_params()]
         beside_decodes = StepShape(0, 2, num_train_forward_tokens=64, num_train_backward_tokens=64,
                                    num_train_head_tokens=8)
-        assert not engine.scheduler.latency.is_measured(beside_decodes)
-        warm_up(engine)
-        assert engine.scheduler.latency.is_measured(beside_decodes)
-        assert not trainer.is_warming_up and not engine.scheduler.has_work
+        assert not engine.core.scheduler.latency.is_measured(beside_decodes)
+        warm_up(engine.core)
+        assert engine.core.scheduler.latency.is_measured(beside_decodes)
+        assert not trainer.is_warming_up and not engine.core.scheduler.has_work
         assert all(p.grad is None for p in learner._learner_params())
         assert learner.num_accumulated == learner.num_optimizer_steps == 0
         for before, after in zip(weights_before, learner._learner_params(), strict=True):
@@ -70,9 +70,9 @@ async def test_warm_up_measures_training_beside_serving_and_learns_nothing(
 
 
 def test_debug_logging_gives_a_line_per_engine_step(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
-    engine = Engine(tiny_bundle, tiny_config(tmp_path))
+    engine = AsyncEngine(tiny_bundle, tiny_config(tmp_path))
     with structlog.testing.capture_logs() as logs:
-        report = warm_up(engine)
+        report = warm_up(engine.core)
     steps = [entry for entry in logs if entry["event"] == "engine step"]
     assert len(steps) == report.steps
     assert all(entry["time_s"] > 0 and entry["margin_s"] >= 0 for entry in steps)

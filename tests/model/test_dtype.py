@@ -92,7 +92,7 @@ def test_bf16_training_keeps_lora_and_optimizer_state_in_fp32(tmp_path: Path) ->
 @pytest.mark.slow
 async def test_bf16_answers_as_fp32_on_the_default_model(tmp_path: Path) -> None:
     """The guard `auto` must pass where it picks bf16: >= 90% of greedy tokens and perplexity within 2%."""
-    from mace.engine.engine import Engine
+    from mace.engine.frontend import AsyncEngine
     from mace.model.quality import PROMPTS, greedy_answers, perplexity, token_agreement
     from tests.model.test_smollm2 import shared_cache_dir
 
@@ -102,7 +102,7 @@ async def test_bf16_answers_as_fp32_on_the_default_model(tmp_path: Path) -> None
         config = tiny_config(tmp_path / dtype, model={"name": "builtin:smollm2", "dtype": dtype},
                              slo={"ttft_s": 600.0, "tpot_s": 60.0}, cache_dir=str(shared_cache_dir()))
         bundle = load_model(config.model, config.cache_dir)
-        answers[dtype] = await greedy_answers(Engine(bundle, config), max_tokens=16)
+        answers[dtype] = await greedy_answers(AsyncEngine(bundle, config), max_tokens=16)
         perplexities[dtype] = perplexity(bundle)
     assert len(PROMPTS) >= 50
     assert token_agreement(answers["float32"], answers["bfloat16"]) >= 0.9

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mace.engine.engine import Engine
+from mace.engine.frontend import AsyncEngine
 from mace.engine.request import SamplingParams
 from mace.model import smollm2
 from mace.model.loader import load_model
@@ -32,7 +32,7 @@ def test_prepare_converts_once_to_safetensors() -> None:
 async def test_default_model_answers_paris(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, model={"name": "builtin:smollm2"}, cache_dir=str(shared_cache_dir()))
     bundle = load_model(config.model, config.cache_dir)
-    engine = Engine(bundle, config)
+    engine = AsyncEngine(bundle, config)
     rendered = bundle.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
     )

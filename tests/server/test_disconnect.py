@@ -15,7 +15,7 @@ LONG = {"model": "builtin:tiny", "messages": [{"role": "user", "content": "go"}]
 async def engine_busy(server: RunningServer) -> bool:
     engine = server.runtime.engine
     assert engine is not None
-    return engine.blocks.num_used_blocks > 0
+    return engine.core.blocks.num_used_blocks > 0
 
 
 async def test_http_stream_disconnect_frees_kv(server: RunningServer) -> None:

@@ -50,14 +50,14 @@ async def test_health_answers_while_the_engine_computes(
     assert engine is not None
 
     async def busy() -> bool:
-        return engine.blocks.num_used_blocks > 0
+        return engine.core.blocks.num_used_blocks > 0
 
     await wait_until(busy, what="generation running")
     started = time.monotonic()
     for path in ("/health", "/ready", "/metrics"):
         async with http.get(server.url + path) as response:
             assert response.status == 200
-    assert engine.blocks.num_used_blocks > 0, "the probes should have answered during the generation"
+    assert engine.core.blocks.num_used_blocks > 0, "the probes should have answered during the generation"
     assert time.monotonic() - started < 5
     (await generation).close()
 

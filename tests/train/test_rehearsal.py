@@ -29,8 +29,8 @@ async def test_warm_up_serves_the_anchors_greedily_once_per_model(tmp_path: Path
         anchor = store.samples[0]
         prompt = torch.tensor([anchor.token_ids[: anchor.num_prompt_tokens]])
         engine = runner.app[RUNTIME].engine
-        assert engine is not None and engine.trainer is not None
-        peft_model = engine.trainer.learner.peft_model  # the engine is idle: nothing else runs the model now
+        assert engine is not None and engine.core.trainer is not None
+        peft_model = engine.core.trainer.learner.peft_model  # the engine is idle: nothing else runs the model now
         with torch.no_grad(), peft_model.disable_adapter():
             greedy = peft_model.generate(input_ids=prompt, max_new_tokens=anchor.num_tokens - anchor.num_prompt_tokens,
                                     do_sample=False, attention_mask=torch.ones_like(prompt),

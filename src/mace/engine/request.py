@@ -127,6 +127,23 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
 
+    @property
+    def queue_time_s(self) -> float:
+        """From arrival to first being scheduled (0 if never scheduled)."""
+        if self.first_scheduled_time_s is None:
+            return 0.0
+        return self.first_scheduled_time_s - self.arrival_time_s
+
+    def output(self, new_token_ids: list[int]) -> RequestOutput:
+        """This step's output: its new tokens, and the ending once the request has finished."""
+        finish_reason = self.status.value if self.status.is_finished else None
+        return RequestOutput(
+            request_id=self.request_id, new_token_ids=new_token_ids, num_prompt_tokens=self.num_prompt_tokens,
+            num_output_tokens=self.num_output_tokens, adapter_version=self.adapter_version,
+            finish_reason=finish_reason, error=self.error, num_cached_tokens=self.num_cached_tokens,
+            queue_time_s=self.queue_time_s if finish_reason else None,
+        )
+
     def check_stop(self) -> RequestStatus | None:
         """Token-level stop conditions; stop strings are checked on the text side."""
         last = self.output_token_ids[-1]
@@ -140,7 +157,10 @@ class Request:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """What one engine step produced for one request: new tokens, and the ending if it ended."""
+    """What one engine step produced for one request: new tokens, and the ending if it ended.
+
+    The engine thread leaves `text` empty; the front end fills it in as it detokenizes (and may end the
+    request on a stop string)."""
 
     request_id: str
     new_token_ids: list[int]
@@ -151,6 +171,7 @@ class RequestOutput:
     error: str | None = None
     num_cached_tokens: int = 0
     queue_time_s: float | None = None
+    text: str = ""
 
     @property
     def finished(self) -> bool:

@@ -13,26 +13,25 @@ is admitted again, from the prefix cache where it can).
 from __future__ import annotations
 
 import bisect
-import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mace.config import EngineConfig, SloConfig
+from mace.engine.decode_cap import decode_cap, victims_at_cap
 from mace.engine.kv_blocks import BlockPool
 from mace.engine.kv_pruning import KVPruner
-from mace.engine.latency import LatencyModel, StepShape
+from mace.engine.latency import LatencyModel
 from mace.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk
 from mace.engine.prefix_cache import PrefixCache
 from mace.engine.request import Request, RequestOutput, RequestStatus
-from mace.engine.slots import decode_cap, gives_way, slot_victims, slot_wait_s
+from mace.engine.step_budget import StepBudget
 from mace.engine.train_planner import StepLimits, TrainPlanner, TrainSource
 from mace.train.policy import NoTraining, RetrainPolicy
 
 if TYPE_CHECKING:
     from mace.engine.memory import TrainingReservation
 
-MIN_PREFILL_CHUNK = 16
 MAX_ADMISSION_SKIPS = 32  # steps smaller requests may pass one that does not fit, before it blocks them
 
 
@@ -55,13 +54,13 @@ class Scheduler:
         self.pruner = pruner
         self.clock = clock
         self.slo = slo or SloConfig()
-        self.policy: RetrainPolicy = policy or NoTraining()
         self.latency = LatencyModel()
         self.latency.guard.reference_s = min(self.slo.target(name).tpot_s for name in self.slo.class_names)
+        self.budget = StepBudget(config, self.slo, self.latency, lambda: self.clock())  # follows a swapped clock
         # Warm-up decodes batches past the TPOT cap: a fit over one or two decodes cannot tell a decode's
         # cost from a step's fixed cost, and the cap is computed from that fit.
         self.is_measuring = False
-        self.training = (TrainPlanner(train_source, self.policy, self.latency, self.slo, train_memory, clock)
+        self.training = (TrainPlanner(train_source, policy or NoTraining(), self.latency, self.slo, train_memory, clock)
                          if train_source is not None else None)
         self.waiting: list[Request] = []  # in queue order (see _queue_key)
         self.running: list[Request] = []
@@ -79,7 +78,8 @@ class Scheduler:
 
     def _step_limits(self) -> StepLimits:
         decoding = [r for r in self.running if not r.is_prefilling]
-        return StepLimits(tpot_s=self._step_budget_s(decoding), ttft_slack_s=self._ttft_slack_s())
+        return StepLimits(tpot_s=self.budget.step_budget_s(decoding),
+                          ttft_slack_s=self.budget.ttft_slack_s(self.running, self.waiting))
 
     def add_request(self, request: Request) -> None:
         self._enqueue(request)
@@ -101,25 +101,11 @@ class Scheduler:
         return (request.arrival_time_s, 0.0, request.queue_seq)
 
     def predict_ttft_s(self, num_prompt_tokens: int, ttft_s: float, now_s: float) -> float:
-        """How long a request arriving now would wait for its first token (read from the event loop).
+        """How long a request arriving now would wait for its first token (`StepBudget.predict_ttft_s`).
 
-        The prompt tokens queued ahead of it (by deadline) are prefilled at the rate the latency model
-        predicts for steps beside the current decodes.
-        """
-        deadline = now_s + ttft_s
-        queued = [r for r in list(self.waiting) if self.config.scheduling == "fcfs" or r.ttft_deadline_s <= deadline]
-        ahead = sum(r.num_uncomputed_tokens for r in queued)
-        num_ahead = len(queued)
-        running = list(self.running)
-        num_decoding = sum(1 for r in running if not r.is_prefilling)
-        ahead += sum(r.num_uncomputed_tokens for r in running if r.is_prefilling)
-        room = max(1, self._prefill_budget(running))
-        step_s = self.latency.predict(StepShape(room, num_decoding, num_prefill_chunks=1))
-        prefill_s = math.ceil((ahead + num_prompt_tokens) / room) * step_s
-        # Running requests that would give their slot up to it (`_yield_slots`: a looser class, a later
-        # deadline, yields left) do not block it; all others do.
-        blocking = [r for r in running if not gives_way(r, ttft_s, deadline)]
-        return prefill_s + slot_wait_s(self.latency, blocking, num_ahead + 1, self.decode_cap())
+        Read from the event loop by admission: the queues are copied before anything iterates them."""
+        return self.budget.predict_ttft_s(num_prompt_tokens, ttft_s, now_s, list(self.waiting), list(self.running),
+                                          self.decode_cap())
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         for request in self.waiting:
@@ -133,10 +119,10 @@ class Scheduler:
 
     def schedule(self) -> IterationPlan:
         budget = self.config.max_num_batched_tokens
-        self._prefill_room = self._prefill_budget()
+        self._prefill_room = self.budget.prefill_budget(self.running)
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
-        yielded = self._yield_slots()
+        yielded = self._give_way_at_cap()
         budget = self._schedule_running(budget, chunks, preempted)
         if not preempted:  # short of memory: admit nobody this step
             self._admit_waiting(budget, chunks)
@@ -151,75 +137,6 @@ class Scheduler:
             chunks=chunks, released_request_ids=released, preempted_request_ids=preempted, train=train,
             kv_copies=copies, kv_prunes=self.pruner.take_prunes() if self.pruner is not None else [],
         )
-
-    def _ttft_slack_s(self) -> float:
-        """How long training may delay the requests still waiting for their first token: the least
-        of their deadlines less when their prompts, and those ahead of them, finish prefilling at the
-        rate the latency model predicts beside the current decodes (the prefill this step plans is
-        the first of those steps)."""
-        pending = [r for r in [*self.running, *self.waiting] if r.first_token_time_s is None]
-        if not pending:
-            return math.inf
-        room = max(1, self._prefill_budget())
-        num_decoding = sum(1 for r in self.running if not r.is_prefilling)
-        step_s = self.latency.predict(StepShape(room, num_decoding, num_prefill_chunks=1))
-        now_s, ahead, slack_s = self.clock(), 0, math.inf
-        for request in pending:
-            ahead += request.num_uncomputed_tokens
-            slack_s = min(slack_s, request.ttft_deadline_s - now_s - math.ceil(ahead / room) * step_s)
-        return slack_s
-
-    def _prefill_budget(self, running: list[Request] | None = None) -> int:
-        """Prompt tokens that fit beside this step's decodes without passing their TPOT target.
-
-        Long prompts are prefilled in chunks of this size, so an arrival never stalls the requests
-        that are streaming. A minimum chunk keeps prefill moving on a pessimistic estimate; it is never
-        smaller than the tokens that cost as much as a chunk's fixed cost, since cutting a prompt finer
-        than that only adds that cost again for the streams and for the prompt's own first token.
-        """
-        decoding = [request for request in (running or self.running) if not request.is_prefilling]
-        per_token_s = self.latency.marginal_s(StepShape(num_prefill_tokens=1))
-        if not decoding or per_token_s <= 0:
-            return self.config.max_num_batched_tokens
-        chunk_s = self.latency.marginal_s(StepShape(num_prefill_chunks=1))
-        spare_s = (self._step_budget_s(decoding) - self.latency.predict(StepShape(num_decode_tokens=len(decoding)))
-                   - chunk_s - self.latency.error_margin_s)
-        return max(self._min_prefill_chunk(), int(spare_s / per_token_s))
-
-    def _min_prefill_chunk(self) -> int:
-        """The smallest prompt chunk worth a step: at least the tokens that cost as much as a chunk's fixed cost."""
-        per_token_s = self.latency.marginal_s(StepShape(num_prefill_tokens=1))
-        if per_token_s <= 0:
-            return MIN_PREFILL_CHUNK
-        chunk_s = self.latency.marginal_s(StepShape(num_prefill_chunks=1))
-        return min(self.config.max_num_batched_tokens, max(MIN_PREFILL_CHUNK, math.ceil(chunk_s / per_token_s)))
-
-    def _step_budget_s(self, decoding: list[Request]) -> float:
-        """How long the next step may take for every decoding request to keep its TPOT target.
-
-        TPOT is a request's mean time between tokens, so a request that has run slower than its target
-        so far gets a shorter step, which brings its mean back under the target before it ends. One
-        that ran faster does not get a longer one: banked time is not spent on a visible stall. A
-        preempted request is held to its target alone: its wait to be readmitted is not made up for.
-
-        A young request's mean rests on few gaps (a two-token answer's on this one alone), so one slow
-        step decides it, where a long stream's mean absorbs it: its step keeps the tail margin free
-        rather than the usual one, the difference shared over the gaps it will have after this step.
-        """
-        now_s, budgets = self.clock(), []
-        tail_extra_s = self.latency.tail_margin_s - self.latency.error_margin_s
-        for request in decoding:
-            target_s = self._tpot_target_s(request)
-            first_s = request.first_token_time_s
-            num_gaps = max(1, request.num_output_tokens)  # intervals between tokens after this step
-            if first_s is not None and not request.num_preemptions:
-                target_s = min(target_s, target_s * num_gaps - (now_s - first_s))
-            budgets.append(max(0.0, target_s - tail_extra_s / num_gaps))
-        return min(budgets, default=self.slo.tpot_s)
-
-    def _tpot_target_s(self, request: Request) -> float:
-        """A request's TPOT target (one without a class has the default)."""
-        return request.tpot_s if math.isfinite(request.tpot_s) else self.slo.tpot_s
 
     def _take_prefill(self, request: Request, num_new: int) -> int:
         if not request.is_prefilling:
@@ -300,17 +217,17 @@ class Scheduler:
         return cache.waits_for_prefill(request, [r for r in self.running if r.is_prefilling])
 
     def decode_cap(self) -> int:
-        """How many requests may run at once: the TPOT-bound cap under "slo" scheduling (engine/slots.py),
+        """How many requests may run at once: the TPOT-bound cap under "slo" scheduling (engine/decode_cap.py),
         `max_num_seqs` under FCFS."""
         if self.config.scheduling != "slo" or self.is_measuring:
             return self.config.max_num_seqs
-        return decode_cap(self.latency, self.slo, self.config.max_num_seqs, self._min_prefill_chunk())
+        return decode_cap(self.latency, self.slo, self.config.max_num_seqs, self.budget.min_prefill_chunk())
 
-    def _yield_slots(self) -> list[str]:
-        """At the decode cap, more urgent waiting requests take the slots of the loosest running ones."""
+    def _give_way_at_cap(self) -> list[str]:
+        """At the decode cap, more urgent waiting requests take the places of the loosest running ones."""
         if self.config.scheduling != "slo":
             return []
-        victims = slot_victims(list(self.waiting), self.running, self.decode_cap())
+        victims = victims_at_cap(list(self.waiting), self.running, self.decode_cap())
         for victim in victims:
             self._preempt(victim)
         return [victim.request_id for victim in victims]
@@ -362,7 +279,7 @@ class Scheduler:
                 self._observe_tpot(request)
                 outputs.append(self._finish(request, stop, [token]))
             else:
-                outputs.append(_output(request, [token]))
+                outputs.append(request.output([token]))
         return outputs
 
     def _observe_tpot(self, request: Request) -> None:
@@ -372,12 +289,7 @@ class Scheduler:
         if first_s is None or request.num_output_tokens < 2 or request.num_preemptions:
             return
         tpot_s = (self.clock() - first_s) / (request.num_output_tokens - 1)
-        self.latency.guard.observe(tpot_s, self._tpot_target_s(request))
-
-    def fail_all(self, plan: IterationPlan, error: str) -> list[RequestOutput]:
-        """The step's forward raised: end only the requests that were in it."""
-        failed = {chunk.request.request_id: error for chunk in plan.chunks}
-        return self.update(plan, RunnerOutput(sampled_token_ids={}, forward_time_s=0.0, failed_request_ids=failed))
+        self.latency.guard.observe(tpot_s, self.budget.tpot_target_s(request))
 
     def _finish(self, request: Request, status: RequestStatus, new_tokens: list[int]) -> RequestOutput:
         if request in self.running:
@@ -387,25 +299,5 @@ class Scheduler:
         self.blocks.free(request.request_id)
         self._released.append(request.request_id)
         request.status = status
-        return _output(request, new_tokens)
+        return request.output(new_tokens)
 
-
-def _output(request: Request, new_tokens: list[int]) -> RequestOutput:
-    finish_reason = request.status.value if request.status.is_finished else None
-    return RequestOutput(
-        request_id=request.request_id,
-        new_token_ids=new_tokens,
-        num_prompt_tokens=request.num_prompt_tokens,
-        num_output_tokens=request.num_output_tokens,
-        adapter_version=request.adapter_version,
-        finish_reason=finish_reason,
-        error=request.error,
-        queue_time_s=_queue_time_s(request) if finish_reason else None,
-        num_cached_tokens=request.num_cached_tokens,
-    )
-
-
-def _queue_time_s(request: Request) -> float:
-    if request.first_scheduled_time_s is None:
-        return 0.0
-    return request.first_scheduled_time_s - request.arrival_time_s

@@ -30,7 +30,7 @@ from mace.train.rehearsal import ANCHOR_ANSWER_TOKENS, AnchorStore, anchor_promp
 from mace.train.replay import TrainSample
 
 if TYPE_CHECKING:
-    from mace.engine.engine import Engine
+    from mace.engine.core import EngineCore
 
 log = structlog.get_logger(__name__)
 
@@ -48,8 +48,8 @@ class WarmUpReport:
     max_decodes: int  # the most requests that decoded together in one step
 
 
-def warm_up(engine: Engine) -> WarmUpReport:
-    """Serve the synthetic requests to the end on the calling (engine) thread.
+def warm_up(engine: EngineCore) -> WarmUpReport:
+    """Serve the synthetic requests to the end on the calling (engine) thread, before the loop starts.
 
     The first ones arrive one step apart and ask for different lengths, so the steps mix prompt
     chunks of several sizes with one to four decodes; then a burst of short prompts decodes as a
@@ -77,7 +77,7 @@ def warm_up(engine: Engine) -> WarmUpReport:
     return WarmUpReport(steps, max_decodes)
 
 
-def _serve(engine: Engine, lengths: list[int], first_index: int) -> tuple[int, int]:
+def _serve(engine: EngineCore, lengths: list[int], first_index: int) -> tuple[int, int]:
     """Prompts of `lengths`, the first ones a step apart and the rest together, served to the end
     (and a warm-up micro-step to its end); returns (steps, the most decodes in one step)."""
     steps = max_decodes = 0
@@ -111,7 +111,7 @@ class _TrainInTheSlack:
         return None
 
 
-def _train_alongside(engine: Engine, first_index: int) -> int:
+def _train_alongside(engine: EngineCore, first_index: int) -> int:
     trainer = engine.trainer
     assert trainer is not None
     vocab_size = int(engine.bundle.causal_lm.config.vocab_size)
@@ -129,7 +129,7 @@ def _train_alongside(engine: Engine, first_index: int) -> int:
     return steps
 
 
-def _generate_anchors(engine: Engine, store: AnchorStore) -> int:
+def _generate_anchors(engine: EngineCore, store: AnchorStore) -> int:
     """Serve the rehearsal questions greedily on version 0, as users would get them, and keep the answers
     (train/rehearsal.py); once per model, since the store caches them."""
     started = time.perf_counter()
@@ -150,7 +150,7 @@ def _generate_anchors(engine: Engine, store: AnchorStore) -> int:
 
 
 @contextmanager
-def _training_policy(engine: Engine, policy: RetrainPolicy) -> Iterator[None]:
+def _training_policy(engine: EngineCore, policy: RetrainPolicy) -> Iterator[None]:
     """Plan training with `policy` for the duration (no-op without a trainer)."""
     planner = engine.scheduler.training
     if planner is None:
@@ -163,7 +163,7 @@ def _training_policy(engine: Engine, policy: RetrainPolicy) -> Iterator[None]:
         planner.policy = saved
 
 
-def _add_prompt(engine: Engine, index: int, length: int) -> None:
+def _add_prompt(engine: EngineCore, index: int, length: int) -> None:
     max_tokens = OUTPUT_TOKENS + 2 * min(index, len(PROMPT_LENGTHS))
     length = min(length, engine.max_model_len - max_tokens - 1)
     if length < 1:

@@ -17,7 +17,7 @@ import torch
 from mace.engine.request import SamplingParams
 
 if TYPE_CHECKING:
-    from mace.engine.engine import Engine
+    from mace.engine.frontend import AsyncEngine
     from mace.model.loader import ModelBundle
 
 _SUBJECTS = ("the moon", "bread", "a bicycle", "the ocean", "a violin", "coffee", "a volcano", "the internet",
@@ -48,9 +48,9 @@ class QualityReport:
         return self.candidate_perplexity / self.reference_perplexity - 1
 
 
-async def greedy_answers(engine: Engine, max_tokens: int) -> list[list[int]]:
+async def greedy_answers(engine: AsyncEngine, max_tokens: int) -> list[list[int]]:
     """`PROMPTS`, chat-templated, served together to the end; the engine is started and shut down here."""
-    tokenizer = engine.bundle.tokenizer
+    tokenizer = engine.tokenizer
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False) for text in PROMPTS]
 
@@ -58,7 +58,7 @@ async def greedy_answers(engine: Engine, max_tokens: int) -> list[list[int]]:
         tokens: list[int] = []
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         async for delta in engine.generate(list(ids), params):
-            tokens.extend(delta.token_ids)
+            tokens.extend(delta.new_token_ids)
         return tokens
 
     engine.start()

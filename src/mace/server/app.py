@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from mace.config import MaceConfig
-from mace.model.loader import ModelBundle
 from mace.server import feedback_api, health, openai_api, openapi, pages, stats_api, ws
 from mace.server.auth import GUARD, Guard, guard_middleware
 from mace.server.errors import error_middleware
 from mace.server.keys import RUNTIME
-from mace.server.runtime import Runtime
+from mace.server.runtime import ModelLoad, Runtime
 
 
-def create_app(config: MaceConfig, load: Callable[[], ModelBundle] | None = None) -> web.Application:
+def create_app(config: MaceConfig, load: ModelLoad | None = None) -> web.Application:
     """`load` replaces loading the configured model (tests pass a prepared bundle)."""
     # error_middleware first: the guard's 401/403/429/503 leave as OpenAI-shaped errors.
     app = web.Application(middlewares=[error_middleware, guard_middleware],

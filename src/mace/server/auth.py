@@ -161,21 +161,19 @@ async def guard_middleware(
         return await handler(request)
     runtime = request.app[RUNTIME]
     guard = request.app[GUARD]
-    runtime.check_admission()
+    is_generation = request.method == "POST" and request.path in GENERATION_PATHS
+    if not is_generation:  # a generation's shutdown check is the first of `AsyncEngine.admit`'s
+        runtime.check_open()
     principal = guard.authenticate(request, scope)
     guard.count_request(principal)
     request[PRINCIPAL] = principal
     if request.path == WEBSOCKET_PATH:
         return await handler(request)  # a socket lives long: its conversations are counted one by one
     with runtime.in_flight():
-        if request.method != "POST" or request.path not in GENERATION_PATHS:
+        if not is_generation:
             return await handler(request)
         guard.start_stream(principal)
         try:
-            runtime.admit_generation()
-            try:
-                return await handler(request)
-            finally:
-                runtime.end_generation()
+            return await handler(request)
         finally:
             guard.end_stream(principal)

@@ -12,14 +12,13 @@ import structlog
 from aiohttp import web
 from pydantic import Field, model_validator
 
-from mace.engine.engine import RequestRejected
+from mace.engine.api import Journal, NewSample, RequestRejected
 from mace.server.auth import GUARD, PRINCIPAL, Guard, Principal
 from mace.server.errors import ApiError, dumps
 from mace.server.keys import RUNTIME
 from mace.server.openai_api import parse_body, read_json
 from mace.server.protocol import ChatMessage, _Body
 from mace.server.runtime import Runtime
-from mace.train.journal import Journal, NewSample
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -61,7 +60,7 @@ def _samples(runtime: Runtime, data: Any) -> list[NewSample]:
     limit = runtime.config.train.max_samples_per_request
     if not items or len(items) > limit:
         raise ApiError(400, f"send between 1 and {limit} samples per request", param="body")
-    tokenizer = runtime.ready_engine().bundle.tokenizer
+    tokenizer = runtime.ready_engine().tokenizer
     samples = []
     for index, item in enumerate(items):
         sample = parse_body(FeedbackSample, item)
@@ -156,7 +155,7 @@ async def activate_adapter(request: web.Request) -> web.Response:
         raise ApiError(404, f"adapter version {version} does not exist", param="version", code="adapter_not_found")
     try:
         if engine.has_trainer:
-            await engine.activate_adapter(version)
+            await engine.activate(version)
     except RequestRejected as exc:
         raise ApiError(400, str(exc), param="version") from None
     return web.json_response({"object": "adapter.activated", "active": version}, dumps=dumps)

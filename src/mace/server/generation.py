@@ -1,4 +1,5 @@
-"""From a validated request body to a stream of deltas: templating, tokenizing, limits, metrics, logs.
+"""From a validated request body to a stream of deltas: templating, tokenizing, the server's limits,
+the engine's admission (`AsyncEngine.admit`), metrics, logs.
 
 Shared by the HTTP API and the websocket so both behave the same on the same input.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from mace.engine.engine import Engine, GenerationDelta, Overloaded, RequestRejected
+from mace.engine.api import Admission, AsyncEngine, Overloaded, RequestOutput, RequestRejected, ShuttingDown
 from mace.server.errors import ApiError
 from mace.server.protocol import ChatCompletionRequest, CompletionRequest
 from mace.server.runtime import Runtime
@@ -27,12 +28,16 @@ class PreparedRequest:
     body: ChatCompletionRequest | CompletionRequest
     max_tokens: int
     created: int
-    slo_class: str
+    admission: Admission  # released when the answer is over (`with prepared.admission:`)
+
+    @property
+    def slo_class(self) -> str:
+        return self.admission.slo_class
 
 
 def prepare_chat(runtime: Runtime, body: ChatCompletionRequest, request_id: str | None = None) -> PreparedRequest:
     engine = _check_model(runtime, body)
-    tokenizer = engine.bundle.tokenizer
+    tokenizer = engine.tokenizer
     text = tokenizer.apply_chat_template(body.template_messages(), add_generation_prompt=True, tokenize=False)
     ids = tokenizer.encode(text, add_special_tokens=False)
     return _prepared(runtime, body, ids, request_id or f"chatcmpl-{uuid.uuid4().hex}")
@@ -43,16 +48,16 @@ def prepare_completion(runtime: Runtime, body: CompletionRequest) -> PreparedReq
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         ids = [int(t) for t in prompt]
-        vocab_size = len(engine.bundle.tokenizer)
+        vocab_size = len(engine.tokenizer)
         if any(not 0 <= t < vocab_size for t in ids):
             raise ApiError(400, f"prompt token ids must lie in [0, {vocab_size})", param="prompt")
     else:
         text = prompt if isinstance(prompt, str) else str(prompt[0])
-        ids = engine.bundle.tokenizer.encode(text, add_special_tokens=False)
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
     return _prepared(runtime, body, ids, f"cmpl-{uuid.uuid4().hex}")
 
 
-def _check_model(runtime: Runtime, body: ChatCompletionRequest | CompletionRequest) -> Engine:
+def _check_model(runtime: Runtime, body: ChatCompletionRequest | CompletionRequest) -> AsyncEngine:
     engine = runtime.ready_engine()
     if not runtime.accepts_model(body.model):
         raise ApiError(
@@ -65,63 +70,50 @@ def _check_model(runtime: Runtime, body: ChatCompletionRequest | CompletionReque
 def _prepared(
     runtime: Runtime, body: ChatCompletionRequest | CompletionRequest, ids: list[int], request_id: str
 ) -> PreparedRequest:
+    """The server's own limits, then the engine's admission: the last check, as it takes a place."""
     engine = runtime.ready_engine()
     limits = runtime.config.server
     if limits.max_prompt_tokens and len(ids) > limits.max_prompt_tokens:
         raise ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most {limits.max_prompt_tokens}",
                        param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
                        code="prompt_too_long")
-    try:
-        engine.check_request(len(ids))
-    except RequestRejected as exc:
-        raise ApiError(400, str(exc), param=exc.param, code="context_length_exceeded") from None
-    room = engine.max_model_len - len(ids)
     requested = body.requested_max_tokens()
     if requested is not None and requested > limits.max_output_tokens:
         raise ApiError(400, f"max_tokens is {requested}; this server generates at most {limits.max_output_tokens}",
                        param="max_tokens", code="max_tokens_too_large")
-    if requested is not None and requested > room:
-        raise ApiError(
-            400,
-            f"max_tokens is {requested} but the prompt's {len(ids)} tokens leave room for {room} "
-            f"in this model's {engine.max_model_len}-token context",
-            param="max_tokens", code="context_length_exceeded",
-        )
+    admission = _admit(runtime, engine, len(ids), requested, body.mace_slo)
+    room = engine.max_model_len - len(ids)
     max_tokens = requested if requested is not None else min(limits.default_max_tokens, limits.max_output_tokens, room)
-    if runtime.stats() is not None and len(engine.scheduler.waiting) >= runtime.config.server.max_waiting_requests:
-        raise ApiError(429, "the server is at capacity; retry shortly", code="queue_full", retry_after_s=1)
-    slo_class = _admitted_slo_class(runtime, engine, body, len(ids))
-    return PreparedRequest(request_id, ids, body, max_tokens, int(time.time()), slo_class)
+    return PreparedRequest(request_id, ids, body, max_tokens, int(time.time()), admission)
 
 
-def _admitted_slo_class(
-    runtime: Runtime, engine: Engine, body: ChatCompletionRequest | CompletionRequest, num_prompt_tokens: int
-) -> str:
+def _admit(runtime: Runtime, engine: AsyncEngine, num_prompt_tokens: int, max_tokens: int | None,
+           slo_class: str | None) -> Admission:
     try:
-        slo_class = engine.resolve_slo_class(body.mace_slo)
+        return engine.admit(num_prompt_tokens, max_tokens, slo_class)
+    except ShuttingDown as exc:
+        raise ApiError(503, str(exc), code="shutting_down", retry_after_s=5) from None
     except RequestRejected as exc:
-        raise ApiError(400, str(exc), param="mace_slo", code="invalid_slo_class") from None
-    try:
-        engine.check_admission(num_prompt_tokens, slo_class)
+        raise ApiError(400, str(exc), param=exc.param, code=exc.code) from None
     except Overloaded as exc:
-        runtime.metrics.requests_shed.labels(slo_class=slo_class).inc()
-        raise ApiError(429, str(exc), code="overloaded", retry_after_s=exc.retry_after_s) from None
-    return slo_class
+        if exc.slo_class is not None:
+            runtime.metrics.requests_shed.labels(slo_class=exc.slo_class).inc()
+        raise ApiError(429, str(exc), code=exc.code, retry_after_s=exc.retry_after_s) from None
 
 
-async def generate(runtime: Runtime, prepared: PreparedRequest) -> AsyncIterator[GenerationDelta]:
+async def generate(runtime: Runtime, prepared: PreparedRequest) -> AsyncIterator[RequestOutput]:
     """Run the request; record its metrics and one summary log line however it ends."""
     engine = runtime.ready_engine()
     metrics = runtime.metrics
     params = prepared.body.sampling_params(prepared.max_tokens)
     started = last = time.monotonic()
     first_token_s: float | None = None
-    final: GenerationDelta | None = None
+    final: RequestOutput | None = None
     try:
         async for delta in engine.generate(prepared.prompt_token_ids, params, prepared.request_id,
-                                           slo_class=prepared.slo_class, priority=prepared.body.priority):
+                                           priority=prepared.body.priority, admission=prepared.admission):
             now = time.monotonic()
-            if delta.token_ids:
+            if delta.new_token_ids:
                 if first_token_s is None:
                     first_token_s = now - started
                     metrics.time_to_first_token.observe(first_token_s)
@@ -138,7 +130,7 @@ async def generate(runtime: Runtime, prepared: PreparedRequest) -> AsyncIterator
 def _record(
     runtime: Runtime,
     prepared: PreparedRequest,
-    final: GenerationDelta | None,
+    final: RequestOutput | None,
     started: float,
     first_token_s: float | None,
 ) -> None:

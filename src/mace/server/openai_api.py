@@ -8,7 +8,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from mace.engine.engine import GenerationDelta
+from mace.engine.api import RequestOutput
 from mace.server.errors import ApiError, dumps, from_validation
 from mace.server.generation import PreparedRequest, generate, prepare_chat, prepare_completion
 from mace.server.keys import RUNTIME
@@ -61,12 +61,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _respond(request: web.Request, prepared: PreparedRequest, chat: bool) -> web.StreamResponse:
-    if prepared.body.stream:
-        return await _stream(request, prepared, chat)
-    return await _complete(request, prepared, chat)
+    with prepared.admission:
+        if prepared.body.stream:
+            return await _stream(request, prepared, chat)
+        return await _complete(request, prepared, chat)
 
 
-def usage(final: GenerationDelta) -> dict[str, Any]:
+def usage(final: RequestOutput) -> dict[str, Any]:
     return {
         "prompt_tokens": final.num_prompt_tokens,
         "completion_tokens": final.num_output_tokens,
@@ -93,7 +94,7 @@ def _envelope(prepared: PreparedRequest, chat: bool, adapter_version: int, strea
 async def _complete(request: web.Request, prepared: PreparedRequest, chat: bool) -> web.Response:
     runtime = request.app[RUNTIME]
     parts: list[str] = []
-    final: GenerationDelta | None = None
+    final: RequestOutput | None = None
     async for delta in generate(runtime, prepared):
         parts.append(delta.text)
         final = delta
@@ -133,7 +134,7 @@ async def _stream(request: web.Request, prepared: PreparedRequest, chat: bool) -
     return response
 
 
-def _chunk_choice(delta: GenerationDelta, chat: bool, first: bool) -> dict[str, Any]:
+def _chunk_choice(delta: RequestOutput, chat: bool, first: bool) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": 0, "finish_reason": delta.finish_reason, "logprobs": None}
     if chat:
         choice["delta"] = {"role": "assistant", "content": delta.text} if first else {"content": delta.text}

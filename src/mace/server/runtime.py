@@ -1,5 +1,9 @@
-"""What the HTTP layer holds: the config, the engine once the model has loaded, the metrics, and the
-admission state that a graceful shutdown (SIGTERM) closes before it drains running requests."""
+"""The composition root: loads the model, opens the journal, builds the trainer and the engine, and
+holds what the HTTP layer shares (the metrics, the requests in flight, the open websockets, the
+shutdown state that a graceful shutdown (SIGTERM) sets before it drains running requests).
+
+This is the one server module that imports `mace.model` and `mace.train`; the others see the
+engine's public API (`mace.engine.api`)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import structlog
 from aiohttp import WSCloseCode, web
 
 from mace.config import MaceConfig
-from mace.engine.engine import Engine, EngineStats
+from mace.engine.api import AsyncEngine, EngineLoad
 from mace.engine.warmup import warm_up
 from mace.model.loader import ModelBundle, load_model
 from mace.server.errors import ApiError
@@ -25,54 +29,45 @@ from mace.train.trainer import Trainer
 
 log = structlog.get_logger(__name__)
 
+ModelLoad = Callable[[], ModelBundle]  # what tests pass instead of loading the configured model
+
 
 class Runtime:
-    def __init__(self, config: MaceConfig, load: Callable[[], ModelBundle] | None = None) -> None:
+    def __init__(self, config: MaceConfig, load: ModelLoad | None = None) -> None:
         self.config = config
         self._load = load or (lambda: load_model(config.model, config.cache_dir))
-        self.engine: Engine | None = None
+        self.engine: AsyncEngine | None = None
         # One OS thread loads the model and then runs the engine: all torch work stays on it.
         self._model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mace-engine")
         self.journal: Journal | None = None
         self.load_error: str | None = None
         self.journal_error: str | None = None
-        self.metrics = ServerMetrics(self.stats)
+        self.metrics = ServerMetrics(self.load)
         self.served_model_name = config.server.served_model_name or config.model.name
         self.is_draining = False
         self.num_in_flight = 0  # HTTP API requests and websocket conversations being answered
-        self.num_generations = 0  # of those, the ones generating (running or waiting in the engine)
         self._idle = asyncio.Event()
         self._idle.set()
         self.sockets: set[web.WebSocketResponse] = set()
 
-    def stats(self) -> EngineStats | None:
-        return self.engine.stats() if self.engine is not None else None
+    def load(self) -> EngineLoad | None:
+        return self.engine.load if self.engine is not None else None
 
     @property
     def is_ready(self) -> bool:
         return self.engine is not None and self.engine.is_running
 
-    def ready_engine(self) -> Engine:
+    def ready_engine(self) -> AsyncEngine:
         if self.engine is None or not self.engine.is_running:
             reason = self.load_error or "the model is still loading"
             raise ApiError(503, f"not ready: {reason}", code="not_ready", retry_after_s=5)
         return self.engine
 
-    def check_admission(self) -> None:
+    def check_open(self) -> None:
+        """Shutdown closes every route under /v1/ (generations check it in `AsyncEngine.admit`)."""
         if self.is_draining:
             raise ApiError(503, "the server is shutting down; retry on another replica or after the restart",
                            code="shutting_down", retry_after_s=5)
-
-    def admit_generation(self) -> None:
-        """Counted on the event loop as requests arrive, so a burst is bounded before the engine sees it."""
-        capacity = self.config.engine.max_num_seqs + self.config.server.max_waiting_requests
-        if self.num_generations >= capacity:
-            raise ApiError(429, f"the server is at capacity ({capacity} generations running or waiting); retry shortly",
-                           code="queue_full", retry_after_s=1)
-        self.num_generations += 1
-
-    def end_generation(self) -> None:
-        self.num_generations -= 1
 
     @contextmanager
     def in_flight(self) -> Iterator[None]:
@@ -89,6 +84,8 @@ class Runtime:
     async def drain(self, timeout_s: float) -> None:
         """Stop admitting requests, let running ones finish for up to `timeout_s`, then close websockets."""
         self.is_draining = True
+        if self.engine is not None:
+            self.engine.close_admission()
         started = time.monotonic()
         log.info("draining", in_flight=self.num_in_flight, timeout_s=timeout_s)
         try:
@@ -113,19 +110,22 @@ class Runtime:
                 trainer = await loop.run_in_executor(
                     self._model_thread, lambda: Trainer(bundle.causal_lm, bundle.tokenizer, journal, self.config)
                 )
-            engine = Engine(bundle, self.config, trainer)
-            warmed = await loop.run_in_executor(self._model_thread, lambda: warm_up(engine))
+            engine = AsyncEngine(bundle, self.config, trainer)
+            warmed = await loop.run_in_executor(self._model_thread, lambda: warm_up(engine.core))
+            latency = engine.core.scheduler.latency
             log.info("engine warmed up", steps=warmed.steps, max_decodes=warmed.max_decodes,
-                     latency_margin_s=round(engine.scheduler.latency.error_margin_s, 4),
-                     decode_cap=engine.scheduler.decode_cap(), latency_model=engine.scheduler.latency.coefficients())
+                     latency_margin_s=round(latency.error_margin_s, 4), decode_cap=engine.load.decode_cap,
+                     latency_model=latency.coefficients())
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("model failed to load; /ready will answer 503 with the reason")
             return
         engine.start(self._model_thread)
+        if self.is_draining:
+            engine.close_admission()
         self.engine = engine
         log.info("engine ready", model=bundle.name, device=str(bundle.device), max_model_len=engine.max_model_len,
-                 kv_blocks=engine.blocks.num_blocks)
+                 kv_blocks=engine.load.kv_blocks_total)
 
     def _open_journal(self) -> Journal | None:
         """A data dir that cannot hold the journal (read-only, full, not a directory) costs learning, not serving."""

@@ -17,12 +17,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import Histogram
 
-from mace.engine.engine import EngineStats
+from mace.engine.api import AdapterVersion, EngineLoad
 from mace.server.errors import ApiError, dumps
 from mace.server.keys import RUNTIME
 from mace.server.metrics import ServerMetrics
 from mace.server.runtime import Runtime
-from mace.train.adapters import AdapterVersion
 
 DEFAULT_WINDOW_S = 10.0
 MAX_WINDOW_S = 120.0
@@ -78,7 +77,7 @@ class Snapshot:
         return self.ttft.total + self.tpot.total
 
     @classmethod
-    def take(cls, metrics: ServerMetrics, stats: EngineStats | None) -> Snapshot:
+    def take(cls, metrics: ServerMetrics, stats: EngineLoad | None) -> Snapshot:
         return cls(
             time.monotonic(),
             Buckets.read(metrics.time_to_first_token),
@@ -93,7 +92,7 @@ class StatsWindow:
     def __init__(self) -> None:
         self.ring: deque[Snapshot] = deque(maxlen=int(MAX_WINDOW_S / _SNAPSHOT_EVERY_S) + 2)
 
-    def observe(self, runtime: Runtime, stats: EngineStats | None) -> Snapshot:
+    def observe(self, runtime: Runtime, stats: EngineLoad | None) -> Snapshot:
         if not self.ring or time.monotonic() - self.ring[-1].time_s >= _SNAPSHOT_EVERY_S:
             self.ring.append(Snapshot.take(runtime.metrics, stats))
         return self.ring[-1]
@@ -147,9 +146,8 @@ def _rate(now: float, then: float, span_s: float) -> float | None:
     return (now - then) / span_s if span_s > 0 else None
 
 
-def _engine(stats: EngineStats) -> dict[str, Any]:
-    budget_bytes = stats.kv_blocks_total * stats.kv_block_size * stats.kv_bytes_per_token
-    used_bytes = stats.kv_blocks_used * stats.kv_block_size * stats.kv_bytes_per_token
+def _engine(stats: EngineLoad) -> dict[str, Any]:
+    budget_bytes, used_bytes = stats.kv_budget_bytes, stats.kv_used_bytes
     return {
         "requests": {"running": stats.num_running, "waiting": stats.num_waiting,
                      "preemptions": stats.num_preemptions},
@@ -158,7 +156,7 @@ def _engine(stats: EngineStats) -> dict[str, Any]:
     }
 
 
-def _train(stats: EngineStats, now: Snapshot, then: Snapshot, span_s: float) -> dict[str, Any] | None:
+def _train(stats: EngineLoad, now: Snapshot, then: Snapshot, span_s: float) -> dict[str, Any] | None:
     train = stats.train
     if train is None:
         return None
@@ -182,7 +180,7 @@ async def get_stats(request: web.Request) -> web.Response:
     window_s = _window(request)
     runtime = request.app[RUNTIME]
     board = request.app[STATS_WINDOW]
-    stats = runtime.stats()
+    stats = runtime.load()
     now = board.observe(runtime, stats)
     then = board.since(window_s)
     span_s = now.time_s - then.time_s
@@ -200,7 +198,7 @@ async def get_stats(request: web.Request) -> web.Response:
         body.update(_engine(stats))
         body["train"] = _train(stats, now, then, span_s)
         body["adapters"] = {
-            "active": engine.adapter_version,
+            "active": stats.adapter_version,
             "auto_publish": catalog.auto_publish,
             "versions": [_version(v) for v in catalog.versions],
         }

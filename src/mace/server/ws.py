@@ -30,7 +30,6 @@ from mace.server.keys import RUNTIME
 from mace.server.limits import TokenBucket
 from mace.server.openai_api import fingerprint, parse_body, usage
 from mace.server.protocol import ChatCompletionRequest
-from mace.server.runtime import Runtime
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -113,23 +112,21 @@ class _Socket:
         guard = self.request.app[GUARD]
         fields = {k: v for k, v in message.items() if k not in ("type", "id")}
         fields.setdefault("model", runtime.served_model_name)
-        try:
-            runtime.check_admission()
+        try:  # the order of POST /v1/chat/completions: rate, body, the key's streams, then admission
             guard.count_request(self.principal)
             body = parse_body(ChatCompletionRequest, fields)
-            prepared = prepare_chat(runtime, body)
-            runtime.admit_generation()
+            guard.start_stream(self.principal)
         except ApiError as exc:
             await self.send_error(conversation_id, exc)
             return
         try:
-            guard.start_stream(self.principal)
+            prepared = prepare_chat(runtime, body)
         except ApiError as exc:
-            runtime.end_generation()
+            guard.end_stream(self.principal)
             await self.send_error(conversation_id, exc)
             return
         task = asyncio.create_task(self._run_chat(conversation_id, prepared))
-        task.add_done_callback(lambda _: self._release(guard, runtime))
+        task.add_done_callback(lambda _: self._release(guard, prepared))
         self.tasks[conversation_id] = task
         task.add_done_callback(lambda done: self._forget(conversation_id, done))
 
@@ -139,7 +136,7 @@ class _Socket:
         if not await self._check_id(feedback_id):
             return
         try:
-            self.request.app[RUNTIME].check_admission()
+            self.request.app[RUNTIME].check_open()
             if not self.principal.allows("train"):
                 raise ApiError(403, "this API key lacks the 'train' scope needed for feedback",
                                code="insufficient_scope")
@@ -190,10 +187,10 @@ class _Socket:
                     "system_fingerprint": fingerprint(delta.adapter_version),
                 })
 
-    def _release(self, guard: Guard, runtime: Runtime) -> None:
-        """A conversation's slots are given back when its task ends, however it ends."""
+    def _release(self, guard: Guard, prepared: PreparedRequest) -> None:
+        """A conversation's places are given back when its task ends, however it ends."""
         guard.end_stream(self.principal)
-        runtime.end_generation()
+        prepared.admission.release()
 
     def _forget(self, conversation_id: str, task: asyncio.Task[None]) -> None:
         if self.tasks.get(conversation_id) is task:

@@ -2,8 +2,11 @@
 
 A CPU or small GPU decodes a bigger batch more slowly per token, so past some size every stream
 misses a tight TPOT target. The decode cap keeps the batch at what the latency model puts inside
-the tightest TPOT of any class; at the cap, an arrival with a tighter TTFT target takes the slot of
+the tightest TPOT of any class; at the cap, an arrival with a tighter TTFT target takes the place of
 the running request with the loosest deadline, which is preempted and recomputed later.
+
+A "place" is one of the cap's requests; the KV cache's rows (`kv_cache.py`) and the trainer's
+adapter copies are other things.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from mace.config import SloConfig
 from mace.engine.latency import LatencyModel, StepShape
 from mace.engine.request import Request
 
-MAX_SLOT_YIELDS = 2  # times a running request gives its slot to a more urgent class before it keeps it
+MAX_YIELDS = 2  # times a running request gives its place to a more urgent class before it keeps it
 
 
 def decode_cap(latency: LatencyModel, slo: SloConfig, max_num_seqs: int, prefill_tokens: int = 0) -> int:
@@ -33,13 +36,13 @@ def decode_cap(latency: LatencyModel, slo: SloConfig, max_num_seqs: int, prefill
 
 
 def gives_way(running: Request, ttft_s: float, deadline_s: float) -> bool:
-    """Whether `running` yields its slot to a waiting request with this TTFT target and deadline."""
+    """Whether `running` yields its place to a waiting request with this TTFT target and deadline."""
     looser = running.ttft_s > ttft_s and running.ttft_deadline_s > deadline_s
-    return looser and running.num_preemptions < MAX_SLOT_YIELDS
+    return looser and running.num_preemptions < MAX_YIELDS
 
 
-def slot_victims(waiting: Iterable[Request], running: list[Request], cap: int) -> list[Request]:
-    """Running requests to preempt so that more urgent waiting ones (in queue order) get a slot.
+def victims_at_cap(waiting: Iterable[Request], running: list[Request], cap: int) -> list[Request]:
+    """Running requests to preempt so that more urgent waiting ones (in queue order) get a place.
 
     Only for a tighter TTFT target and an earlier deadline, and a bounded number of times per
     request, so nothing starves.
@@ -57,7 +60,7 @@ def slot_victims(waiting: Iterable[Request], running: list[Request], cap: int) -
     return victims
 
 
-def slot_wait_s(latency: LatencyModel, blocking: list[Request], num_wanting: int, cap: int) -> float:
+def wait_for_place_s(latency: LatencyModel, blocking: list[Request], num_wanting: int, cap: int) -> float:
     """How long `num_wanting` requests wait for room under the cap: whole waves of the `blocking`
     running requests finishing, each as long as their mean remaining output at the capped step time."""
     short = num_wanting - (cap - len(blocking))
