@@ -9,10 +9,12 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mace.model.loader import ModelBundle
 from mace.server.app import create_app
+from mace.server.metrics import ServerMetrics
 from tests.conftest import RunningServer, tiny_config, wait_until
 
 
@@ -95,3 +97,18 @@ async def test_ready_is_503_until_the_model_loads(tmp_path: Path, tiny_bundle: M
     finally:
         release.set()
         await runner.cleanup()
+
+
+def test_a_scrape_reads_the_engine_load_once() -> None:
+    reads: list[None] = []
+
+    def load() -> None:
+        reads.append(None)
+
+    metrics = ServerMetrics(load)
+    reads.clear()  # registering the collector reads it once to learn its names
+    families = {family.name: family for family in text_string_to_metric_families(
+        generate_latest(metrics.registry).decode())}
+    assert len(reads) == 1
+    assert families["mace:num_requests_running"].samples[0].value == 0.0
+    assert "mace:decode_cap" in families and "mace:drift_signal" in families

@@ -133,7 +133,8 @@ class EngineCore:
         except Exception as exc:  # one bad step fails its own requests, not the engine
             log.exception("engine step failed", num_requests=len(plan.chunks))
             message = f"the engine step failed: {type(exc).__name__}: {exc}"
-            self.runner.release([chunk.request.request_id for chunk in plan.chunks])
+            # The plan's earlier releases too: the scheduler has handed them over once, in this plan.
+            self.runner.release([*plan.released_request_ids, *(chunk.request.request_id for chunk in plan.chunks)])
             if self.memory.prefix_cache is not None:  # the step's cache saves may not have happened
                 self.memory.prefix_cache.clear()
             failed = {chunk.request.request_id: message for chunk in plan.chunks}

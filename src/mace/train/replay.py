@@ -31,8 +31,9 @@ class TrainSample:
 
 
 @dataclass(frozen=True)
-class TrainChunk:
-    """A micro-batch for one iteration: these samples' forward and backward on the learner."""
+class MicroBatch:
+    """The samples of one micro-step: their forward and backward on the learner (a "chunk" is a
+    request's share of an engine step, `plan.ScheduledChunk`)."""
 
     samples: list[TrainSample] = field(default_factory=list)
 
@@ -75,7 +76,7 @@ class ReplayBuffer:
     def value(self, sample: TrainSample, now_s: float) -> float:
         return sample.loss * sample.weight * half_life_decay(max(0.0, now_s - sample.created_at), self._half_life_s)
 
-    def pick(self, max_tokens: int, now_s: float, max_samples: int, at_least_one: bool = False) -> TrainChunk | None:
+    def pick(self, max_tokens: int, now_s: float, max_samples: int, at_least_one: bool = False) -> MicroBatch | None:
         """Highest-value samples whose tokens fit `max_tokens` (best fit: a big one never blocks smaller ones).
 
         `at_least_one`: take the most valuable sample even if it alone passes the budget, so that
@@ -92,7 +93,7 @@ class ReplayBuffer:
                 room -= sample.num_tokens
         if not chosen and at_least_one and ranked:
             chosen = ranked[:1]
-        return TrainChunk(chosen) if chosen else None
+        return MicroBatch(chosen) if chosen else None
 
 
 def supersedes(newer: TrainSample, older: TrainSample) -> bool:

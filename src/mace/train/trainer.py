@@ -107,10 +107,10 @@ class Trainer:
             return []  # the optimizer may have to step on the finished one before more gradients accumulate
         if self.tasks.job is None:
             room = self.config.batch_size - self.learner.num_accumulated  # a micro-step never spans two batches
-            chunk = self.replay.pick(max_job_tokens, time.time(), max(1, room), at_least_one=True)
-            if chunk is None:
+            batch = self.replay.pick(max_job_tokens, time.time(), max(1, room), at_least_one=True)
+            if batch is None:
                 return []
-            self.tasks.open_job(self.learner.micro_step([*chunk.samples, *self._rehearsal()]))
+            self.tasks.open_job(self.learner.micro_step([*batch.samples, *self._rehearsal()]))
         return self.tasks.job_stages()
 
     def _rehearsal(self) -> list[TrainSample]:
