@@ -162,8 +162,9 @@ def test_periodic_stops_serving_while_it_trains() -> None:
     scheduler.add_request(make_request("served", 4, max_tokens=100))
     plan = scheduler.schedule()
     assert plan.train is not None and plan.chunks == []  # the round started: no inference this step
-    scheduler.policy.on_optimizer_step(0.0)
-    scheduler.policy.on_optimizer_step(0.0)
+    assert scheduler.training is not None
+    scheduler.training.policy.on_optimizer_step(0.0)  # what the trainer tells its policy
+    scheduler.training.policy.on_optimizer_step(0.0)
     source.num_new_samples = 0
     plan = scheduler.schedule()
     assert plan.train is None and [c.request.request_id for c in plan.chunks] == ["served"]
