@@ -8,6 +8,9 @@ Version 0 is the base model (`__base__`).
 Slots are reused, not added and deleted per version: peft's `add_adapter` walks the whole model
 (about 100 ms on the default model on a CPU), and a publish lands in a serving step's interval. A
 publish is then a weight copy into a free slot (a few ms).
+
+A batch that mixes versions runs through `MultiLora` (model/multi_lora.py), which keeps the slots'
+weights stacked, rather than through peft's mixed-batch forward, which loops over the adapters.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 from mace.config import TrainConfig
+from mace.model.multi_lora import MultiLora, StackedLora
 from mace.train.layered import LayeredLoss, LayeredMicroStep
 from mace.train.replay import TrainSample
 
@@ -66,6 +70,7 @@ class Learner:
         self.num_optimizer_steps = 0
         self.num_skipped_steps = 0
         self._lora_layers: list[Any] = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        self._multi = self._stack_slots()
 
     @property
     def loaded_versions(self) -> set[int]:
@@ -94,11 +99,24 @@ class Learner:
         return self._params_of[adapter]
 
     def serving(self, adapter_names: list[str]) -> AbstractContextManager[None]:
-        """Context in which token i of the next forward runs with adapter `adapter_names[i]`."""
+        """Context in which row i of the next forward's inputs (token i of the runner's flat batch) runs
+        with adapter `adapter_names[i]`: BASE or a slot."""
         unique = set(adapter_names)
         if len(unique) == 1:
             return self._uniform(unique.pop())
-        return self.peft_model.base_model._enable_peft_forward_hooks(adapter_names=adapter_names)  # type: ignore[no-any-return]
+        return self._mixed(adapter_names)
+
+    @contextmanager
+    def _mixed(self, adapter_names: list[str]) -> Iterator[None]:
+        """The LoRA layers compute the base alone; the stacked slots add each row's version."""
+        with self._uniform(BASE), self._multi.routed([None if name == BASE else name for name in adapter_names]):
+            yield
+
+    def _stack_slots(self) -> MultiLora:
+        slots = [f"slot{k}" for k in range(self._num_slots)]
+        stacks = [StackedLora(layer, [(layer.lora_A[slot].weight, layer.lora_B[slot].weight) for slot in slots],
+                              layer.scaling[slots[0]]) for layer in self._lora_layers]
+        return MultiLora(stacks, slots)
 
     @contextmanager
     def _uniform(self, name: str) -> Iterator[None]:
@@ -199,6 +217,7 @@ class Learner:
             return self._slot_of[version]
         if not self._free_slots:  # more versions pinned by running requests than slots: grow once
             self._add_slot()
+            self._multi = self._stack_slots()
         self._slot_of[version] = slot = self._free_slots.pop()
         return slot
 
