@@ -5,19 +5,17 @@ one [K*r, in] matrix and its B is columns [k*r, (k+1)*r) of one [out, K*r] matri
 own parameters are made views into these stacks, so writing a version's weights into its adapter
 (a publish, a load) is already the stack's update: nothing to copy or keep in sync.
 
-A step's forward multiplies every row by the A of every adapter the step uses (one matmul against
+A mixed forward multiplies every row by the A of every adapter the step uses (one matmul against
 the U used adapters' stacked A), masks each row down to its own adapter's r columns, and multiplies
 by the stacked B (one matmul: the masked columns add nothing). That is U times a LoRA's arithmetic,
-which at r = 8 is a few percent of the base linear's, for four kernels per linear whatever the mix.
+which at r = 8 is a few percent of the base linear's, in the same eight kernels whatever the mix.
 
-Measured on the default model's q_proj (576 -> 576), one CPU thread, fastest of 300
-(benchmarks/multi_lora.py prints the same comparison):
-- decode, 8 rows of 8 adapters: this 48 us; a per-row gather of A/B and two bmm 38 us; adapters as
-  zero-padded segments and two bmm 91 us;
-- the same decodes with a 256-token prefill chunk of one adapter: this 438 us; the per-row gather
-  870 us (it copies an adapter's A and B for every prompt token); padded segments 1,457 us.
-The gather is 10 us a linear faster on pure decode (0.6 ms a step on the default model) and twice as
-slow once a prompt chunk rides along, which most mixed steps carry; hence this form.
+Measured against the two textbook forms (benchmarks/multi_lora.py, docs/results/tenants.md), on the
+default model's q_proj, one CPU thread: a per-row gather of A and B with two bmm is about as fast on
+pure decode (60 us against 66 for 8 rows of 8 adapters) and over three times slower once a 256-token
+prompt chunk rides along (it copies an adapter's A and B for every prompt token); adapters as
+zero-padded segments with two bmm are slower in both. Most mixed steps under load carry a prompt
+chunk, hence this form.
 
 The LoRA runs in its weights' dtype (fp32, also under a bf16 model: peft keeps adapters in fp32) and
 its output is added to the base output in fp32 before one rounding to the model's dtype, as peft
