@@ -82,11 +82,11 @@ class MultiLora:
         indices = [None if name is None else self.index_of[name] for name in adapter_names]
         used = sorted({k for k in indices if k is not None})
         column = {k: j for j, k in enumerate(used)}
-        device = self.stacks[0].a.device
+        stack = self.stacks[0]
         # A base row points at an extra column that is then dropped, leaving its mask row all zero.
-        columns = torch.tensor([len(used) if k is None else column[k] for k in indices], device=device)
-        mask = F.one_hot(columns, len(used) + 1)[:, : len(used)].to(self.stacks[0].a.dtype)
-        return Routing(adapters=torch.tensor(used, device=device, dtype=torch.long), mask=mask[:, :, None])
+        columns = torch.tensor([len(used) if k is None else column[k] for k in indices])
+        mask = F.one_hot(columns, len(used) + 1)[:, : len(used), None].to(stack.a.device, stack.a.dtype)
+        return Routing(adapters=torch.tensor(used, dtype=torch.long).to(stack.a.device), mask=mask)
 
     @contextmanager
     def routed(self, adapter_names: Sequence[str | None]) -> Iterator[None]:
