@@ -29,7 +29,8 @@ from mace.client.types import (
     ModelInfo,
     Usage,
 )
-from mace.client.ws import WsChatSession, WsConversation
+from mace.client.ws import WsChatSession
+from mace.client.ws_conversation import WsConversation
 
 __all__ = [
     "APIConnectionError",

@@ -9,12 +9,11 @@ from typing import Any, Literal, TypeVar, overload
 
 import aiohttp
 import orjson
-from multidict import CIMultiDictProxy
 
-from mace.client.closing import AsyncClosing
 from mace.client.errors import APIConnectionError, MaceError, status_error, translated
 from mace.client.retry import RetryPolicy
 from mace.client.streams import ChatStream, CompletionStream, Opener, ResultT
+from mace.client.transport import HttpTransport, loads_json
 from mace.client.types import (
     AdapterList,
     ChatResult,
@@ -36,7 +35,7 @@ T = TypeVar("T")
 Samples = FeedbackSample | Mapping[str, Any] | Sequence[FeedbackSample | Mapping[str, Any]]
 
 
-class AsyncClient(AsyncClosing):
+class AsyncClient(HttpTransport):
     """Client of one mace server.
 
         async with AsyncClient("http://127.0.0.1:8000") as client:
@@ -67,31 +66,14 @@ class AsyncClient(AsyncClosing):
         max_retries: int = 2,
         max_retry_wait_s: float = 10.0,
     ) -> None:
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be positive")
-        self.retry = RetryPolicy(max_retries, max_retry_wait_s)
-        base = base_url.rstrip("/")
-        # /health, /ready and /metrics live at the root: accept an OpenAI-style ".../v1" base too.
-        self.base_url = base.removesuffix("/v1")
-        self.api_key = api_key
-        self.timeout_s = timeout_s
+        super().__init__(base_url, api_key, timeout_s, RetryPolicy(max_retries, max_retry_wait_s))
         self._model = model
         self._model_lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False
 
     @property
     def model(self) -> str | None:
         """The model requests use by default: given, or fetched from /v1/models on first need."""
         return self._model
-
-    # ---- lifetime ----
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     # ---- server state ----
 
@@ -240,7 +222,7 @@ class AsyncClient(AsyncClosing):
         status, headers, raw = await self._request("POST", path, body)
         if status >= 400:
             raise status_error(status, raw, headers)
-        payload = _loads(raw, path)
+        payload = loads_json(raw, path)
         choices = payload.get("choices") if isinstance(payload, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise MaceError(f"unexpected {path} answer without choices: {payload!r}")
@@ -303,56 +285,6 @@ class AsyncClient(AsyncClosing):
                     self._model = models[0].id
         return self._model
 
-    async def _json(self, method: str, path: str, body: Any = None) -> Any:
-        """A JSON call under the retry policy."""
-
-        async def once() -> Any:
-            status, headers, raw = await self._request(method, path, body)
-            if status >= 400:
-                raise status_error(status, raw, headers)
-            return _loads(raw, path)
-
-        return await self.retry.run(once)
-
-    async def _get_json(self, path: str) -> Any:
-        status, headers, body = await self._request("GET", path)
-        if status >= 400:
-            raise status_error(status, body, headers)
-        return _loads(body, path)
-
-    async def _request(
-        self, method: str, path: str, body: Any = None
-    ) -> tuple[int, CIMultiDictProxy[str], bytes]:
-        """One whole request within timeout_s: status, headers, body."""
-        data = orjson.dumps(body) if body is not None else None
-        with translated(f"{method} {path}"):
-            async with self._http().request(
-                method, self._url(path), data=data, headers=self._headers(json=data is not None),
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-            ) as response:
-                return response.status, response.headers, await response.read()
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._closed:
-            raise RuntimeError("the client is closed")
-        if self._session is None:
-            # No session-wide total timeout: it would also cut websockets. Each HTTP call sets its own.
-            timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout_s)
-            self._session = aiohttp.ClientSession(timeout=timeout)
-        return self._session
-
-    def _headers(self, json: bool = False) -> dict[str, str]:
-        headers = {"Accept": "application/json, text/event-stream"}
-        if json:
-            headers["Content-Type"] = "application/json"
-        if self.api_key is not None:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        return headers
-
-    def _url(self, path: str) -> str:
-        return self.base_url + path
-
-
 def _without_none(params: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in params.items() if value is not None}
 
@@ -362,10 +294,3 @@ def _parsed(parse: Callable[[Any], T], payload: Any, path: str) -> T:
         return parse(payload)
     except ValueError as exc:
         raise MaceError(f"unexpected {path} answer: {exc}") from None
-
-
-def _loads(raw: bytes, path: str) -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise MaceError(f"{path} answered with something that is not JSON: {raw[:200]!r}") from exc
