@@ -159,6 +159,12 @@ class LatencyModel:
         if self._since_fit >= self._refit_every and len(self._samples) >= 8:
             self._fit()
 
+    def forget_samples(self) -> None:
+        """Drop the measured steps (keeping the coefficients): the next fit reads only later steps."""
+        self._samples.clear()
+        self._since_fit = 0
+        self.recent_error_s = 0.0
+
     def refit(self) -> None:
         """Fit now on what the window holds (the warm-up's steps, say), not at the next `refit_every`."""
         if self._samples:
