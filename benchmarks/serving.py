@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -201,6 +202,19 @@ def mace_ready_cold(args: argparse.Namespace, dtype: str | None) -> Cell:
             return time.monotonic() - server.started_s
 
 
+def warm_up_fit(log_path: Path) -> str | None:
+    """The decode cap and latency fit the server's warm-up logged: at 8 and 32 concurrent the cap, not
+    the forward, sets mace's rows, and it is fitted anew at every start."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict) and event.get("event") == "engine warmed up":
+                fit = event.get("latency_model", {})
+                return (f"decode cap {event.get('decode_cap')}, margin {event.get('latency_margin_s')} s, "
+                        f"base {fit.get('base')} s, per decode {fit.get('decode_token')} s")
+    return None
+
+
 def run_mace(args: argparse.Namespace, levels: list[int], new_tokens: int, dtype: str | None) -> Row:
     """`dtype` None: the server's default."""
     port = free_port()
@@ -214,7 +228,10 @@ def run_mace(args: argparse.Namespace, levels: list[int], new_tokens: int, dtype
                     "ignore_eos": True}  # mace extension: generate exactly max_tokens
 
         row, deltas = asyncio.run(bench_server(server, body, levels, new_tokens, args.ready_timeout))
+        warm_up = warm_up_fit(server.log)
     row.dtype = dtype or args.default_dtype
+    if warm_up:
+        row.extra["warm-up"] = warm_up
     if deltas and deltas[STEP] > 0:
         row.extra["overhead"] = f"{1 - deltas[FWD] / deltas[STEP]:.1%} of engine step time outside the forward"
     return row
@@ -417,6 +434,7 @@ def main() -> None:
     for label in ("mace serve", "mace serve, default dtype (auto)"):
         overhead = rows[label].extra.get("overhead", "n/a")
         print(f"{label}: engine overhead (1 - forward/step over the measured requests): {overhead}")
+        print(f"{label}: warm-up fit: {rows[label].extra.get('warm-up', 'n/a')}")
     for line in extra if isinstance(extra, list) else [f"quality guard: {extra}"]:
         print(line)
     print(f"machine load during the run: {contention.report()} (if high, rerun on a quiet machine)")
