@@ -44,12 +44,13 @@ def prompt(index: int) -> list[int]:
     return [(7 * index + 13 * position) % 49000 + 10 for position in range(PROMPT_TOKENS)]
 
 
-def mace_step_s(bundle: ModelBundle, batch: int) -> tuple[float, Callable[[], None]]:
-    """The fastest of STEPS decode steps through ModelRunner.run, and a function running one more."""
-    runner = ModelRunner(bundle.causal_lm, 2048, bundle.device)
-    requests = [Request(request_id=f"r{i}", prompt_token_ids=prompt(i), eos_token_ids=frozenset(),
+def prefilled_stepper(runner: ModelRunner, versions: list[int], name: str = "r") -> Callable[[int], None]:
+    """One request per entry of `versions` (its pinned adapter version), prefilled through `runner`;
+    returns a function that runs one step of all of them (`num_tokens` each, 1: a decode step)."""
+    requests = [Request(request_id=f"{name}-{i}", prompt_token_ids=prompt(i), eos_token_ids=frozenset(),
                         sampling_params=SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True),
-                        max_model_len=2048, arrival_time_s=0.0) for i in range(batch)]
+                        max_model_len=2048, arrival_time_s=0.0, adapter_version=version)
+                for i, version in enumerate(versions)]
 
     def step(num_tokens: int = 1) -> None:
         chunks = [ScheduledChunk.of(request, num_tokens) for request in requests]
@@ -59,6 +60,12 @@ def mace_step_s(bundle: ModelBundle, batch: int) -> tuple[float, Callable[[], No
             chunk.request.append_output_token(output.sampled_token_ids[chunk.request.request_id])
 
     step(PROMPT_TOKENS)
+    return step
+
+
+def mace_step_s(bundle: ModelBundle, batch: int) -> tuple[float, Callable[[], None]]:
+    """The fastest of STEPS decode steps through ModelRunner.run, and a function running one more."""
+    step = prefilled_stepper(ModelRunner(bundle.causal_lm, 2048, bundle.device), [0] * batch)
     return fastest(step), step
 
 

@@ -31,16 +31,14 @@ from typing import Any, cast
 
 import torch
 
+from decode_step import prefilled_stepper
 from mace.config import ModelConfig, TrainConfig
-from mace.engine.plan import IterationPlan, ScheduledChunk
-from mace.engine.request import Request, SamplingParams
 from mace.engine.runner import ModelRunner
 from mace.model.loader import load_model
 from mace.model.multi_lora import MultiLora, StackedLora
 from mace.train.learner import Learner
 
 BATCH = 8
-PROMPT_TOKENS = 40
 CASES = {"no adapter": [0] * BATCH, "one shared adapter": [1] * BATCH,
          "8 adapters (MultiLora)": list(range(1, BATCH + 1)), "8 adapters (peft's loop)": list(range(1, BATCH + 1))}
 
@@ -55,25 +53,6 @@ class _PeftMixed:
     def serving(self, adapter_names: list[str]) -> AbstractContextManager[None]:
         hooks = self.learner.peft_model.base_model._enable_peft_forward_hooks
         return cast(AbstractContextManager[None], hooks(adapter_names=adapter_names))
-
-
-def decoder(runner: ModelRunner, versions: list[int], name: str) -> Callable[[], None]:
-    """A function running one decode step of 8 requests pinned to `versions`, after their prefill."""
-    requests = [Request(request_id=f"{name}-{i}", prompt_token_ids=[(7 * i + 13 * p) % 49000 + 10
-                                                                   for p in range(PROMPT_TOKENS)],
-                        eos_token_ids=frozenset(), max_model_len=2048, arrival_time_s=0.0, adapter_version=version,
-                        sampling_params=SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True))
-                for i, version in enumerate(versions)]
-
-    def step(num_tokens: int = 1) -> None:
-        chunks = [ScheduledChunk.of(request, num_tokens) for request in requests]
-        output = runner.run(IterationPlan(chunks=chunks))
-        for chunk in chunks:
-            chunk.request.num_computed_tokens = chunk.end_position
-            chunk.request.append_output_token(output.sampled_token_ids[chunk.request.request_id])
-
-    step(PROMPT_TOKENS)
-    return step
 
 
 def fastest_interleaved(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
@@ -104,7 +83,7 @@ def step_table(dtype: str, cache_dir: Path, rounds: int) -> tuple[list[str], Sta
         runner = ModelRunner(bundle.causal_lm, 2048, bundle.device)
         serving = _PeftMixed(learner) if "peft" in name else learner
         runner.trainer = cast(Any, SimpleNamespace(learner=serving))
-        steps[name] = decoder(runner, versions, name)
+        steps[name] = prefilled_stepper(runner, versions, name)
     best = fastest_interleaved(steps, rounds)
     shared = best["one shared adapter"]
     label = f"{dtype} ({str(bundle.dtype).removeprefix('torch.')})"
