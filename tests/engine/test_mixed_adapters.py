@@ -23,7 +23,7 @@ from tests.model.test_multi_lora import publish_random_versions
 MAX_TOKENS = 10
 PROMPTS = ["Hi", "What is the capital of France?", "1 2 3 4 5 6 7 8", "Tell me a story about a dragon.",
            "Write a haiku about the sea.", "Summarise: the fox jumps.", "Name three colours.", "Why?"]
-REQUEST_IDS = (f"r{i}" for i in itertools.count())  # never reused: a finished id's KV is released by a later plan
+REQUEST_IDS = (f"r{i}" for i in itertools.count())
 
 
 @contextmanager

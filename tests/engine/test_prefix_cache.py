@@ -9,8 +9,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from mace.engine.core import EngineCore
 from mace.engine.frontend import AsyncEngine
-from mace.engine.request import RequestOutput, SamplingParams
+from mace.engine.inbox import AddRequest
+from mace.engine.request import Request, RequestOutput, SamplingParams
 from mace.model.loader import ModelBundle
 from tests.conftest import RunningServer, tiny_config, wait_until
 from tests.engine.test_memory import consume
@@ -222,3 +224,33 @@ async def test_greedy_with_a_shared_system_prompt_equals_generate_on_default_mod
     for prompt, deltas in zip([ids[0], *ids], results, strict=True):
         expected = reference(bundle, prompt, 8)  # stops at EOS, where the engine (ignore_eos) goes on
         assert [t for d in deltas for t in d.new_token_ids][: len(expected)] == expected
+
+
+def test_a_request_id_reused_right_after_it_finished_gets_its_own_kv(
+    tmp_path: Path, tiny_bundle: ModelBundle
+) -> None:
+    # A finished request's KV row is released by the next plan, the same plan that loads the cached
+    # prefix for a new request under the same id: the load must land in the new request's row, not in
+    # the old one that the release then hands to another request. The core is stepped by hand so the
+    # new request is always in that plan, and a longer request keeps running beside it.
+    core = EngineCore(tiny_bundle, tiny_config(tmp_path))
+    ids = prompt_ids(tiny_bundle, QUESTIONS[0])
+
+    def add(request_id: str, prompt: list[int], max_tokens: int) -> None:
+        core.handle(AddRequest(Request(
+            request_id=request_id, prompt_token_ids=prompt, eos_token_ids=tiny_bundle.eos_token_ids,
+            sampling_params=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+            max_model_len=1024, arrival_time_s=0.0)))
+
+    answers = []
+    for turn in range(2):
+        add("same-id", ids, 8)
+        if turn == 0:
+            add("longer", prompt_ids(tiny_bundle, QUESTIONS[1]), 40)
+        deltas: list[RequestOutput] = []
+        while not (deltas and deltas[-1].finished):
+            deltas += [d for d in core.step() if d.request_id == "same-id"]
+        answers.append((tokens_of(deltas), deltas[-1].num_cached_tokens))
+    assert core.scheduler.running  # the longer request ran beside both
+    assert answers[1][1] > 0  # the repeat read the cached prefix
+    assert answers[1][0] == answers[0][0] == reference(tiny_bundle, ids, 8)

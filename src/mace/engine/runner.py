@@ -83,8 +83,7 @@ class ModelRunner:
                 self.sampler.release(request_id)
 
     def run(self, plan: IterationPlan) -> RunnerOutput:
-        self._copy_blocks(plan.kv_copies)
-        self.release(plan.released_request_ids)
+        self.release(self._copy_blocks(plan.kv_copies, plan.released_request_ids))
         if plan.kv_prunes:
             with self.streams.inference(), torch.inference_mode():
                 self._prune(plan.kv_prunes)
@@ -107,19 +106,28 @@ class ModelRunner:
                 sampled = self._sample(logits)
         return RunnerOutput(sampled_token_ids=sampled, forward_time_s=time.perf_counter() - start)
 
-    def _copy_blocks(self, copies: list[BlockCopy]) -> None:
-        """Prefix cache traffic, in the order the scheduler logged it (before releases drop the slots)."""
+    def _copy_blocks(self, copies: list[BlockCopy], released: list[str]) -> list[str]:
+        """Prefix cache traffic, in the order the scheduler logged it, before `released` drop their rows
+        (a finished request's save reads its row); returns the ids still to release.
+
+        A load for an id that is also released is a new request reusing a finished one's id: the old
+        row goes first, so the load lands in the new request's row."""
+        pending = list(released)
         if not copies:
-            return
+            return pending
         with self.streams.inference(), torch.inference_mode():
             for copy in copies:
                 if copy.kind == "save":
                     self.block_store.save(self.kv, copy.request_id, copy.first_block, copy.block_ids,
                                           copy.num_tokens)
                 elif copy.kind == "load":
+                    if copy.request_id in pending:
+                        pending.remove(copy.request_id)
+                        self.release([copy.request_id])
                     self.block_store.load(self.kv, copy.request_id, copy.block_ids, copy.num_tokens)
                 else:
                     self.block_store.drop(copy.block_ids)
+        return pending
 
     def _serve_forward(self, inputs: _StepInputs) -> torch.Tensor:
         """Each token runs with its request's pinned adapter version (mixed versions in one batch)."""
