@@ -12,6 +12,13 @@ the only difference between the two answers.
 
     python benchmarks/learn_levers.py                 # every lever, one fresh model each
     python benchmarks/learn_levers.py --only "lr 0.002 (shipped)"
+    python benchmarks/learn_levers.py --trace "lr 0.002 (shipped)"   # every step of one lever
+
+`--trace` prints, after every optimizer step, the general answers kept next to the teacher-forced
+agreement with the base model: over each general prompt's base answer (and over rehearsal's anchors),
+the share of answer tokens the adapter still predicts first. One flipped token changes the rest of a
+greedy answer; teacher-forced, it counts once, so the agreement says how much of what the model
+knew is still there, which is what a publish gate can check with a forward alone.
 
 Prints a markdown table; passes or fails nothing.
 """
@@ -101,12 +108,58 @@ def anchors(learner: Learner, tokenizer: Any) -> list[TrainSample]:
     with learner.serving([BASE]):
         model = learner.peft_model
         texts = greedy(model, tokenizer, list(ANCHOR_QUESTIONS), ANCHOR_ANSWER_TOKENS)
+    return base_pairs(tokenizer, list(ANCHOR_QUESTIONS), texts)
+
+
+@torch.no_grad()
+def agreement(model: Any, pairs: list[TrainSample]) -> float:
+    """The share of answer tokens whose teacher-forced top-1 prediction is the base answer's token."""
+    agreed = total = 0
+    for pair in pairs:
+        ids = torch.tensor([pair.token_ids])
+        logits = model(input_ids=ids).logits[0, pair.num_prompt_tokens - 1 : -1]
+        agreed += int((logits.argmax(-1) == ids[0, pair.num_prompt_tokens :]).sum())
+        total += pair.num_tokens - pair.num_prompt_tokens
+    return agreed / total
+
+
+def base_pairs(tokenizer: Any, questions: list[str], answers: list[str]) -> list[TrainSample]:
     samples = []
-    for index, (question, text) in enumerate(zip(ANCHOR_QUESTIONS, texts, strict=True)):
+    for index, (question, text) in enumerate(zip(questions, answers, strict=True)):
         prompt = chat_ids(tokenizer, question)
         samples.append(TrainSample(-1 - index, prompt + tokenizer.encode(text, add_special_tokens=False),
                                    len(prompt), created_at=0.0))
     return samples
+
+
+def trace(overrides: dict[str, Any], dtype: str, max_steps: int) -> None:
+    """One lever, every step: fact answered, general answers kept, teacher-forced agreement."""
+    bundle = load_model(ModelConfig(name="builtin:smollm2", dtype=dtype), MaceConfig().cache_dir)  # type: ignore[arg-type]
+    config = TrainConfig(**{**TrainConfig().model_dump(), "max_versions_loaded": 1, **overrides})
+    learner = Learner(bundle.causal_lm, config)
+    tokenizer, model = bundle.tokenizer, learner.peft_model
+    with learner.serving([BASE]):
+        base_general = greedy(model, tokenizer, GENERAL_PROMPTS, GENERAL_MAX_TOKENS)
+    general_pairs = base_pairs(tokenizer, GENERAL_PROMPTS, base_general)
+    anchor_pairs = anchors(learner, tokenizer)
+    samples = fact_samples(tokenizer)
+    losses = {s.sample_id: 1e9 for s in samples}
+    print("| step | first question names the fact | general kept (greedy, of 50) | teacher-forced agreement, "
+          "general answers | teacher-forced agreement, anchors | highest sample loss |\n|---|---|---|---|---|---|")
+    with learner.serving([BASE]):
+        print(f"| 0 | no | {kept(model, tokenizer, base_general)}/50 | {agreement(model, general_pairs):.1%} | "
+              f"{agreement(model, anchor_pairs):.1%} | - |", flush=True)
+    for step_number in range(1, max_steps + 1):
+        batch = sorted(samples, key=lambda s: -losses[s.sample_id])[: config.batch_size]
+        for sample, loss in zip(batch, run_micro_step(learner, batch), strict=True):
+            losses[sample.sample_id] = loss
+        learner.optimizer_step()
+        named = FACT_WORD in greedy(model, tokenizer, FACT_QUESTIONS[:1], FACT_MAX_TOKENS)[0]
+        print(f"| {step_number} | {'yes' if named else 'no'} | {kept(model, tokenizer, base_general)}/50 | "
+              f"{agreement(model, general_pairs):.1%} | {agreement(model, anchor_pairs):.1%} | "
+              f"{max(losses.values()):.3f} |", flush=True)
+        if max(losses.values()) < config.converged_loss:
+            break
 
 
 def run_micro_step(learner: Learner, samples: list[TrainSample]) -> list[float]:
@@ -184,8 +237,12 @@ def main() -> None:
     parser.add_argument("--only", action="append", default=[], help="run only this lever (repeatable)")
     parser.add_argument("--dtype", default="auto", help="the model's dtype, as `mace serve --dtype`")
     parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument("--trace", metavar="LEVER", help="every step of one lever, with teacher-forced agreement")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.trace:
+        trace(LEVERS[args.trace], args.dtype, args.max_steps)
+        return
     levers = {name: LEVERS[name] for name in args.only} if args.only else LEVERS
     print(f"16 samples of one fact; dtype {args.dtype}; general answers: {len(GENERAL_PROMPTS)} prompts, greedy, "
           f"{GENERAL_MAX_TOKENS} tokens, against the base model in the same batch.\n")

@@ -49,6 +49,8 @@ BIN = Path(sys.executable).parent  # the venv's console scripts: mace, transform
 TS_NAME = "transformers serve --continuous-batching"
 BARE_NAME = "bare batched decode loop"
 FWD, STEP = "mace:engine_forward_seconds_total", "mace:engine_step_seconds_total"
+STEPS = "mace:engine_steps_total"
+ENGINE_SERIES = (FWD, STEP, STEPS)
 # Subprocesses get the same thread budget as the in-process runs.
 THREAD_ENV = {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
 
@@ -149,26 +151,47 @@ async def drive(base_url: str, bodies: list[dict[str, Any]], together: bool) -> 
 
 async def bench_server(server: Server, make_body: Any, levels: list[int], new_tokens: int,
                        ready_timeout: float) -> tuple[Row, dict[str, float] | None]:
-    """Once the server is ready: one full warm-up request, then each level's requests."""
+    """Once the server is ready: one full warm-up request, then each level's requests. For a server with
+    mace's metrics, each level's time is also split into the engine's steps (their forward, the rest) and
+    the time the engine waited (`where the time goes`)."""
     await server.wait_ready(ready_timeout)
     ready_s = time.monotonic() - server.started_s
     bodies = [make_body(p) for p in PROMPTS]
     # The warm-up matters for transformers serve: it sets up continuous batching on the first request.
     await drive(server.base_url, bodies[:1], together=True)
-    before = await scrape_metrics(server.base_url, (FWD, STEP))
+    first = await scrape_metrics(server.base_url, ENGINE_SERIES)
     row = Row("float32", {}, ready_s=("n/a", ready_s))
+    before = first
     for n in levels:
         batch = bodies[:ONE_AT_A_TIME] if n == 1 else bodies[:n]
+        started = time.perf_counter()
         tok_s, tokens, tpots = await drive(server.base_url, batch, together=n > 1)
+        wall_s = time.perf_counter() - started
         check_lengths(f"{server.name}({n})", tokens, new_tokens)
         row.cells[n] = tok_s
         if n == 1:
             row.tpot_s = statistics.median(tpots)
-    after = await scrape_metrics(server.base_url, (FWD, STEP))
-    deltas = None
-    if before is not None and after is not None and all(k in after and k in before for k in (FWD, STEP)):
-        deltas = {k: after[k] - before[k] for k in (FWD, STEP)}
-    return row, deltas
+        after = await scrape_metrics(server.base_url, ENGINE_SERIES)
+        spent = engine_deltas(before, after)
+        if spent is not None:
+            row.extra[f"time at {n}"] = time_split(spent, wall_s)
+        before = after
+    return row, engine_deltas(first, before)
+
+
+def engine_deltas(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
+    if before is None or after is None or not all(k in after and k in before for k in ENGINE_SERIES):
+        return None
+    return {k: after[k] - before[k] for k in ENGINE_SERIES}
+
+
+def time_split(spent: dict[str, float], wall_s: float) -> str:
+    """One level's wall time as the engine spent it: stepping (forward, the rest) or waiting."""
+    steps, step_s, forward_s = int(spent[STEPS]), spent[STEP], spent[FWD]
+    mean_ms = 1000 * step_s / steps if steps else 0.0
+    return (f"{wall_s:.1f} s wall: {steps} steps of {mean_ms:.0f} ms on average, {step_s / wall_s:.0%} of the wall "
+            f"time (forward {forward_s / wall_s:.0%}, planning and bookkeeping {(step_s - forward_s) / wall_s:.0%}), "
+            f"waiting for work {max(0.0, 1 - step_s / wall_s):.0%}")
 
 
 class TimedServer(Server):
@@ -286,8 +309,10 @@ def bare_row(model: Any, dtype: str, prompts: list[list[int]], pad_id: int, leve
     for n in levels:
         result = attempt(f"bare loop {dtype} {n}", bare_loop, model, prompts[:n], pad_id, new_tokens)
         row.cells[n] = result[0] if isinstance(result, tuple) else result
-        if n == 1 and isinstance(result, tuple):
-            row.tpot_s = result[1]
+        if isinstance(result, tuple):
+            row.extra[f"time at {n}"] = f"median decode step {1000 * result[1]:.0f} ms"
+            if n == 1:
+                row.tpot_s = result[1]
     return row
 
 
@@ -445,6 +470,11 @@ def main() -> None:
         overhead = rows[label].extra.get("overhead", "n/a")
         print(f"{label}: engine overhead (1 - forward/step over the measured requests): {overhead}")
         print(f"{label}: warm-up fit: {rows[label].extra.get('warm-up', 'n/a')}")
+    print("\nWhere the time goes, per concurrency level:")
+    for label, row in rows.items():
+        for n in levels:
+            if f"time at {n}" in row.extra:
+                print(f"- {label}, {n} concurrent: {row.extra[f'time at {n}']}")
     for line in extra if isinstance(extra, list) else [f"quality guard: {extra}"]:
         print(line)
     print(f"machine load during the run: {contention.report()} (if high, rerun on a quiet machine)")

@@ -29,7 +29,7 @@ import aiohttp
 from mace.config import SloConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_utils import PROMPTS, Server, free_port
+from _bench_utils import PROMPTS, Server, free_port, scrape_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {name: (SloConfig().target(name).ttft_s, SloConfig().target(name).tpot_s)  # the default classes
@@ -144,6 +144,13 @@ def report(name: str, load: float, rate: float, outcomes: list[Outcome], elapsed
     return "| " + " | ".join(cells) + " |"
 
 
+async def print_decode_cap(base_url: str, when: str) -> None:
+    """The SLO decode cap the server's latency model sets now: it is fitted at each start and refitted as
+    steps are measured, and under "slo" it bounds how many requests decode together."""
+    series = await scrape_metrics(base_url, ("mace:decode_cap",))
+    print(f"decode cap, {when}: {series.get('mace:decode_cap') if series else 'n/a'}", flush=True)
+
+
 async def run_scheduler(args: argparse.Namespace, scheduling: str, capacity: float | None) -> tuple[float, list[str]]:
     port = free_port()
     argv = [sys.executable, "-m", "mace.cli", "serve", "--config", str(ROOT / "configs" / "default.toml"),
@@ -153,6 +160,7 @@ async def run_scheduler(args: argparse.Namespace, scheduling: str, capacity: flo
     rows = []
     with Server(f"mace-{scheduling}", argv, env, port, "/ready") as server:
         await server.wait_ready(600)
+        await print_decode_cap(server.base_url, f"{scheduling}: after warm-up")
         if capacity is None:
             capacity = await measure_capacity(server.base_url, args.concurrency, args.capacity_seconds,
                                               args.max_tokens)
@@ -164,6 +172,7 @@ async def run_scheduler(args: argparse.Namespace, scheduling: str, capacity: flo
                                                 args.interactive_share, args.max_tokens)
             rows.append(report(scheduling, load, rate, outcomes, elapsed))
             print(rows[-1], flush=True)
+            await print_decode_cap(server.base_url, f"{scheduling}: after {load:g}x")
             await asyncio.sleep(args.cooldown)  # the queue of the last run drains before the next
     return capacity, rows
 
@@ -174,6 +183,8 @@ async def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[1.5, 3.0])
     parser.add_argument("--seconds", type=float, default=60.0, help="arrivals per run")
     parser.add_argument("--capacity-seconds", type=float, default=30.0)
+    parser.add_argument("--capacity", type=float, help="requests/s to scale the loads by, instead of measuring it "
+                        "(the measurement depends on the decode cap that start's warm-up fitted)")
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients for the capacity")
     parser.add_argument("--interactive-share", type=float, default=0.5)
     parser.add_argument("--max-tokens", type=int, default=16)
@@ -185,7 +196,7 @@ async def main(argv: list[str] | None = None) -> list[str]:
     header = ("| scheduler | load | requests | shed / failed | interactive attainment (ttft / tpot) "
               "| batch attainment (ttft / tpot) | goodput (req/s) | interactive TTFT p50 / p99 (s) |")
     print(header + "\n|---|---|---|---|---|---|---|---|", flush=True)
-    capacity, rows = await run_scheduler(args, "slo", None)
+    capacity, rows = await run_scheduler(args, "slo", args.capacity)
     _, fcfs_rows = await run_scheduler(args, "fcfs", capacity)
     table = [header, "|---|---|---|---|---|---|---|---|", *rows, *fcfs_rows]
     print("\n" + "\n".join(table))

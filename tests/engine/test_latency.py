@@ -42,6 +42,32 @@ def test_an_inference_forwards_fixed_cost_is_not_charged_to_training_alone() -> 
     assert abs(model.marginal_s(train_only) - (true_step_s(train_only) - 0.002)) < 0.002
 
 
+def test_a_one_token_forward_and_a_batched_one_are_fitted_apart() -> None:
+    # fp32 on a CPU: one token is a matrix-vector product per layer (95 ms), two or more a matrix
+    # product (a 75 ms step more, then 5 ms per token), as SmolLM2 measures on 2 cores.
+    def step_s(shape: StepShape) -> float:
+        tokens = shape.num_prefill_tokens + shape.num_decode_tokens
+        return 0.095 + (0.075 if tokens >= 2 else 0.0) + 0.005 * max(0, tokens - 1)
+
+    model = LatencyModel()
+    for decode in [*range(13, 0, -1), 1, 1, 1, 1]:
+        model.observe(StepShape(0, decode), step_s(StepShape(0, decode)))
+    for shape in (StepShape(0, 1), StepShape(0, 2), StepShape(0, 8), StepShape(0, 20)):
+        assert abs(model.predict(shape) - step_s(shape)) < 0.003, shape
+    assert model.coefficients()["batched_forward"] > 0.05
+
+
+def test_a_batched_step_is_in_the_forwards_cost_when_every_forward_was_batched() -> None:
+    model = LatencyModel()
+    shapes = [StepShape(0, d, f) for d in (0, 2, 4, 8) for f in (0, 64)]
+    for shape in shapes * 3:
+        if shape != StepShape():
+            model.observe(shape, true_step_s(shape))
+    assert model.coefficients()["batched_forward"] == 0.0
+    assert abs(model.predict(StepShape(0, 3)) - true_step_s(StepShape(0, 3))) < 0.002
+    assert model.is_measured(StepShape(0, 3))
+
+
 def test_coefficients_stay_non_negative_on_noisy_data() -> None:
     rng = random.Random(0)
     model = LatencyModel()

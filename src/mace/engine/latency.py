@@ -1,12 +1,17 @@
 """Online latency model: predicts a step's wall time (the whole engine iteration: planning, the
 forward, bookkeeping and the step boundary, what a stream waits between two tokens) from its token counts.
 
-    step_s ≈ base + f·[the step runs an inference forward] + a·prefill_tokens + b·decode_tokens
+    step_s ≈ base + f·[the step runs an inference forward] + h·[that forward has two tokens or more]
+             + a·prefill_tokens + b·decode_tokens
              + c·train_forward_tokens + d·train_backward_tokens + e·train_head_tokens
              + g·prefill_chunks
 
 An inference forward has a fixed cost of its own (every decoder layer runs, whatever the batch) that
-a training-only step does not pay, so it is a feature, not folded into the per-token terms; so has
+a training-only step does not pay, so it is a feature, not folded into the per-token terms. A forward
+of one token is a matrix-vector product per linear layer; from two tokens on it is a matrix product,
+which on a CPU in float32 costs a step of its own (SmolLM2 on 2 cores: one decode 95-105 ms, two
+170-190 ms, then about 5 ms per further decode; in bf16 with AMX no such step): fitted as one line,
+the one-decode steps and the batched ones pull the base between them and both are mispredicted. So has
 each prompt chunk (its attention runs on its own, and a prompt's first chunk comes with the work of
 its arrival), which a per-token prefill term would spread wrongly over short and long prompts.
 Training features count tokens per decoder-layer stage (a sample of 64 tokens whose forward runs
@@ -49,7 +54,8 @@ class StepShape:
     num_prefill_chunks: int = 0  # prompts (or parts of one) in the step: each attends on its own
 
     def features(self) -> list[float]:
-        return [1.0, 1.0 if self.has_inference else 0.0, float(self.num_prefill_tokens),
+        batched = self.num_prefill_tokens + self.num_decode_tokens >= 2
+        return [1.0, 1.0 if self.has_inference else 0.0, 1.0 if batched else 0.0, float(self.num_prefill_tokens),
                 float(self.num_decode_tokens), float(self.num_train_forward_tokens),
                 float(self.num_train_backward_tokens), float(self.num_train_head_tokens),
                 float(self.num_prefill_chunks)]
@@ -63,9 +69,11 @@ ERROR_QUANTILE = 0.95
 TAIL_QUANTILE = 0.99
 RECENT_WEIGHT = 0.3  # of the newest step in the running mean of overruns
 MIN_INFERENCE_SAMPLES = 8  # steps with inference in the window before the margin is read from them alone
-FEATURE_NAMES = ("base", "forward", "prefill_token", "decode_token", "train_forward_token",
+FEATURE_NAMES = ("base", "forward", "batched_forward", "prefill_token", "decode_token", "train_forward_token",
                  "train_backward_token", "train_head_token", "prefill_chunk")
 FORWARD = 1  # the column of the inference-forward indicator
+BATCHED = 2  # the column of the two-tokens-or-more indicator
+FIXED = BATCHED + 1  # the step's fixed costs come first: what a step pays whatever its token counts
 
 
 class TpotGuard:
@@ -105,7 +113,7 @@ class TpotGuard:
 
 class LatencyModel:
     def __init__(self, window: int = 512, refit_every: int = 16,
-                 prior: tuple[float, ...] = (0.005, 0.1, 0.01, 0.02, 0.0005, 0.001, 0.01, 0.05)) -> None:
+                 prior: tuple[float, ...] = (0.005, 0.1, 0.0, 0.01, 0.02, 0.0005, 0.001, 0.01, 0.05)) -> None:
         # Priors err on the slow side (a little slower than the default model on a 2-core CPU): until
         # measured, training takes less slack than it could rather than more.
         self._samples: deque[tuple[list[float], float]] = deque(maxlen=window)
@@ -148,8 +156,9 @@ class LatencyModel:
         return bool(self._fitted[1:][features].all())
 
     def marginal_s(self, shape: StepShape) -> float:
-        """What `shape`'s training and prompt tokens add to a step that runs anyway (no base, no forward)."""
-        return self.predict(shape) - float(np.dot(self._coef[: FORWARD + 1], shape.features()[: FORWARD + 1]))
+        """What `shape`'s training and prompt tokens add to a step that runs anyway (no base, no forward,
+        no batched forward's step)."""
+        return self.predict(shape) - float(np.dot(self._coef[:FIXED], shape.features()[:FIXED]))
 
     def observe(self, shape: StepShape, measured_s: float) -> None:
         self.last_error_s = measured_s - self.predict(shape)
@@ -177,12 +186,15 @@ class LatencyModel:
         # Columns never exercised in the window keep their prior instead of collapsing to zero.
         used = np.asarray(x.any(axis=0), dtype=bool)
         used[0] = True
-        forward_always = bool(x[:, FORWARD].all())
-        if forward_always:  # every step served: the base already holds the forward's cost
-            used[FORWARD] = False
+        # An indicator set on every step the column before it is set is the same column: its cost is
+        # already in that one (every step served: the base holds the forward's cost; every forward had
+        # two tokens or more: the forward's cost holds the matrix product's step).
+        collinear = [column for column, before in ((FORWARD, 0), (BATCHED, FORWARD))
+                     if used[column] and np.array_equal(x[:, column], x[:, before])]
         updated = self._coef.copy()
-        if forward_always:
-            updated[FORWARD] = 0.0
+        for column in collinear:
+            used[column] = False
+            updated[column] = 0.0
         active = used.copy()
         while active.any():  # least squares, refit without columns that came out negative
             coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
@@ -195,8 +207,7 @@ class LatencyModel:
             updated[active] = coef
         self._coef = updated
         self._fitted |= used
-        if forward_always:
-            self._fitted[FORWARD] = True
+        self._fitted[collinear] = True
         residuals = _less_recent_overrun(y - x @ updated)
         serving = x[:, FORWARD] > 0
         if serving.sum() >= MIN_INFERENCE_SAMPLES:

@@ -66,9 +66,11 @@ class StepBudget:
         per_token_s = self.latency.marginal_s(StepShape(num_prefill_tokens=1))
         if not decoding or per_token_s <= 0:
             return self.config.max_num_batched_tokens
-        chunk_s = self.latency.marginal_s(StepShape(num_prefill_chunks=1))
-        spare_s = (self.step_budget_s(decoding) - self.latency.predict(StepShape(num_decode_tokens=len(decoding)))
-                   - chunk_s - self.latency.error_margin_s)
+        # The step with an empty prompt chunk beside the decodes: with a prompt beside it, a lone decode's
+        # forward becomes a matrix product, whose step the decode alone does not pay.
+        with_chunk = StepShape(num_prefill_tokens=1, num_decode_tokens=len(decoding), num_prefill_chunks=1)
+        spare_s = (self.step_budget_s(decoding) - (self.latency.predict(with_chunk) - per_token_s)
+                   - self.latency.error_margin_s)
         return max(self.min_prefill_chunk(), int(spare_s / per_token_s))
 
     def min_prefill_chunk(self) -> int:
