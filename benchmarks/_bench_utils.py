@@ -82,7 +82,7 @@ class Server:
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         self.stop()
-        if exc_type is None:  # keep the log only when something went wrong
+        if exc_type is None and not os.environ.get("MACE_BENCH_KEEP_LOGS"):  # kept when something went wrong
             self.log.unlink(missing_ok=True)
         else:
             print(f"{self.name} log: {self.log}", file=sys.stderr)

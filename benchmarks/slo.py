@@ -183,6 +183,8 @@ async def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[1.5, 3.0])
     parser.add_argument("--seconds", type=float, default=60.0, help="arrivals per run")
     parser.add_argument("--capacity-seconds", type=float, default=30.0)
+    parser.add_argument("--schedulers", type=lambda text: text.split(","), default=["slo", "fcfs"],
+                        help="comma-separated; the first one measures the capacity unless --capacity is given")
     parser.add_argument("--capacity", type=float, help="requests/s to scale the loads by, instead of measuring it "
                         "(the measurement depends on the decode cap that start's warm-up fitted)")
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients for the capacity")
@@ -196,9 +198,11 @@ async def main(argv: list[str] | None = None) -> list[str]:
     header = ("| scheduler | load | requests | shed / failed | interactive attainment (ttft / tpot) "
               "| batch attainment (ttft / tpot) | goodput (req/s) | interactive TTFT p50 / p99 (s) |")
     print(header + "\n|---|---|---|---|---|---|---|---|", flush=True)
-    capacity, rows = await run_scheduler(args, "slo", args.capacity)
-    _, fcfs_rows = await run_scheduler(args, "fcfs", capacity)
-    table = [header, "|---|---|---|---|---|---|---|---|", *rows, *fcfs_rows]
+    capacity, rows = args.capacity, []
+    for scheduling in args.schedulers:
+        capacity, more = await run_scheduler(args, scheduling, capacity)
+        rows += more
+    table = [header, "|---|---|---|---|---|---|---|---|", *rows]
     print("\n" + "\n".join(table))
     print(f"\nSLO targets: interactive TTFT {TARGETS['interactive'][0]}s TPOT {TARGETS['interactive'][1]}s, "
           f"batch TTFT {TARGETS['batch'][0]}s TPOT {TARGETS['batch'][1]}s; attainment over admitted requests.")

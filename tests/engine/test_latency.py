@@ -68,6 +68,24 @@ def test_a_batched_step_is_in_the_forwards_cost_when_every_forward_was_batched()
     assert model.is_measured(StepShape(0, 3))
 
 
+def test_a_window_of_one_decode_per_step_keeps_the_per_decode_cost() -> None:
+    # Fitted on batches of 1 to 12, then the machine slows and the decode cap falls to 1: a whole
+    # window of one-decode steps (and the prompts between them) cannot tell a decode's cost from the
+    # step's. The slowdown goes to the fixed cost; a second decode must not look like half a step.
+    model = LatencyModel(window=64)
+    for decode in range(12, 0, -1):
+        model.observe(StepShape(0, decode), 0.07 + 0.003 * decode)
+    model.refit()
+    per_decode = model.coefficients()["decode_token"]
+    assert abs(per_decode - 0.003) < 0.0005
+    for step in range(64):
+        shape = StepShape(0, 1) if step % 4 else StepShape(16 + step, 0, num_prefill_chunks=1)
+        model.observe(shape, 0.13 + 0.001 * shape.num_prefill_tokens)
+    assert model.coefficients()["decode_token"] <= per_decode
+    assert abs(model.predict(StepShape(0, 1)) - 0.13) < 0.005
+    assert model.predict(StepShape(0, 2)) < 0.14
+
+
 def test_coefficients_stay_non_negative_on_noisy_data() -> None:
     rng = random.Random(0)
     model = LatencyModel()

@@ -74,6 +74,7 @@ FEATURE_NAMES = ("base", "forward", "batched_forward", "prefill_token", "decode_
 FORWARD = 1  # the column of the inference-forward indicator
 BATCHED = 2  # the column of the two-tokens-or-more indicator
 FIXED = BATCHED + 1  # the step's fixed costs come first: what a step pays whatever its token counts
+DECODE = FEATURE_NAMES.index("decode_token")
 
 
 class TpotGuard:
@@ -195,9 +196,18 @@ class LatencyModel:
         for column in collinear:
             used[column] = False
             updated[column] = 0.0
+        if self._fitted[DECODE] and len(np.unique(x[x[:, DECODE] > 0, DECODE])) < 2:
+            # Every decoding step in the window ran the same number of decodes (the decode cap at 1, say):
+            # the window cannot tell a decode's cost from the step's, and a fit splits the step between
+            # them, so a second decode looks as dear as half a step and the cap stays where it is. The
+            # per-decode cost keeps its last fit; the fixed costs take up what changed.
+            fitted_y = y - x[:, DECODE] * updated[DECODE]
+            used[DECODE] = False
+        else:
+            fitted_y = y
         active = used.copy()
         while active.any():  # least squares, refit without columns that came out negative
-            coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+            coef, *_ = np.linalg.lstsq(x[:, active], fitted_y, rcond=None)
             negative = coef < 0
             if not negative.any():
                 break
