@@ -241,7 +241,8 @@ def warm_up_fit(log_path: Path) -> str | None:
             if isinstance(event, dict) and event.get("event") == "engine warmed up":
                 fit = event.get("latency_model", {})
                 return (f"decode cap {event.get('decode_cap')}, margin {event.get('latency_margin_s')} s, "
-                        f"base {fit.get('base')} s, per decode {fit.get('decode_token')} s")
+                        f"base {fit.get('base')} s, batched forward {fit.get('batched_forward')} s, "
+                        f"per decode {fit.get('decode_token')} s")
     return None
 
 

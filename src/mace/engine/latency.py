@@ -206,12 +206,12 @@ class LatencyModel:
         else:
             fitted_y = y
         active = used.copy()
-        while active.any():  # least squares, refit without columns that came out negative
-            coef, *_ = np.linalg.lstsq(x[:, active], fitted_y, rcond=None)
-            negative = coef < 0
-            if not negative.any():
-                break
-            active[np.flatnonzero(active)[negative]] = False
+        coef = _non_negative_fit(x, fitted_y, active)
+        if active[BATCHED] and not _is_significant(x, fitted_y, active, coef, BATCHED):
+            # Kept non-negative, a step that is not there would still come out a little positive from the
+            # noise of a few one-token steps (bf16 here), and every batched step would carry it.
+            active[BATCHED] = False
+            coef = _non_negative_fit(x, fitted_y, active)
         updated[used] = 0.0
         if active.any():
             updated[active] = coef
@@ -224,6 +224,32 @@ class LatencyModel:
             residuals = residuals[serving]
         self.model_margin_s = max(0.0, float(np.quantile(residuals, ERROR_QUANTILE)))
         self.model_tail_margin_s = max(self.model_margin_s, float(np.quantile(residuals, TAIL_QUANTILE)))
+
+
+def _non_negative_fit(x: np.ndarray, y: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """Least squares over the `active` columns, refit without those that come out negative (`active`
+    is updated in place); the coefficients of the columns still active."""
+    coef = np.zeros(0)
+    while active.any():
+        coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+        negative = coef < 0
+        if not negative.any():
+            break
+        active[np.flatnonzero(active)[negative]] = False
+    return coef
+
+
+def _is_significant(x: np.ndarray, y: np.ndarray, active: np.ndarray, coef: np.ndarray, column: int) -> bool:
+    """Whether `column`'s fitted coefficient is at least twice its standard error."""
+    columns = np.flatnonzero(active)
+    design = x[:, columns]
+    degrees = len(y) - len(columns)
+    if degrees <= 0:
+        return False
+    variance = float(np.sum((y - design @ coef) ** 2)) / degrees
+    covariance = variance * np.linalg.pinv(design.T @ design)
+    index = int(np.flatnonzero(columns == column)[0])
+    return bool(coef[index] > 2.0 * np.sqrt(max(covariance[index, index], 0.0)))
 
 
 def _less_recent_overrun(residuals: np.ndarray) -> np.ndarray:
