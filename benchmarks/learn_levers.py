@@ -43,6 +43,7 @@ from mace.train.rehearsal import ANCHOR_ANSWER_TOKENS, ANCHOR_QUESTIONS
 from mace.train.replay import TrainSample
 
 FACT_MAX_TOKENS = 12
+UNSCORED = 1e9  # a sample's loss before its first micro-step: the replay buffer picks those first
 SAMPLES_PER_QUESTION = 4
 
 # Each lever is a TrainConfig override on top of the shipped defaults.
@@ -143,7 +144,7 @@ def trace(overrides: dict[str, Any], dtype: str, max_steps: int) -> None:
     general_pairs = base_pairs(tokenizer, GENERAL_PROMPTS, base_general)
     anchor_pairs = anchors(learner, tokenizer)
     samples = fact_samples(tokenizer)
-    losses = {s.sample_id: 1e9 for s in samples}
+    losses = {s.sample_id: UNSCORED for s in samples}
     print("| step | first question names the fact | general kept (greedy, of 50) | teacher-forced agreement, "
           "general answers | teacher-forced agreement, anchors | highest sample loss |\n|---|---|---|---|---|---|")
     with learner.serving([BASE]):
@@ -155,9 +156,10 @@ def trace(overrides: dict[str, Any], dtype: str, max_steps: int) -> None:
             losses[sample.sample_id] = loss
         learner.optimizer_step()
         named = FACT_WORD in greedy(model, tokenizer, FACT_QUESTIONS[:1], FACT_MAX_TOKENS)[0]
+        highest = max(losses.values())
         print(f"| {step_number} | {'yes' if named else 'no'} | {kept(model, tokenizer, base_general)}/50 | "
               f"{agreement(model, general_pairs):.1%} | {agreement(model, anchor_pairs):.1%} | "
-              f"{max(losses.values()):.3f} |", flush=True)
+              f"{'-' if highest >= UNSCORED else f'{highest:.3f}'} |", flush=True)
         if max(losses.values()) < config.converged_loss:
             break
 
@@ -183,7 +185,7 @@ def run_lever(overrides: dict[str, Any], dtype: str, max_steps: int, base_genera
             base_general = greedy(model, tokenizer, GENERAL_PROMPTS, GENERAL_MAX_TOKENS)
     rehearsal = anchors(learner, tokenizer) if config.rehearsal else []
     samples = fact_samples(tokenizer)
-    losses = {s.sample_id: 1e9 for s in samples}  # unscored samples go first
+    losses = {s.sample_id: UNSCORED for s in samples}  # unscored samples go first
     result = Result(None, None, False, None, None, None, 0.0, 0.0)
     tokens = 0
     for step_number in range(1, max_steps + 1):
