@@ -76,6 +76,8 @@ def test_debug_logging_gives_a_line_per_engine_step(tmp_path: Path, tiny_bundle:
     steps = [entry for entry in logs if entry["event"] == "engine step"]
     assert len(steps) == report.steps
     assert all(entry["time_s"] > 0 and entry["margin_s"] >= 0 for entry in steps)
+    # What the SLO decode cap was and how much of the margin the TPOT guard held, step by step.
+    assert all(entry["decode_cap"] >= 1 and entry["guard_extra_s"] >= 0 for entry in steps)
     # A fitted model may zero a coefficient on a noisy machine, so one prediction can be 0, never negative.
     assert all(entry["predicted_s"] >= 0 for entry in steps) and max(entry["predicted_s"] for entry in steps) > 0
     assert sum(entry["prefill"] for entry in steps) > 0 and max(entry["decode"] for entry in steps) >= 8
