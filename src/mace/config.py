@@ -173,6 +173,8 @@ class TrainConfig(_Section):
                             "with each optimizer step, against overwriting the rest")
     converged_loss: float = Field(0.1, ge=0, description="mace: per-token loss the drift ratios add to both sides, "
                                   "so a version that already answers its users nearly surely rests")
+    rest_after_held_back: int = Field(3, ge=1, description="mace: rest once the publish gate has held the "
+                                      "learner back this many times in a row with no new sample meanwhile")
     heldout_every: int = Field(5, ge=2, description="every Nth sample is held out for the publish gate")
     heldout_size: int = Field(16, ge=1)
     heldout_half_life: float = Field(4.0, gt=0, description="publish gate: a held-out sample's weight halves "

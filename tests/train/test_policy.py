@@ -30,9 +30,15 @@ class FakeSource:
     num_new_samples: int = 0
     upkeep: list[TrainStage] = field(default_factory=list)
 
+    converged: bool = False
+
     @property
     def num_trainable(self) -> int:
         return 100
+
+    @property
+    def is_converged(self) -> bool:
+        return self.converged
 
     def drift_ratio(self) -> float:
         return self.drift
@@ -297,3 +303,13 @@ def test_a_requests_only_gap_keeps_the_tail_margin_free_and_a_long_stream_the_us
     assert request.num_output_tokens == 11 and plan.train is not None
     assert scheduler.latency.predict(plan.shape) <= 0.1 - 0.01 - 0.03 / 11 + 1e-9
     assert train_seconds(scheduler, plan) > young_s
+
+
+def test_mace_rests_once_the_learner_fits_every_sample_whatever_the_drift() -> None:
+    for converged, policy in ((False, "mace"), (True, "mace"), (True, "continuous")):
+        scheduler = make(policy, FakeSource(drift=5.0, converged=converged), tpot_s=0.3)
+        teach_latency(scheduler)
+        budget = train_seconds(scheduler, decoding_plan(scheduler, 2))
+        idle = scheduler.training is not None and scheduler.training.has_work(StepLimits(math.inf, math.inf))
+        # continuous is the baseline that trains every iteration whatever it has learned
+        assert (budget > 0 and idle) == (not converged or policy == "continuous"), (policy, converged)

@@ -1,10 +1,12 @@
 """The publish gate: its held-out mean weighs what users say now more than answers they have since
-corrected, and the held-out figures it reports follow the version that serves."""
+corrected, the held-out figures it reports follow the version that serves, and a learner it keeps
+holding back rests."""
 
 from __future__ import annotations
 
 import math
 
+from mace.train.journal import NewSample
 from mace.train.publish_gate import Evaluation, recency_weighted_mean
 from mace.train.replay import TrainSample
 from mace.train.trainer import Trainer
@@ -32,8 +34,8 @@ def test_a_long_half_life_is_the_plain_mean() -> None:
 def _evaluation(trainer: Trainer, serving_loss: float, learner_loss: float) -> Evaluation:
     """A finished held-out evaluation of one sample with these losses."""
     sample = TrainSample(1000, [5, 6, 7, 8], 2, created_at=0.0)
-    return Evaluation([sample], trainer.active_version, {sample.sample_id: learner_loss},
-                      {sample.sample_id: serving_loss})
+    return Evaluation([sample], trainer.active_version, learner_losses={sample.sample_id: learner_loss},
+                      serving_losses={sample.sample_id: serving_loss})
 
 
 def test_the_serving_versions_held_out_loss_follows_the_version_that_serves(trainer: Trainer) -> None:
@@ -45,3 +47,16 @@ def test_the_serving_versions_held_out_loss_follows_the_version_that_serves(trai
     assert stats.serving_heldout_loss == stats.learner_heldout_loss == 2.0  # v1 is the snapshot measured at 2.0
     trainer.activate(0)  # rolled back: the base model's loss on today's slice is not known yet
     assert math.isnan(trainer.stats().serving_heldout_loss)
+
+
+def test_a_learner_held_back_again_and_again_rests_until_a_publish_or_new_samples(trainer: Trainer) -> None:
+    for _ in range(trainer.config.rest_after_held_back):
+        assert not trainer.is_converged
+        trainer.gate.decide(_evaluation(trainer, serving_loss=3.0, learner_loss=2.99))
+    assert trainer.is_converged and trainer.stats().is_converged
+    trainer.journal.append([NewSample("What is new?", "this")])
+    assert trainer.ingest() == 1 and not trainer.is_converged  # the new sample may hold something to learn
+    for _ in range(trainer.config.rest_after_held_back):
+        trainer.gate.decide(_evaluation(trainer, serving_loss=3.0, learner_loss=2.99))
+    trainer.gate.decide(_evaluation(trainer, serving_loss=3.0, learner_loss=2.0))
+    assert trainer.active_version == 1 and not trainer.is_converged

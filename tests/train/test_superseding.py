@@ -64,3 +64,13 @@ def test_a_held_out_answer_the_user_corrected_since_leaves_the_gates_slice(train
     intake.accept(_sample(4, PET, answer=61), held_out=True, loss=3.0)
     intake.accept(_sample(5, PET, answer=61), held_out=False, loss=3.0)  # confirms it
     assert [sample.sample_id for sample in intake.heldout] == [4]
+
+
+def test_the_buffer_fits_only_when_every_sample_is_under_the_loss() -> None:
+    buffer = ReplayBuffer(window=8, half_life_s=600.0)
+    assert not buffer.all_fit(0.1)  # nothing to fit is not converged: nothing was taught
+    fitted, unfitted = TrainSample(1, [1, 2, 3], 1, 0.0, loss=0.05), TrainSample(2, [4, 5, 6], 1, 0.0, loss=2.0)
+    buffer.add(fitted)
+    assert buffer.all_fit(0.1)
+    buffer.add(unfitted)
+    assert not buffer.all_fit(0.1) and buffer.newest(1) == [unfitted] and buffer.newest(5) == [fitted, unfitted]

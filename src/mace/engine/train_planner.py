@@ -46,6 +46,9 @@ class TrainSource(Protocol):
     @property
     def num_new_samples(self) -> int: ...
 
+    @property
+    def is_converged(self) -> bool: ...
+
     def drift_ratio(self) -> float: ...
 
     def upkeep_stages(self) -> list[TrainStage]:
@@ -169,4 +172,5 @@ class TrainPlanner:
             margin_s=self.latency.error_margin_s,
             inference_measured=self.latency.is_measured(inference),
             ttft_slack_s=limits.ttft_slack_s,
+            converged=self.source.is_converged,
         )

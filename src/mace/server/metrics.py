@@ -95,6 +95,8 @@ GAUGES: tuple[tuple[str, str, Callable[[EngineLoad], float]], ...] = (
     ("mace:train_optimizer_steps_total", "Optimizer steps taken.", _train(lambda t: t.num_optimizer_steps)),
     ("mace:train_skipped_steps_total", "Optimizer steps skipped for NaN/inf.", _train(lambda t: t.num_skipped_steps)),
     ("mace:train_pending_samples", "Samples the trainer can draw.", _train(lambda t: t.num_trainable)),
+    ("mace:train_resting", "1 while the learner fits every sample it has (under train.converged_loss): the "
+     "mace policy rests until new feedback arrives.", _train(lambda t: float(t.is_converged))),
     ("mace:learner_loss", "Learner's recent training loss.", _train(lambda t: t.learner_loss)),
     ("mace:heldout_loss_serving", "Held-out loss of the serving version, as the last gate measured it (NaN after "
      "a manual activation until the next gate).", _train(lambda t: t.serving_heldout_loss)),

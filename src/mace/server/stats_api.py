@@ -171,6 +171,7 @@ def _train(stats: EngineLoad, now: Snapshot, then: Snapshot, span_s: float) -> d
         "optimizer_steps": train.num_optimizer_steps,
         "tokens_total": train.train_tokens_total,
         "pending_samples": train.num_trainable,
+        "resting": train.is_converged,  # the learner fits every sample it has: `mace` waits for new feedback
         "seconds_since_publish": _finite(train.seconds_since_publish),
     }
 

@@ -34,6 +34,12 @@ class NewTrainSample:
     held_out: bool
 
 
+@dataclass(frozen=True)
+class GateSlice:
+    samples: list[TrainSample]  # oldest first
+    held_out: bool  # False: samples the learner trains on (no held-out sample yet)
+
+
 class Intake:
     def __init__(self, tokenizer: Any, journal: Journal, config: TrainConfig, replay: ReplayBuffer,
                  drift: DriftSignal) -> None:
@@ -70,8 +76,13 @@ class Intake:
         elif sample.num_trained == 0 or len(self.replay) < self.config.replay_window:
             self.replay.add(sample)
 
-    def gate_slice(self) -> list[TrainSample]:
-        return self.heldout[-self.config.heldout_size :]
+    def gate_slice(self) -> GateSlice:
+        """What the publish gate judges a candidate on: the held-out slice, or, until the first sample
+        is held out (`heldout_every` of them), the newest training samples. A user who sent one
+        correction is then served it once the learner fits it, rather than never."""
+        if self.heldout:
+            return GateSlice(self.heldout[-self.config.heldout_size :], held_out=True)
+        return GateSlice(self.replay.newest(self.config.heldout_size), held_out=False)
 
     def resume(self) -> None:
         """Rebuild replay and the held-out slice from the journal's recent window, as a trainer that

@@ -28,6 +28,7 @@ class TrainContext:
     # Least time to spare before a request waiting for its first token would miss its TTFT target,
     # its prompt and those ahead of it prefilled at the predicted rate (inf: none waits).
     ttft_slack_s: float = math.inf
+    converged: bool = False  # the learner fits every sample it could train on (Trainer.is_converged)
 
     @property
     def slack_s(self) -> float:
@@ -122,7 +123,9 @@ class MacePolicy:
 
     intensity = (drift - 1) / (drift_full_ratio - 1), clipped to [0, 1]: near zero when the model is
     aligned with its users, all of the slack when it has drifted by `drift_full_ratio`.
-    A micro-step's layer stages spread over as many iterations' slack as they need.
+    A micro-step's layer stages spread over as many iterations' slack as they need. Once the learner
+    fits every sample it has, it rests: the drift says how far the served version is from users'
+    data, and with nothing left to learn from that data more steps would only overfit it.
     """
 
     name = "mace"
@@ -131,7 +134,7 @@ class MacePolicy:
         self._config = config
 
     def decide(self, ctx: TrainContext) -> TrainDecision:
-        if not ctx.num_trainable:
+        if not ctx.num_trainable or ctx.converged:
             return TrainDecision()
         intensity = min(1.0, max(0.0, (ctx.drift - 1.0) / (self._config.drift_full_ratio - 1.0)))
         return TrainDecision(budget_s=ctx.slack_s * intensity, max_job_tokens=self._config.max_sample_tokens)

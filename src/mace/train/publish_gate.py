@@ -1,9 +1,10 @@
 """The publish gate and the adapter versions it makes (engine thread).
 
-After an optimizer step the gate freezes the learner as the `candidate` adapter and asks for both
-versions' losses on the held-out slice (`open`: loss passes the trainer queues as upkeep, training
-going on meanwhile). When the last of them is in (`record`), it judges that snapshot: published if
-better by `publish_margin`, or no worse after `max_staleness_s`, at most every
+Once the learner has optimizer steps it has not judged, the gate freezes it as the `candidate` adapter
+and asks for both versions' losses on its slice (`open`: loss passes the trainer queues as upkeep,
+training going on meanwhile): the held-out slice, or the newest training samples while no sample is
+held out yet (`Intake.gate_slice`). When the last loss is in (`record`), it judges that snapshot:
+published if better by `publish_margin`, or no worse after `max_staleness_s`, at most every
 `min_publish_interval_s`. Version numbers are counted in memory from the store's newest at start.
 """
 
@@ -18,6 +19,7 @@ import structlog
 from mace.config import TrainConfig
 from mace.train.adapters import AdapterStore, AdapterVersion
 from mace.train.drift import DriftSignal
+from mace.train.intake import GateSlice
 from mace.train.learner import CANDIDATE, LEARNER, Learner, save_adapter
 from mace.train.replay import TrainSample, half_life_decay
 from mace.train.tasks import LossPurpose, LossRequest, LossResult
@@ -35,10 +37,11 @@ def recency_weighted_mean(losses: list[float], half_life: float) -> float:
 
 @dataclass
 class Evaluation:
-    """Held-out losses of the candidate and of the serving version, gathered one sample per pass."""
+    """Losses of the candidate and of the serving version on the gate's slice, one sample per pass."""
 
     samples: list[TrainSample]  # oldest first
     serving_version: int
+    held_out: bool = True  # False: judged on training samples, no sample being held out yet
     learner_losses: dict[int, float] = field(default_factory=dict)  # by sample id
     serving_losses: dict[int, float] = field(default_factory=dict)
 
@@ -73,18 +76,24 @@ class PublishGate:
         self._pending: Evaluation | None = None
         self._serving_losses: dict[int, float] = {}  # held-out sample id -> loss under `_serving_losses_version`
         self._serving_losses_version = -1
+        self.judged_steps = 0  # the learner's optimizer steps when the last candidate was frozen
+        self.num_held_back = 0  # evaluations in a row that published nothing, since a publish or new samples
 
-    def open(self, heldout: list[TrainSample]) -> list[LossRequest]:
-        """Freeze the learner as the candidate and ask for the held-out losses (none: not now)."""
+    def open(self, gate_slice: GateSlice) -> list[LossRequest]:
+        """Freeze the learner as the candidate and ask for the losses on `gate_slice` (none: not now)."""
+        heldout = gate_slice.samples
         if self._pending is not None or not heldout or self.publishing_held:
             return []
+        if self.learner.num_optimizer_steps == self.judged_steps:
+            return []  # nothing new since the last candidate
         if time.monotonic() - self.last_publish_s < self.config.min_publish_interval_s:
             return []
+        self.judged_steps = self.learner.num_optimizer_steps
         if self._serving_losses_version != self.active_version:
             self._serving_losses, self._serving_losses_version = {}, self.active_version
         # Training goes on during the evaluation; the gate judges, and publishes, this snapshot.
         self.learner.snapshot_candidate()
-        evaluation = self._pending = Evaluation(heldout, self.active_version)
+        evaluation = self._pending = Evaluation(heldout, self.active_version, gate_slice.held_out)
         serving = self.learner.adapter_for(self.active_version)
         requests = []
         for sample in heldout:
@@ -121,11 +130,14 @@ class PublishGate:
         self.drift.on_evaluation(serving, learner)
         better = learner < serving * (1.0 - self.config.publish_margin)
         stale = time.monotonic() - self.last_publish_s > self.config.max_staleness_s and learner <= serving
+        judged_on = "held-out" if evaluation.held_out else "its training samples (none held out yet)"
         if not (better or stale):
+            self.num_held_back += 1
             log.info("publish gate held the learner back", serving_loss=round(serving, 4),
-                     learner_loss=round(learner, 4), drift=round(self.drift.ratio, 3))
+                     learner_loss=round(learner, 4), drift=round(self.drift.ratio, 3), judged_on=judged_on)
             return None
-        return self.publish(serving, learner, "better on held-out" if better else "stale, no worse", source=CANDIDATE)
+        reason = f"better on {judged_on}" if better else f"stale, no worse on {judged_on}"
+        return self.publish(serving, learner, reason, source=CANDIDATE)
 
     def publish(self, serving_loss: float, learner_loss: float, reason: str, source: str = LEARNER) -> int:
         version, self._next_version = self._next_version, self._next_version + 1
@@ -138,6 +150,7 @@ class PublishGate:
         self.active_version = version
         self.serving_heldout_loss = learner_loss  # what the gate measured is what serves now
         self.last_publish_s = time.monotonic()
+        self.num_held_back = 0
         self.drift.on_publish(serving_loss, learner_loss)
         log.info("adapter published", version=version, serving_loss=serving_loss, learner_loss=learner_loss,
                  reason=reason)

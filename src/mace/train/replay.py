@@ -73,6 +73,14 @@ class ReplayBuffer:
             if not ids:
                 del self._by_prompt[evicted.prompt_key]
 
+    def newest(self, count: int) -> list[TrainSample]:
+        """The `count` samples added last, oldest first."""
+        return list(self._samples.values())[-count:]
+
+    def all_fit(self, loss: float) -> bool:
+        """Whether every sample's latest loss (its score, or its loss when last trained) is under `loss`."""
+        return bool(self._samples) and all(sample.loss < loss for sample in self._samples.values())
+
     def value(self, sample: TrainSample, now_s: float) -> float:
         return sample.loss * sample.weight * half_life_decay(max(0.0, now_s - sample.created_at), self._half_life_s)
 

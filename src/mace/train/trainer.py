@@ -55,6 +55,7 @@ class TrainStats:
     drift: float
     seconds_since_publish: float
     num_trainable: int
+    is_converged: bool
 
 
 class Trainer:
@@ -93,6 +94,15 @@ class Trainer:
         return self.intake.num_new_samples
 
     @property
+    def is_converged(self) -> bool:
+        """Whether training has nothing left to gain from the samples it has: the learner fits every one
+        (loss under `converged_loss`), or the publish gate held it back `rest_after_held_back` times in
+        a row with no new sample meanwhile. More steps would only overfit them at the cost of what the
+        model knew, so `mace` rests until new feedback arrives."""
+        plateau = self.gate.num_held_back >= self.config.rest_after_held_back
+        return plateau or self.replay.all_fit(self.config.converged_loss)
+
+    @property
     def active_version(self) -> int:
         return self.gate.active_version
 
@@ -100,6 +110,11 @@ class Trainer:
         return self.drift.ratio
 
     def upkeep_stages(self) -> list[TrainStage]:
+        """Forward-only work waiting. The publish gate opens here when it is due (new optimizer steps,
+        `min_publish_interval_s` passed): the planner asks every step, and an idle engine every wake,
+        so the learner's last steps before it rests are judged too."""
+        for request in self.gate.open(self.intake.gate_slice()):
+            self.tasks.queue_loss(request)
         return self.tasks.upkeep_stages()
 
     def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
@@ -137,6 +152,8 @@ class Trainer:
     def ingest(self) -> int:
         """Read samples journaled since the last call and queue their scoring; returns how many."""
         found = self.intake.read_new()
+        if found:
+            self.gate.num_held_back = 0  # a plateau on the old samples says nothing of new ones
         for new in found:
             self.tasks.queue_loss(LossRequest(new.sample, LossPurpose.SCORE, held_out=new.held_out))
         return len(found)
@@ -190,9 +207,7 @@ class Trainer:
         self.writer.submit(lambda: self.journal.mark_trained(ids, cursor, losses))
         self.learner.accumulated(len(users))  # an anchor rides along; the batch counts users' samples
         if self.learner.batch_ready():
-            if self.learner.optimizer_step():
-                for request in self.gate.open(self.intake.gate_slice()):
-                    self.tasks.queue_loss(request)
+            self.learner.optimizer_step()
             self.policy.on_optimizer_step(time.monotonic())
 
     # ---- versions, on the engine thread ----
@@ -230,4 +245,5 @@ class Trainer:
             learner_loss=self.learner_loss, serving_heldout_loss=gate.serving_heldout_loss,
             learner_heldout_loss=gate.learner_heldout_loss, drift=self.drift.ratio,
             seconds_since_publish=time.monotonic() - gate.last_publish_s, num_trainable=self.num_trainable,
+            is_converged=self.is_converged,
         )

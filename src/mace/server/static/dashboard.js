@@ -100,6 +100,7 @@ function renderTraining(t, train) {
   show("train-pending", train ? String(train.pending_samples) : "—");
   show("train-policy", train ? train.policy : "none");
   document.getElementById("training-off").hidden = Boolean(train);
+  document.getElementById("training-resting").hidden = !train?.resting;
   show("loss-learner", plain(3)(train?.learner_heldout_loss));
   show("loss-serving", plain(3)(train?.serving_heldout_loss));
   show("drift", plain(2)(train?.drift));
