@@ -171,9 +171,11 @@ def test_periodic_stops_serving_while_it_trains() -> None:
     assert scheduler.training is not None
     scheduler.training.policy.on_optimizer_step(0.0)  # what the trainer tells its policy
     scheduler.training.policy.on_optimizer_step(0.0)
-    source.num_new_samples = 0
+    # The gate published nothing, so the count since the last publish still reads 50: no new round.
     plan = scheduler.schedule()
     assert plan.train is None and [c.request.request_id for c in plan.chunks] == ["served"]
+    source.num_new_samples = 60  # ten more samples: the next round
+    assert scheduler.schedule().chunks == []
 
 
 def test_none_never_trains() -> None:
