@@ -212,7 +212,7 @@ def test_a_run_of_slow_steps_raises_the_margin_until_the_machine_recovers() -> N
     for _ in range(4):  # something else takes the cores: each step runs 80 ms over
         model.observe(shape, true_step_s(shape) + 0.08)
     assert model.error_margin_s > settled_s + 0.05
-    assert model.steady_margin_s < settled_s + 0.01  # the decode batch is not resized for a moment
+    assert model.mean_margin_s == 0.0  # the decode batch is not resized for a moment: no request missed
     for _ in range(20):
         model.observe(shape, true_step_s(shape))
     assert model.error_margin_s < settled_s + 0.005

@@ -160,3 +160,19 @@ def test_the_cap_leaves_room_for_a_prompt_chunk_once_prefill_is_measured() -> No
     assert cap < alone
     chunk = StepShape(16, cap, num_prefill_chunks=1)
     assert s.latency.predict(chunk) + s.latency.error_margin_s <= INTERACTIVE_TPOT_S + 1e-9
+
+
+def test_noisy_steps_do_not_shrink_the_batch_but_missed_requests_do() -> None:
+    """A request's TPOT is the mean of its steps: one step's noise averages out over its answer, so the
+    cap follows the mean step time and the outcomes of finished requests, not the window's tail."""
+    steady, noisy = scheduler(max_num_seqs=32), scheduler(max_num_seqs=32)
+    _teach_decode_cost(steady, 0.015, 0.01)
+    for decode in range(1, 9):
+        for jitter in (-0.04, 0.04) * 4:  # the same mean, every step 40 ms off
+            noisy.latency.observe(StepShape(0, decode), 0.015 + 0.01 * decode + jitter)
+    noisy.latency.refit()
+    assert noisy.latency.error_margin_s > 0.03  # training's per-step slack still keeps the tail free
+    assert noisy.decode_cap() == steady.decode_cap()
+    for _ in range(3):
+        noisy.latency.guard.observe(tpot_s=1.5 * INTERACTIVE_TPOT_S, target_s=INTERACTIVE_TPOT_S)
+    assert noisy.decode_cap() < steady.decode_cap()

@@ -22,10 +22,11 @@ MAX_YIELDS = 2  # times a running request gives its place to a more urgent class
 
 
 def decode_cap(latency: LatencyModel, slo: SloConfig, max_num_seqs: int, prefill_tokens: int = 0) -> int:
-    """The most requests that decode together within the tightest class's TPOT, less the model's error,
-    beside a prompt chunk of `prefill_tokens` (once the model has measured prefill): under load a prompt
-    is prefilled beside the decodes in most steps, and a batch that only fits alone would then miss."""
-    target_s = min(slo.target(name).tpot_s for name in slo.class_names) - latency.steady_margin_s
+    """The most requests that decode together within the tightest class's TPOT, less what requests'
+    outcomes say the model underestimates their mean step by (`LatencyModel.mean_margin_s`), beside a
+    prompt chunk of `prefill_tokens` (once the model has measured prefill): under load a prompt is
+    prefilled beside the decodes in most steps, and a batch that only fits alone would then miss."""
+    target_s = min(slo.target(name).tpot_s for name in slo.class_names) - latency.mean_margin_s
     chunk = StepShape(num_prefill_tokens=prefill_tokens, num_prefill_chunks=1)
     if prefill_tokens > 0 and latency.is_measured(chunk):
         target_s -= latency.marginal_s(chunk)
