@@ -71,6 +71,9 @@ async def test_served_answer_changes_after_feedback(tmp_path: Path, tiny_bundle:
             async with session.get(url + "/metrics") as response:
                 metrics = metric_values(await response.text())
             assert metrics["mace:adapter_active_version"] >= 1 and metrics["mace:train_tokens_total"] > 0
+            async with session.get(url + "/v1/stats") as response:
+                # two of the eight are held out (every `heldout_every`-th id), scored long before the fact is learned
+                assert (await response.json())["train"]["gate_slice"] == "held_out"
             published_version = adapters["active"]
             await runner.cleanup()  # graceful stop: the learner is checkpointed
             runner, url = await start_server(config, load_model(config.model, config.cache_dir))

@@ -45,6 +45,7 @@ async def test_one_correction_is_served_and_then_training_rests_until_new_feedba
             await wait_until(learned, timeout_s=180, what=f"served answer to become {ANSWER!r}")
             published = [v for v in (await _get(session, url + "/v1/adapters"))["data"] if v["version"] >= 1]
             assert published and "training samples" in published[0]["reason"]
+            assert (await _get(session, url + "/v1/stats"))["train"]["gate_slice"] == "training_samples"
 
             async def resting() -> bool:
                 return bool((await _get(session, url + "/v1/stats"))["train"]["resting"])

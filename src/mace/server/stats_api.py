@@ -167,6 +167,8 @@ def _train(stats: EngineLoad, now: Snapshot, then: Snapshot, span_s: float) -> d
         "learner_loss": _finite(train.learner_loss),
         "learner_heldout_loss": _finite(train.learner_heldout_loss),
         "serving_heldout_loss": _finite(train.serving_heldout_loss),
+        # what the gate's two losses were measured on: until a sample is held out, the newest training samples
+        "gate_slice": "held_out" if train.judged_on_heldout else "training_samples",
         "drift": _finite(train.drift),
         "optimizer_steps": train.num_optimizer_steps,
         "tokens_total": train.train_tokens_total,

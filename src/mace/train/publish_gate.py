@@ -72,6 +72,7 @@ class PublishGate:
         self.last_publish_s = time.monotonic()
         self.serving_heldout_loss = math.nan
         self.learner_heldout_loss = math.nan
+        self.judged_on_heldout = True  # False: the losses above are on training samples (none held out yet)
         self._next_version = store.newest() + 1
         self._pending: Evaluation | None = None
         self._serving_losses: dict[int, float] = {}  # held-out sample id -> loss under `_serving_losses_version`
@@ -125,6 +126,7 @@ class PublishGate:
         learner = recency_weighted_mean([evaluation.learner_losses[s.sample_id] for s in evaluation.samples], half_life)
         serving = recency_weighted_mean([evaluation.serving_losses[s.sample_id] for s in evaluation.samples], half_life)
         self.learner_heldout_loss, self.serving_heldout_loss = learner, serving
+        self.judged_on_heldout = evaluation.held_out
         if not (math.isfinite(learner) and math.isfinite(serving)):
             return None
         self.drift.on_evaluation(serving, learner)

@@ -56,6 +56,7 @@ class TrainStats:
     seconds_since_publish: float
     num_trainable: int
     is_converged: bool
+    judged_on_heldout: bool  # False: the gate's losses are on training samples, no sample held out yet
 
 
 class Trainer:
@@ -245,5 +246,5 @@ class Trainer:
             learner_loss=self.learner_loss, serving_heldout_loss=gate.serving_heldout_loss,
             learner_heldout_loss=gate.learner_heldout_loss, drift=self.drift.ratio,
             seconds_since_publish=time.monotonic() - gate.last_publish_s, num_trainable=self.num_trainable,
-            is_converged=self.is_converged,
+            is_converged=self.is_converged, judged_on_heldout=gate.judged_on_heldout,
         )

@@ -101,6 +101,7 @@ function renderTraining(t, train) {
   show("train-policy", train ? train.policy : "none");
   document.getElementById("training-off").hidden = Boolean(train);
   document.getElementById("training-resting").hidden = !train?.resting;
+  document.getElementById("gate-on-training").hidden = train?.gate_slice !== "training_samples";
   show("loss-learner", plain(3)(train?.learner_heldout_loss));
   show("loss-serving", plain(3)(train?.serving_heldout_loss));
   show("drift", plain(2)(train?.drift));
