@@ -27,7 +27,7 @@ MICRO_STEP = [
 @dataclass
 class FakeSource:
     drift: float = 1.0
-    num_new_samples: int = 0
+    num_samples_read: int = 0
     upkeep: list[TrainStage] = field(default_factory=list)
 
     converged: bool = False
@@ -163,7 +163,7 @@ def test_continuous_runs_a_whole_micro_step_whatever_the_drift() -> None:
 
 
 def test_periodic_stops_serving_while_it_trains() -> None:
-    source = FakeSource(num_new_samples=50)
+    source = FakeSource(num_samples_read=50)
     scheduler = make("periodic", source, periodic_min_samples=10, periodic_steps=2)
     scheduler.add_request(make_request("served", 4, max_tokens=100))
     plan = scheduler.schedule()
@@ -171,10 +171,10 @@ def test_periodic_stops_serving_while_it_trains() -> None:
     assert scheduler.training is not None
     scheduler.training.policy.on_optimizer_step(0.0)  # what the trainer tells its policy
     scheduler.training.policy.on_optimizer_step(0.0)
-    # The gate published nothing, so the count since the last publish still reads 50: no new round.
+    # No sample since the round began: no new round, whatever the gate did with it.
     plan = scheduler.schedule()
     assert plan.train is None and [c.request.request_id for c in plan.chunks] == ["served"]
-    source.num_new_samples = 60  # ten more samples: the next round
+    source.num_samples_read = 60  # ten more samples: the next round
     assert scheduler.schedule().chunks == []
 
 
@@ -243,7 +243,7 @@ def test_idle_slack_leaves_the_error_margin_but_never_stops_training() -> None:
 
     def idle(margin_s: float) -> float:
         return TrainContext(now_s=0.0, has_inference=False, predicted_inference_s=0.0, tpot_s=0.3, ttft_s=1.0,
-                            num_trainable=1, num_new_samples=0, drift=2.0, margin_s=margin_s).slack_s
+                            num_trainable=1, num_samples_read=0, drift=2.0, margin_s=margin_s).slack_s
 
     assert idle(0.0) == 0.5
     assert idle(0.2) < idle(0.0)

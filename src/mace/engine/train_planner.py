@@ -44,7 +44,7 @@ class TrainSource(Protocol):
     def num_trainable(self) -> int: ...
 
     @property
-    def num_new_samples(self) -> int: ...
+    def num_samples_read(self) -> int: ...
 
     @property
     def is_converged(self) -> bool: ...
@@ -167,7 +167,7 @@ class TrainPlanner:
             tpot_s=min(limits.tpot_s, self.slo.tpot_s),
             ttft_s=self.slo.ttft_s,
             num_trainable=self.source.num_trainable,
-            num_new_samples=self.source.num_new_samples,
+            num_samples_read=self.source.num_samples_read,
             drift=self.source.drift_ratio(),
             margin_s=self.latency.error_margin_s,
             inference_measured=self.latency.is_measured(inference),

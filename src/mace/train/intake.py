@@ -50,7 +50,7 @@ class Intake:
         self.drift = drift
         self.heldout: list[TrainSample] = []  # the publish gate's slice, oldest first
         self.cursor = 0  # the highest journal id read
-        self.num_new_samples = 0  # read since the last publish (the policy's sample count)
+        self.num_samples_read = 0  # since the start (periodic counts its rounds by it)
         self._unscored: list[TrainSample] = []  # training samples a restart found never scored
 
     def read_new(self) -> list[NewTrainSample]:
@@ -62,7 +62,7 @@ class Intake:
             found += [NewTrainSample(self._sample(row), row.held_out) for row in stored]
             self.cursor = stored[-1].sample_id
             num_new += len(stored)
-        self.num_new_samples += num_new
+        self.num_samples_read += num_new
         return found
 
     def accept(self, sample: TrainSample, held_out: bool, loss: float) -> None:

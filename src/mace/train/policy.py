@@ -21,7 +21,7 @@ class TrainContext:
     tpot_s: float
     ttft_s: float
     num_trainable: int  # samples the trainer could draw now
-    num_new_samples: int  # samples that arrived since the last training round or publish
+    num_samples_read: int  # samples the trainer has read since the start
     drift: float  # running mean of intake loss / its value at the last publish (1.0: aligned)
     margin_s: float = 0.0  # headroom kept under the target for the latency model's error
     inference_measured: bool = True  # the latency model has measured this step's kind of inference
@@ -101,24 +101,20 @@ class PeriodicPolicy:
         self._round_started_s: float | None = None
         self._last_round_s = 0.0
         self._steps_left = 0
-        self._new_samples_at_round = 0  # `num_new_samples` when the last round began
+        self._samples_read_at_round = 0  # `num_samples_read` when the last round began
 
     def decide(self, ctx: TrainContext) -> TrainDecision:
         if self._steps_left == 0 and ctx.num_trainable and self._due(ctx):
             self._steps_left = self._config.periodic_steps
             self._last_round_s = ctx.now_s
-            self._new_samples_at_round = ctx.num_new_samples
+            self._samples_read_at_round = ctx.num_samples_read
         if self._steps_left == 0:
             return TrainDecision()
         return TrainDecision(budget_s=math.inf, max_job_tokens=self._config.idle_chunk_tokens, pause_serving=True)
 
     def _due(self, ctx: TrainContext) -> bool:
         waited = ctx.now_s - self._last_round_s >= self._config.periodic_interval_s
-        # Samples since the last round: `num_new_samples` counts from the last publish, and a round
-        # whose learner the gate held back would otherwise start the next at once, pausing serving for good.
-        since_round = ctx.num_new_samples - self._new_samples_at_round
-        if since_round < 0:  # a publish reset the count
-            since_round = ctx.num_new_samples
+        since_round = ctx.num_samples_read - self._samples_read_at_round
         return waited or since_round >= self._config.periodic_min_samples
 
     def on_optimizer_step(self, now_s: float) -> None:

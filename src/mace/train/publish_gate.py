@@ -80,14 +80,17 @@ class PublishGate:
         self.judged_steps = 0  # the learner's optimizer steps when the last candidate was frozen
         self.num_held_back = 0  # evaluations in a row that published nothing, since a publish or new samples
 
+    def is_due(self) -> bool:
+        """Whether a candidate may be judged now: none pending, publishing not held by an operator, optimizer
+        steps since the last candidate, and `min_publish_interval_s` passed."""
+        return (self._pending is None and not self.publishing_held
+                and self.learner.num_optimizer_steps != self.judged_steps
+                and time.monotonic() - self.last_publish_s >= self.config.min_publish_interval_s)
+
     def open(self, gate_slice: GateSlice) -> list[LossRequest]:
         """Freeze the learner as the candidate and ask for the losses on `gate_slice` (none: not now)."""
         heldout = gate_slice.samples
-        if self._pending is not None or not heldout or self.publishing_held:
-            return []
-        if self.learner.num_optimizer_steps == self.judged_steps:
-            return []  # nothing new since the last candidate
-        if time.monotonic() - self.last_publish_s < self.config.min_publish_interval_s:
+        if not heldout or not self.is_due():
             return []
         self.judged_steps = self.learner.num_optimizer_steps
         if self._serving_losses_version != self.active_version:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import islice
 
 
 @dataclass(eq=False)
@@ -75,7 +76,7 @@ class ReplayBuffer:
 
     def newest(self, count: int) -> list[TrainSample]:
         """The `count` samples added last, oldest first."""
-        return list(self._samples.values())[-count:]
+        return list(islice(reversed(self._samples.values()), count))[::-1]
 
     def all_fit(self, loss: float) -> bool:
         """Whether every sample's latest loss (its score, or its loss when last trained) is under `loss`."""

@@ -91,8 +91,8 @@ class Trainer:
         return len(self.replay)
 
     @property
-    def num_new_samples(self) -> int:
-        return self.intake.num_new_samples
+    def num_samples_read(self) -> int:
+        return self.intake.num_samples_read
 
     @property
     def is_converged(self) -> bool:
@@ -114,8 +114,9 @@ class Trainer:
         """Forward-only work waiting. The publish gate opens here when it is due (new optimizer steps,
         `min_publish_interval_s` passed): the planner asks every step, and an idle engine every wake,
         so the learner's last steps before it rests are judged too."""
-        for request in self.gate.open(self.intake.gate_slice()):
-            self.tasks.queue_loss(request)
+        if self.gate.is_due():
+            for request in self.gate.open(self.intake.gate_slice()):
+                self.tasks.queue_loss(request)
         return self.tasks.upkeep_stages()
 
     def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
@@ -190,8 +191,8 @@ class Trainer:
         request = result.request
         if request.purpose is LossPurpose.SCORE:
             self.intake.accept(request.sample, request.held_out, result.loss)
-        elif self.gate.record(result) is not None:
-            self.intake.num_new_samples = 0  # the policy counts samples since the last publish
+        else:
+            self.gate.record(result)
 
     def _account(self, job: MicroStepTask) -> None:
         step = job.step
