@@ -34,13 +34,17 @@ def _wait(text: str) -> tuple[float, float]:
 
 def _add_trace_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("trace (built-in traces are generated from these and the seed)")
-    group.add_argument("--trace", default="personalization", help="personalization, moderation or a JSONL path")
+    group.add_argument("--trace", default="personalization",
+                       help="personalization, moderation, tenants (one tenant per user) or a JSONL path")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--phases", type=int, default=3)
     group.add_argument("--phase-seconds", type=float, default=60.0)
     group.add_argument("--trace-rate", type=float, default=2.0, help="requests per second in the trace's clock")
     group.add_argument("--trace-feedback", type=float, default=0.5, help="fraction of items carrying feedback")
     group.add_argument("--max-tokens", type=int, default=8)
+    group.add_argument("--tenants", type=int, default=16, help="tenants trace: tenants, each with its own 4 facts")
+    group.add_argument("--chatters", type=int, default=8,
+                       help="tenants trace: users who only chat (no `user` field, no feedback)")
 
 
 def _add_run_args(parser: argparse.ArgumentParser, arrival: str) -> None:
@@ -87,7 +91,8 @@ def parser() -> argparse.ArgumentParser:
 
 def load_items(args: argparse.Namespace) -> list[traces.TraceItem]:
     spec = traces.DriftSpec(seed=args.seed, phases=args.phases, phase_s=args.phase_seconds, rate=args.trace_rate,
-                            feedback_fraction=args.trace_feedback, max_tokens=args.max_tokens)
+                            feedback_fraction=args.trace_feedback, max_tokens=args.max_tokens,
+                            tenants=args.tenants, chatters=args.chatters)
     return traces.load(args.trace, spec)
 
 

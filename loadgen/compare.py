@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadgen.metrics import exact_match, summarize
+from loadgen.metrics import RequestRecord, exact_match, summarize, tenant_alignment
 from loadgen.plots import PlotRun, phase_starts_of, write_plots
 from loadgen.progress import Progress
 from loadgen.report import comparison_table, write_records, write_summary
@@ -127,38 +127,52 @@ class PolicyServer:
 PROBE_CONCURRENCY = 4
 
 
-async def final_alignment(url: str, items: list[TraceItem]) -> dict[str, float]:
+async def final_alignment(url: str, items: list[TraceItem]) -> dict[str, Any]:
     """Every distinct question of the trace's last phase, asked once more after the trace (greedy, a
     few at a time, nothing else running): each policy's final served version scored on the same
     questions. During the trace a policy that fails requests is scored only on those it answered,
     and the questions come at different moments of its training, so per-phase figures compare less
-    fairly than this one."""
+    fairly than this one. In a multi-tenant trace a question is distinct per tenant and is asked as
+    that tenant (`user`); "tenants" then holds the per-tenant exact match and the leaks
+    (`metrics.tenant_alignment`)."""
     with_reference = [item for item in items if item.reference is not None]
     if not with_reference:
         return {}
     last = max(item.phase for item in with_reference)
-    questions: dict[str, TraceItem] = {}
+    questions: dict[tuple[str, str], TraceItem] = {}
     for item in with_reference:
         if item.phase == last:
-            questions.setdefault(json.dumps(item.messages, sort_keys=True), item)
+            questions.setdefault((item.tenant or "", json.dumps(item.messages, sort_keys=True)), item)
     gate = asyncio.Semaphore(PROBE_CONCURRENCY)
 
-    async def ask(client: AsyncClient, item: TraceItem) -> bool | None:
+    async def ask(client: AsyncClient, item: TraceItem) -> RequestRecord:
+        record = RequestRecord(request_id="", kind="chat", user="final", phase=item.phase, reference=item.reference,
+                               trace_id=item.id, tenant=item.tenant, other_answers=item.other_answers)
         async with gate:
             try:
-                params = {"max_tokens": item.max_tokens, "temperature": 0.0}
+                params: dict[str, Any] = {"max_tokens": item.max_tokens, "temperature": 0.0}
+                if item.tenant is not None:
+                    params["user"] = item.tenant
                 async with client.chat(item.messages, stream=True, **params) as stream:
                     async for _ in stream:
                         pass
-                    return exact_match(stream.result.text, item.reference or "")
-            except Exception:
-                return None
+                    record.answer, record.adapter_version = stream.result.text, stream.result.adapter_version
+            except Exception as exc:
+                record.status = "exception"
+                record.error = f"{type(exc).__name__}: {exc}"[:500]
+        return record
 
     async with AsyncClient(url, timeout_s=120.0) as client:
-        outcomes = await asyncio.gather(*(ask(client, item) for item in questions.values()))
-    answered = [outcome for outcome in outcomes if outcome is not None]
-    return {"phase": float(last), "n": float(len(questions)), "answered": float(len(answered)),
-            "exact": sum(answered) / len(answered) if answered else math.nan}
+        records = await asyncio.gather(*(ask(client, item) for item in questions.values()))
+    answered = [record for record in records if record.ok]
+    final: dict[str, Any] = {
+        "phase": float(last), "n": float(len(questions)), "answered": float(len(answered)),
+        "exact": (sum(exact_match(r.answer, r.reference or "") for r in answered) / len(answered)
+                  if answered else math.nan),
+    }
+    if (tenants := tenant_alignment(records)) is not None:
+        final["tenants"] = tenants
+    return final
 
 
 async def compare(policies: list[str], items: list[TraceItem], spec: ServerSpec, run: RunConfig, out: Path,

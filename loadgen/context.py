@@ -45,7 +45,8 @@ class Recorder:
 
     records: list[RequestRecord] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
-    adapter_version: int | None = None
+    adapter_version: int | None = None  # the shared lineage's (requests without a tenant)
+    tenant_versions: dict[str, int] = field(default_factory=dict)  # each tenant's lineage
     window: int = 200
     recent_ttft: deque[float] = field(default_factory=deque)
     recent_tpot: deque[float] = field(default_factory=deque)
@@ -59,13 +60,21 @@ class Recorder:
             if (tpot := record.tpot_s) is not None:
                 _push(self.recent_tpot, tpot, self.window)
             if record.adapter_version is not None:
-                self.note_adapter(record.adapter_version, record.end_s or record.start_s, "response")
+                self.note_adapter(record.adapter_version, record.end_s or record.start_s, "response", record.tenant)
         for listener in self.listeners:
             listener(record)
 
-    def note_adapter(self, version: int, time_s: float, source: str) -> None:
+    def note_adapter(self, version: int, time_s: float, source: str, tenant: str | None = None) -> None:
         """An adapter version newer than any seen so far was published (as seen by `source`).
-        Only increases count: a request started before a publish may still report the old one."""
+        Only increases count: a request started before a publish may still report the old one.
+        Each tenant's lineage has its own versions; its events carry `tenant`."""
+        if tenant is not None:
+            last = self.tenant_versions.get(tenant)
+            if last is None or version > last:
+                self.tenant_versions[tenant] = version
+                self.events.append({"kind": "adapter", "time_s": time_s, "version": version, "source": source,
+                                    "initial": last is None, "tenant": tenant})
+            return
         if self.adapter_version is None or version > self.adapter_version:
             first = self.adapter_version is None
             self.adapter_version = version

@@ -1,11 +1,11 @@
 """For people who already use locust: `locust -f loadgen/locustfile.py --host http://127.0.0.1:8000`.
 
 Streaming chat against /v1/chat/completions with the prompts of a built-in drift trace
-(LOADGEN_TRACE=personalization|moderation, LOADGEN_SEED; LOADGEN_MODEL, else the server's first model;
-LOADGEN_API_KEY when the server has keys). Each request makes two entries in locust's tables and charts:
-"/v1/chat/completions (stream)" times the whole stream, from sending the request to its last event,
-and "TTFT" the time to its first token. A stream that ends with an error event, breaks off, or brings
-no text is a failure.
+(LOADGEN_TRACE=personalization|moderation|tenants, LOADGEN_SEED; LOADGEN_MODEL, else the server's first
+model; LOADGEN_API_KEY when the server has keys); a tenants item is sent with its tenant as `user`. Each
+request makes two entries in locust's tables and charts: "/v1/chat/completions (stream)" times the
+whole stream, from sending the request to its last event, and "TTFT" the time to its first token. A
+stream that ends with an error event, breaks off, or brings no text is a failure.
 
 It imports loadgen's traces, so locust must run where mace is installed: `make install` puts locust in
 the project's venv (it is a dev extra), or `pip install locust` next to mace. loadgen itself does not
@@ -50,6 +50,8 @@ class StreamingChatUser(HttpUser):
         item = next(_CYCLE)
         body = {"model": self.model, "messages": item.messages, "max_tokens": item.max_tokens, "stream": True,
                 "temperature": 0.0}
+        if item.tenant is not None:
+            body["user"] = item.tenant
         started = time.perf_counter()
         with self.client.post("/v1/chat/completions", json=body, stream=True, catch_response=True,
                               name=STREAM_NAME) as response:

@@ -1,5 +1,6 @@
 """Per-request records and the run summary: latency percentiles, throughput, goodput under SLOs,
-SLO attainment and alignment (exact match against reference answers) per phase."""
+SLO attainment, alignment (exact match against reference answers) per phase and, for multi-tenant
+traces, per tenant, with cross-tenant leaks."""
 
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ class RequestRecord:
     answer: str | None = None
     reference: str | None = None
     trace_id: str | None = None
+    tenant: str | None = None  # the trace item's tenant, sent as `user`
+    other_answers: list[str] | None = None  # other tenants' answers to the same question
+
 
     @property
     def ok(self) -> bool:
@@ -137,6 +141,71 @@ def prefix_match(answer: str | None, reference: str) -> bool:
     return bool(ref) and words[: len(ref)] == ref
 
 
+def contains(answer: str | None, value: str) -> bool:
+    """The answer names `value` as whole words, anywhere ("I think Luna." names "luna", "Lunar" does not)."""
+    words = normalize(value)
+    return answer is not None and bool(words) and f" {words} " in f" {normalize(answer)} "
+
+
+def leaked(record: RequestRecord) -> list[str]:
+    """The other tenants' answers that this answer names while it does not name the asker's own
+    (the reference): a cross-tenant leak when not empty."""
+    if not record.ok or record.tenant is None or not record.other_answers or record.reference is None:
+        return []
+    if contains(record.answer, record.reference):
+        return []
+    return [value for value in record.other_answers if contains(record.answer, value)]
+
+
+LEAK_EXAMPLES = 5
+
+
+def tenant_alignment(records: Iterable[RequestRecord], events: Sequence[dict[str, Any]] = ()) -> dict[str, Any] | None:
+    """Per tenant, over its ok answers with a reference: n, exact and prefix match, leaks (its answers
+    naming another tenant's value), the newest adapter version in its answers and the publishes seen
+    (`events` with its tenant). Then the mean of the tenants' exact-match rates (each tenant counts
+    once), the tenant with the lowest, and the leaks in all. None without tenant records."""
+    by_tenant: dict[str, list[RequestRecord]] = {}
+    for record in records:
+        if (record.ok and record.tenant is not None and record.reference is not None
+                and record.kind in GENERATION_KINDS):
+            by_tenant.setdefault(record.tenant, []).append(record)
+    if not by_tenant:
+        return None
+    per_tenant: dict[str, dict[str, Any]] = {}
+    examples: list[dict[str, Any]] = []
+    for tenant in sorted(by_tenant):
+        group = by_tenant[tenant]
+        leaks = 0
+        for record in group:
+            if values := leaked(record):
+                leaks += 1
+                if len(examples) < LEAK_EXAMPLES:
+                    examples.append({"tenant": tenant, "trace_id": record.trace_id, "answer": record.answer,
+                                     "reference": record.reference, "leaked": values})
+        versions = [r.adapter_version for r in group if r.adapter_version is not None]
+        per_tenant[tenant] = {
+            "n": float(len(group)),
+            "exact": sum(exact_match(r.answer, r.reference or "") for r in group) / len(group),
+            "prefix": sum(prefix_match(r.answer, r.reference or "") for r in group) / len(group),
+            "leaks": leaks,
+            "version": max(versions) if versions else None,
+            "publishes": sum(e.get("kind") == "adapter" and e.get("tenant") == tenant and not e.get("initial")
+                             for e in events),
+        }
+    lowest = min(per_tenant, key=lambda t: (per_tenant[t]["exact"], t))
+    return {
+        "tenants": len(per_tenant),
+        "scored": sum(len(group) for group in by_tenant.values()),
+        "mean_exact": sum(stats["exact"] for stats in per_tenant.values()) / len(per_tenant),
+        "min_exact": per_tenant[lowest]["exact"],
+        "min_tenant": lowest,
+        "leaks": sum(stats["leaks"] for stats in per_tenant.values()),
+        "leak_examples": examples,
+        "per_tenant": per_tenant,
+    }
+
+
 def alignment(records: Iterable[RequestRecord]) -> dict[str, dict[str, float]]:
     """Per phase, over ok requests with a reference answer: n, exact-match rate, prefix-match rate."""
     by_phase: dict[str, list[RequestRecord]] = {}
@@ -211,11 +280,12 @@ def summarize(
         "slo_attainment": attainment,
         "feedback": {"sent": len(feedback), "ok": sum(r.ok for r in feedback)},
         "adapter_versions": versions,
-        "adapter_publishes": [
+        "adapter_publishes": [  # the shared lineage's; tenants' are counted under "tenants"
             {"time_s": e["time_s"], "version": e["version"]}
-            for e in events if e.get("kind") == "adapter" and not e.get("initial")
+            for e in events if e.get("kind") == "adapter" and not e.get("initial") and e.get("tenant") is None
         ],
         "alignment": alignment(generations),
+        "tenants": tenant_alignment(generations, events),
     }
 
 

@@ -2,7 +2,8 @@
 
 latency_cdf.png: CDFs of TTFT, TPOT and E2E. latency_over_time.png: TTFT and TPOT of each request
 against its start. alignment_over_time.png: exact-match rate over a sliding window of requests, with
-the trace's phase boundaries (dashed) and each run's adapter publish events (ticks at the top).
+the trace's phase boundaries (dashed) and each run's adapter publish events of the shared lineage
+(ticks at the top).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def _alignment(plt: Any, runs: Mapping[str, PlotRun], phase_starts: Mapping[int,
     for name, run in runs.items():
         times, rates = rolling_exact(run.records, window)
         (line,) = axis.plot(times, rates, label=name)
-        publishes = [e["time_s"] for e in run.events if e.get("kind") == "adapter" and not e.get("initial")]
+        publishes = [e["time_s"] for e in run.events
+                     if e.get("kind") == "adapter" and not e.get("initial") and e.get("tenant") is None]
         axis.plot(publishes, [1.02] * len(publishes), "|", color=line.get_color(), ms=12)
     _phases(axis, phase_starts)
     axis.set_ylim(-0.02, 1.06)

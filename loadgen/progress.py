@@ -34,6 +34,9 @@ def render(ctx: RunContext, title: str = "loadgen") -> Table:
     table.add_row("feedback ok / sent", f"{sum(r.ok for r in feedback)} / {len(feedback)}")
     version = recorder.adapter_version
     table.add_row("adapter version", "-" if version is None else str(version))
+    if recorder.tenant_versions:
+        published = sum(e.get("tenant") is not None and not e.get("initial") for e in recorder.events)
+        table.add_row("tenant publishes", f"{published} ({len(recorder.tenant_versions)} tenants seen)")
     return table
 
 

@@ -14,7 +14,7 @@ import orjson
 from loadgen.metrics import RequestRecord
 
 CSV_FIELDS = (
-    "request_id", "trace_id", "kind", "user", "phase", "status", "arrival_s", "start_s", "ttft_s", "tpot_s",
+    "request_id", "trace_id", "kind", "user", "tenant", "phase", "status", "arrival_s", "start_s", "ttft_s", "tpot_s",
     "e2e_s", "prompt_tokens", "output_tokens", "adapter_version", "finish_reason", "reference", "answer",
     "error", "itl_s",
 )
@@ -109,6 +109,34 @@ def rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         exact = final["exact"] if final["answered"] else None
         out.append(("alignment after the trace: last phase's questions again (exact, answered / asked)",
                     f"{_pct(exact)}, {int(final['answered'])} / {int(final['n'])}"))
+    out += tenant_rows(summary.get("tenants"), (final or {}).get("tenants"))
+    return out
+
+
+def tenant_rows(during: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """The rows of a multi-tenant trace: exact match per tenant (the mean over tenants and the lowest),
+    cross-tenant leaks, each tenant's own row, during the trace and when asked again after it."""
+    out: list[tuple[str, str]] = []
+    for label, stats in (("during the trace", during), ("after the trace", after)):
+        if stats:
+            out.append((f"tenants {label}: exact match mean / lowest (tenant)",
+                        f"{_pct(stats['mean_exact'])} / {_pct(stats['min_exact'])} ({stats['min_tenant']})"))
+            out.append((f"tenants {label}: cross-tenant leaks (answers / scored)",
+                        f"{stats['leaks']} / {stats['scored']}"))
+    if during:
+        per_tenant = during["per_tenant"].values()
+        out.append(("tenant adapter publishes seen (tenants / publishes)",
+                    f"{sum(s['publishes'] > 0 for s in per_tenant)} / {sum(s['publishes'] for s in per_tenant)}"))
+    tenants = sorted({*(during or {}).get("per_tenant", {}), *(after or {}).get("per_tenant", {})})
+    for tenant in tenants:
+        now = (during or {}).get("per_tenant", {}).get(tenant)
+        later = (after or {}).get("per_tenant", {}).get(tenant)
+        value = ("-" if now is None else f"{_pct(now['exact'])} ({int(now['n'])})") + " / " + (
+            "-" if later is None else _pct(later["exact"]))
+        leaks = [(stats or {}).get("leaks", 0) for stats in (now, later)]
+        if any(leaks):
+            value += f", leaks {leaks[0]} / {leaks[1]}"
+        out.append((f"tenant {tenant}: exact during the trace (n) / after", value))
     return out
 
 

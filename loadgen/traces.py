@@ -2,8 +2,11 @@
 
 A line: {"id", "time" (seconds from the start), "messages", "max_tokens", "phase", "reference"
 (the expected answer, or null), "user" (who asks, or null), "feedback" (samples for POST /v1/feedback,
-or null)}. Built-in traces are generated offline from templates with a seed, so the same name and
-seed give the same trace byte for byte (see `personalization` and `moderation`).
+or null)}, and in multi-tenant traces "tenant" (sent as OpenAI's `user` field with the request; its
+feedback samples carry it too) and "other_answers" (other tenants' answers to the same question: an
+answer naming one of them instead of the reference is a cross-tenant leak); lines without a tenant
+leave those two out. Built-in traces are generated offline from templates with a seed, so the same
+name and seed give the same trace byte for byte (see `personalization`, `moderation` and `tenants`).
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ class TraceItem:
     reference: str | None = None
     user: str | None = None
     feedback: list[dict[str, Any]] | None = field(default=None)
+    tenant: str | None = None  # sent as OpenAI's `user`: the adapter lineage that serves and learns it
+    other_answers: list[str] | None = None  # other tenants' answers to this question (leak detection)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "id": self.id,
             "time": self.time,
             "phase": self.phase,
@@ -41,6 +46,10 @@ class TraceItem:
             "reference": self.reference,
             "feedback": self.feedback,
         }
+        if self.tenant is not None:  # single-tenant traces keep their lines as they were
+            data["tenant"] = self.tenant
+            data["other_answers"] = self.other_answers
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], index: int = 0) -> TraceItem:
@@ -59,6 +68,8 @@ class TraceItem:
             reference=data.get("reference"),
             user=data.get("user"),
             feedback=feedback,
+            tenant=data.get("tenant"),
+            other_answers=data.get("other_answers"),
         )
 
 
@@ -91,6 +102,8 @@ class DriftSpec:
     rate: float = 2.0
     feedback_fraction: float = 0.5
     max_tokens: int = 8
+    tenants: int = 16  # the tenants trace: how many tenants teach and ask about their own facts
+    chatters: int = 8  # the tenants trace: users who only chat (no tenant, no feedback)
 
     def arrivals(self, rng: random.Random) -> list[float]:
         times: list[float] = []
@@ -109,8 +122,9 @@ def builtin(name: str, spec: DriftSpec) -> list[TraceItem]:
     # Imported here: the generators import this module for TraceItem and DriftSpec.
     from loadgen.moderation import moderation
     from loadgen.personalization import personalization
+    from loadgen.tenants import tenants
 
-    generators = {"personalization": personalization, "moderation": moderation}
+    generators = {"personalization": personalization, "moderation": moderation, "tenants": tenants}
     if name not in generators:
         raise ValueError(f"unknown trace {name!r}: one of {', '.join(generators)} or a JSONL path")
     return generators[name](spec)
@@ -123,11 +137,14 @@ def load(name_or_path: str, spec: DriftSpec) -> list[TraceItem]:
     return builtin(name_or_path, spec)
 
 
-def sample(question: Messages, answer: str, request_id: str | None = None) -> dict[str, Any]:
-    """A feedback sample: the question and the answer the user wanted."""
+def sample(question: Messages, answer: str, request_id: str | None = None,
+           user: str | None = None) -> dict[str, Any]:
+    """A feedback sample: the question and the answer the user wanted (for `user`'s tenant, if given)."""
     body: dict[str, Any] = {"messages": [*question, {"role": "assistant", "content": answer}]}
     if request_id is not None:
         body["request_id"] = request_id
+    if user is not None:
+        body["user"] = user
     return body
 
 

@@ -4,6 +4,7 @@ A closed-loop user runs its tasks one after another with a wait between them (`U
 arrival processes call `User.execute(item)` directly for each arrival instead. Kinds: `ChatUser`
 (streaming chat over SSE), `CompletionUser` (streaming text completion), `WsChatUser` (chat over
 /v1/ws) and `FeedbackUser` (streaming chat that sends corrections for a fraction of its requests).
+A trace item with a tenant is sent with OpenAI's `user` field set to it, and so are its corrections.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class User:
     async def execute(self, item: TraceItem, arrival_s: float) -> RequestRecord:
         record = RequestRecord(
             request_id="", kind=self.kind, user=self.name, phase=item.phase, arrival_s=arrival_s,
-            reference=item.reference, trace_id=item.id,
+            reference=item.reference, trace_id=item.id, tenant=item.tenant, other_answers=item.other_answers,
         )
         started = time.perf_counter()
         record.start_s = self.ctx.now()
@@ -127,7 +128,11 @@ class User:
         """Called after each request (FeedbackUser sends its correction here)."""
 
     def params(self, item: TraceItem) -> dict[str, Any]:
-        return {"max_tokens": item.max_tokens, **self.ctx.sampling}
+        """The request's fields besides its messages or prompt; an item's tenant goes in OpenAI's `user`."""
+        params: dict[str, Any] = {"max_tokens": item.max_tokens, **self.ctx.sampling}
+        if item.tenant is not None:
+            params["user"] = item.tenant
+        return params
 
 
 async def timed(chunks: AsyncIterator[str], record: RequestRecord, started: float) -> None:
@@ -218,9 +223,11 @@ class FeedbackUser(ChatUser):
         if not item.feedback or self.rng.random() >= self.feedback_fraction or self.ctx.stopping:
             return
         samples = [{**s, "request_id": record.request_id} if record.request_id else s for s in item.feedback]
+        if item.tenant is not None:  # the tenant's own lineage learns it (a sample's own `user` wins)
+            samples = [{"user": item.tenant, **s} for s in samples]
         sent = RequestRecord(
             request_id=f"fb-{record.request_id or item.id}", kind="feedback", user=self.name, phase=item.phase,
-            arrival_s=self.ctx.now(), start_s=self.ctx.now(), trace_id=item.id,
+            arrival_s=self.ctx.now(), start_s=self.ctx.now(), trace_id=item.id, tenant=item.tenant,
         )
         started = time.perf_counter()
         try:

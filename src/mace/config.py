@@ -13,7 +13,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mace.tenancy import SHARED, check_segment
 
 ENV_PREFIX = "MACE_"
 
@@ -64,8 +66,8 @@ class MemoryConfig(_Section):
     prune_recent_tokens: int = Field(32, ge=1, description="latest tokens always kept")
 
 
-Scope = Literal["infer", "train", "admin"]
-SCOPES: tuple[Scope, ...] = ("infer", "train", "admin")
+Scope = Literal["infer", "train", "admin", "act_for_users"]
+SCOPES: tuple[Scope, ...] = ("infer", "train", "admin", "act_for_users")
 DEFAULT_SCOPES: tuple[Scope, ...] = ("infer", "train")
 
 
@@ -75,8 +77,36 @@ class ApiKey(_Section):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     name: str = ""
     scopes: tuple[Scope, ...] = DEFAULT_SCOPES
+    tenant: str | None = Field(None, description="the lineage this key's requests and samples use; "
+                               "None: the key's name; \"\": the shared lineage (mace/tenancy.py)")
     requests_per_minute: float | None = Field(None, ge=0, description="overrides server.requests_per_minute")
     samples_per_minute: float | None = Field(None, ge=0, description="overrides server.samples_per_minute")
+
+    @field_validator("tenant")
+    @classmethod
+    def _check_tenant(cls, value: str | None) -> str | None:
+        return value if value is None or value == SHARED else check_segment(value, "tenant")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"key-{self.sha256[:8]}"
+
+    @property
+    def tenant_name(self) -> str:
+        """The lineage this key's requests use (mace/tenancy.py)."""
+        return self.tenant if self.tenant is not None else self.display_name
+
+    @model_validator(mode="after")
+    def _name_can_be_tenant(self) -> ApiKey:
+        if self.tenant == SHARED and "act_for_users" in self.scopes:
+            # Its users' tenants would be bare user names, the same lineages as keys of those names.
+            raise ValueError("a key of the shared lineage (tenant = \"\") cannot have the act_for_users scope")
+        if self.tenant is None:
+            try:
+                check_segment(self.display_name, "key name")
+            except ValueError as exc:
+                raise ValueError(f"{exc}; or give the key a `tenant`") from None
+        return self
 
     @classmethod
     def from_plain(cls, text: str) -> ApiKey:
@@ -151,6 +181,13 @@ class SloConfig(_Section):
 
 class TrainConfig(_Section):
     policy: Literal["none", "periodic", "continuous", "mace"] = "mace"
+    # per_tenant: what one user teaches is served to that user only (README, "Tenants"); requests
+    # without a tenant share one lineage either way.
+    tenancy: Literal["per_tenant", "shared"] = Field(
+        "per_tenant", description="per_tenant: each tenant's feedback trains and serves its own adapter lineage"
+    )
+    max_resident_tenants: int = Field(8, ge=1, description="tenant lineages kept in memory; the least recently "
+                                      "used others wait on disk until their next request or sample")
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)

@@ -32,6 +32,7 @@ FEEDER = "sk-feeder-0007"  # train only: feedback, but not the infer routes (ada
 # One key per rate test, so that no test finds a bucket another one emptied.
 SLOW_HTTP, SLOW_WS, RETRIED = "sk-slow-http-0004", "sk-slow-ws-0005", "sk-retried-0006"
 THROTTLED = "sk-throttled-0008"  # one request a minute after the burst
+ACTOR = "sk-actor-0009"  # acts for its end users (OpenAI's `user`)
 REQUESTS_BURST = 20
 MESSAGES = [{"role": "user", "content": "What is the name of my cat?"}]
 SAMPLE = {"prompt": "colour of the sky?", "completion": "blue"}
@@ -46,7 +47,8 @@ async def keyed(tiny_bundle: ModelBundle, tmp_path_factory: pytest.TempPathFacto
 
     keys = [key(TRAINER, ["infer", "train"]), key(READER, ["infer"]), key(ADMIN, ["admin"]), key(FEEDER, ["train"]),
             key(SLOW_HTTP, ["infer", "train"], 60), key(SLOW_WS, ["infer", "train"], 60),
-            key(RETRIED, ["infer", "train"], 30), key(THROTTLED, ["infer", "train"], requests_per_minute=1)]
+            key(RETRIED, ["infer", "train"], 30), key(THROTTLED, ["infer", "train"], requests_per_minute=1),
+            key(ACTOR, ["infer", "train", "act_for_users"])]
     server = {"api_keys": keys, "samples_burst": 4, "requests_burst": REQUESTS_BURST}
     config = tiny_config(tmp_path_factory.mktemp("learning"), server=server, train={"policy": "none"})
     runner, url = await start_server(config, tiny_bundle)
@@ -66,10 +68,10 @@ def stored(server: RunningServer, sample_id: int) -> dict[str, Any]:
     assert journal is not None
     with journal._lock:
         row = journal._db.execute(
-            "SELECT prompt, completion, request_id, weight FROM samples WHERE id = ?", (sample_id,)
+            "SELECT prompt, completion, request_id, weight, tenant FROM samples WHERE id = ?", (sample_id,)
         ).fetchone()
     assert row is not None, f"sample {sample_id} is not in the journal"
-    return dict(zip(("prompt", "completion", "request_id", "weight"), row, strict=True))
+    return dict(zip(("prompt", "completion", "request_id", "weight", "tenant"), row, strict=True))
 
 
 @contextmanager
@@ -97,7 +99,8 @@ async def test_feedback_one_or_many_and_the_counts(keyed: RunningServer, trainer
     assert stored(keyed, first)["completion"] == "blue"
     assert stored(keyed, more[0])["completion"] == "Zorblax." and "my cat" in stored(keyed, more[0])["prompt"]
     assert stored(keyed, more[1]) | {"prompt": ""} == {"prompt": "", "completion": "blue",
-                                                      "request_id": "chatcmpl-x", "weight": 3.0}
+                                                      "request_id": "chatcmpl-x", "weight": 3.0,
+                                                      "tenant": TRAINER}
     after = await trainer.feedback_counts()
     assert isinstance(after, FeedbackCounts)
     assert after.total == before.total + 3
@@ -197,6 +200,29 @@ async def test_adapters_and_activate(keyed: RunningServer) -> None:
         assert (missing.value.code, missing.value.param) == ("adapter_not_found", "version")
         with pytest.raises(ValueError):
             await admin.activate(-1)
+
+
+async def test_acting_for_end_users(keyed: RunningServer, trainer: AsyncClient) -> None:
+    async with AsyncClient(keyed.url, api_key=ACTOR) as actor:
+        assert (await actor.chat(MESSAGES, max_tokens=2, user="carol")).usage is not None
+        carol, dave = await actor.feedback([SAMPLE, {**SAMPLE, "user": "dave"}], user="carol")
+        assert (stored(keyed, carol)["tenant"], stored(keyed, dave)["tenant"]) == (f"{ACTOR}/carol", f"{ACTOR}/dave")
+        assert (await actor.adapters(user="carol")).tenant == f"{ACTOR}/carol"
+        assert (await actor.adapters()).tenant == ACTOR
+        assert await actor.activate(0, tenant=f"{ACTOR}/carol") == 0
+        with pytest.raises(PermissionDeniedError) as other:
+            await actor.adapters(tenant=TRAINER)
+        assert other.value.code == "forbidden_tenant"
+        async with actor.ws_chat() as session:
+            conversation = session.chat(MESSAGES, max_tokens=2, user="carol")
+            _ = [text async for text in conversation]
+            [sample_id] = await session.feedback(SAMPLE, user="carol")
+            assert stored(keyed, sample_id)["tenant"] == f"{ACTOR}/carol"
+    with pytest.raises(PermissionDeniedError) as denied:
+        await trainer.chat(MESSAGES, max_tokens=2, user="carol")  # a key without act_for_users
+    assert denied.value.code == "insufficient_scope"
+    with pytest.raises(PermissionDeniedError):
+        await trainer.feedback(SAMPLE, user="carol")
 
 
 async def test_reads_need_their_scopes(keyed: RunningServer) -> None:

@@ -1,5 +1,5 @@
-"""Mixed-version batches through the engine: 8 requests on 8 adapter versions, decoded together, give the
-greedy tokens each gives alone."""
+"""Mixed-version batches through the engine: 8 requests on 8 adapter versions (of one lineage, or of 8
+tenants' lineages), decoded together, give the greedy tokens each gives alone."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from mace.engine.core import EngineCore
 from mace.engine.inbox import AddRequest
@@ -43,14 +44,16 @@ def engine_core(tmp_path: Path, bundle: ModelBundle, batched_tokens: int) -> Ite
         journal.close()
 
 
-def generate(core: EngineCore, jobs: list[tuple[str, int]]) -> list[list[int]]:
-    """Greedy tokens of (prompt, adapter version) jobs admitted together, stepping the core by hand."""
+def generate(core: EngineCore, jobs: list[tuple[str, int]], tenants: list[str] | None = None) -> list[list[int]]:
+    """Greedy tokens of (prompt, adapter version) jobs admitted together, stepping the core by hand;
+    job i's version is of `tenants[i]`'s lineage (default: the shared one)."""
     tokenizer = core.bundle.tokenizer
+    tenants = tenants or [""] * len(jobs)
     requests = [Request(request_id=next(REQUEST_IDS), prompt_token_ids=tokenizer.encode(prompt),
-                        adapter_version=version,
+                        adapter_version=version, tenant=tenant,
                         sampling_params=SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True),
                         eos_token_ids=core.bundle.eos_token_ids, max_model_len=1024, arrival_time_s=0.0)
-                for prompt, version in jobs]
+                for (prompt, version), tenant in zip(jobs, tenants, strict=True)]
     for request in requests:
         core.handle(AddRequest(request))
     tokens: dict[str, list[int]] = {request.request_id: [] for request in requests}
@@ -83,3 +86,25 @@ def test_mixed_batch_equals_each_request_alone(tmp_path: Path, tiny_bundle: Mode
     assert together == alone
     # The versions answer differently from the base model: the equality above is not vacuous.
     assert sum(a != b for a, b in zip(alone, base, strict=True)) >= sum(v != 0 for v in versions) - 1
+
+
+def test_eight_tenants_versions_in_one_batch_equal_each_alone(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+    """Every tenant's lineage has its own version 1: a row is told apart by its lineage, not its number."""
+    tenants = [f"tenant-{i}" for i in range(len(PROMPTS))]
+    with engine_core(tmp_path, tiny_bundle, 256) as core:
+        trainer = core.trainer
+        assert trainer is not None
+        generator = torch.Generator().manual_seed(11)
+        for tenant in tenants:  # each tenant's learner on the model in turn, published by its own gate
+            lineage = trainer.resident(tenant)
+            trainer._lend_learner(lineage)
+            with torch.no_grad():
+                for param in trainer.learner._learner_params():
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+            assert lineage.gate.publish(serving_loss=2.0, learner_loss=1.0, reason="test") == 1
+        jobs = [(prompt, 1) for prompt in PROMPTS]
+        together = generate(core, jobs, tenants)
+        alone = [generate(core, [job], [tenant])[0] for job, tenant in zip(jobs, tenants, strict=True)]
+        shared = generate(core, jobs)  # the shared lineage's version 1: another adapter again
+    assert together == alone
+    assert sum(a != b for a, b in zip(alone, shared, strict=True)) >= len(PROMPTS) - 1

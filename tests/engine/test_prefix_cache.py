@@ -12,6 +12,7 @@ import pytest
 from mace.engine.core import EngineCore
 from mace.engine.frontend import AsyncEngine
 from mace.engine.inbox import AddRequest
+from mace.engine.prefix_cache import root_key
 from mace.engine.request import Request, RequestOutput, SamplingParams
 from mace.model.loader import ModelBundle
 from tests.conftest import RunningServer, tiny_config, wait_until
@@ -72,12 +73,22 @@ async def test_kv_of_another_adapter_version_is_never_reused(tmp_path: Path, tin
     try:
         await collect(engine, ids, 2)
         again = await collect(engine, ids, 2)
-        engine.core.adapter_version = 1  # what a publish does; new requests pin it
+        # What a publish does: new requests pin version 1.
+        engine.core._pin = lambda message: setattr(message.request, "adapter_version", 1)  # type: ignore[method-assign]
         other = await collect(engine, ids, 2)
     finally:
         engine.shutdown()
     assert again[-1].num_cached_tokens > 0
     assert other[-1].num_cached_tokens == 0
+
+
+def test_tenants_share_the_base_models_kv_and_nothing_else() -> None:
+    def key(version: int, tenant: str) -> bytes:
+        return root_key(Request("r", [1], SamplingParams(), frozenset(), 16, 0.0, adapter_version=version,
+                                tenant=tenant))
+
+    assert key(0, "alice") == key(0, "bob") == key(0, "")
+    assert len({key(1, "alice"), key(1, "bob"), key(1, "")}) == 3
 
 
 async def test_cached_tokens_in_usage_and_metrics(server: RunningServer, http: aiohttp.ClientSession) -> None:

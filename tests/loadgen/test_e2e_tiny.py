@@ -56,3 +56,16 @@ async def test_cli_run_replays_a_trace_and_writes_the_results(tiny_url: str, tmp
     assert len(rows) == len(records) and rows[0]["status"] == "ok"
     assert orjson.loads((out / "summary.json").read_bytes())["ok"] == 10
     assert "| TTFT p50 / p90 / p99 (ms) |" in (out / "summary.md").read_text()
+
+
+async def test_tenants_trace_against_the_tiny_server(tiny_url: str) -> None:
+    # Every user kind sends the tenant as `user`; the server takes it on generation and on feedback.
+    spec = DriftSpec(seed=4, phases=1, feedback_fraction=1.0, max_tokens=4, tenants=4, chatters=2)
+    items = [item for item in builtin("tenants", spec) if item.tenant is not None][:8]
+    config = RunConfig(url=tiny_url, users=4, requests=8, mix={"completion": 1, "ws": 1, "feedback": 2})
+    result = await Runner(config, items).run()
+    assert all(r.ok for r in result.records), [r.error for r in result.records if not r.ok]
+    feedback = [r for r in result.records if r.kind == "feedback"]
+    assert feedback and all(r.tenant is not None for r in feedback)
+    summary = summarize(result.records)
+    assert summary["tenants"] is not None and summary["tenants"]["scored"] == 8

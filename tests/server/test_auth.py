@@ -72,12 +72,15 @@ async def test_scopes_decide_each_route(keyed: RunningServer, http: aiohttp.Clie
         assert response.status == 202
     async with http.post(f"{url}/v1/chat/completions", json=CHAT, headers=bearer(FEEDER)) as response:
         await assert_error(response, 403, "permission_error", "insufficient_scope")
-    for key in (READER, TRAINER):
-        async with http.post(f"{url}/v1/adapters/0/activate", headers=bearer(key)) as response:
-            await assert_error(response, 403, "permission_error", "insufficient_scope")
+    async with http.post(f"{url}/v1/adapters/0/activate", headers=bearer(READER)) as response:
+        await assert_error(response, 403, "permission_error", "insufficient_scope")
+    async with http.post(f"{url}/v1/adapters/0/activate", headers=bearer(TRAINER)) as response:
+        assert response.status == 200  # its own lineage (tests/server/test_tenants_api.py has the rest)
+    async with http.post(f"{url}/v1/adapters/0/activate?tenant=", headers=bearer(TRAINER)) as response:
+        await assert_error(response, 403, "permission_error", "insufficient_scope")  # the shared one is admin's
     async with http.get(f"{url}/v1/adapters", headers=bearer(READER)) as response:
         assert response.status == 200
-    async with http.post(f"{url}/v1/adapters/0/activate", headers=bearer(ADMIN)) as response:
+    async with http.post(f"{url}/v1/adapters/0/activate?tenant=", headers=bearer(ADMIN)) as response:
         assert response.status == 200  # admin covers rollback and, like every admin, the other scopes
     async with http.get(f"{url}/v1/feedback", headers=bearer(ADMIN)) as response:
         assert response.status == 200 and (await response.json())["total"] >= 1

@@ -101,7 +101,7 @@ def _hand_made(draw: st.DrawFn) -> tuple[str, str, bytes | None, str | None, dic
         return "POST", path, _deep(draw(st.sampled_from([100, 1000, 100000]))), "application/json", {}
     if kind == "field":
         field = draw(st.sampled_from(["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "prompt",
-                                      "messages", "completion", "weight", "stream", "n", "model"]))
+                                      "messages", "completion", "weight", "stream", "n", "model", "user"]))
         base[field] = draw(st.one_of(NASTY_NUMBER, NASTY_TEXT, st.lists(NASTY_TEXT, max_size=6),
                                      st.just([{"role": "user", "content": [{"type": "text", "text": "\udcff"}]}])))
         return "POST", path, _encode(base), "application/json", {}

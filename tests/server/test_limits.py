@@ -16,6 +16,7 @@ from mace.server.auth import GUARD, hash_key
 from mace.server.errors import ApiError
 from mace.server.generation import prepare_chat
 from mace.server.protocol import ChatCompletionRequest
+from mace.tenancy import SHARED
 from tests.conftest import RunningServer, start_server, tiny_config, wait_until
 
 KEY, OTHER, FEEDER = "sk-limited-0001", "sk-other-0002", "sk-feeder-0003"
@@ -90,12 +91,12 @@ async def test_prompt_and_max_tokens_caps(limited: RunningServer) -> None:
     runtime = limited.runtime
     long_prompt = ChatCompletionRequest.model_validate(chat(messages=[{"role": "user", "content": "x" * 200}]))
     with pytest.raises(ApiError) as too_long:
-        prepare_chat(runtime, long_prompt)
+        prepare_chat(runtime, long_prompt, SHARED)
     assert (too_long.value.status, too_long.value.code) == (400, "prompt_too_long")
     with pytest.raises(ApiError) as too_many:
-        prepare_chat(runtime, ChatCompletionRequest.model_validate(chat(301)))
+        prepare_chat(runtime, ChatCompletionRequest.model_validate(chat(301)), SHARED)
     assert (too_many.value.status, too_many.value.param) == (400, "max_tokens")
-    assert prepare_chat(runtime, ChatCompletionRequest.model_validate(chat(300))).max_tokens == 300
+    assert prepare_chat(runtime, ChatCompletionRequest.model_validate(chat(300)), SHARED).max_tokens == 300
 
 
 async def test_websocket_message_rate(limited: RunningServer, http: aiohttp.ClientSession) -> None:

@@ -62,7 +62,8 @@ def _move_learner(learner: Learner, seed: int) -> torch.Tensor:
 
 
 def test_versions_reuse_slots_and_keep_their_weights(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
-    learner = Learner(tiny_bundle.causal_lm, tiny_config(tmp_path, train={"max_versions_loaded": 2}).train)
+    config = tiny_config(tmp_path, train={"max_versions_loaded": 2, "tenancy": "shared"})  # no tenants' slots
+    learner = Learner(tiny_bundle.causal_lm, config.train)
     try:
         adapters_at_start = set(learner.peft_model.peft_config)
         expected = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Literal, TypeVar, overload
@@ -44,8 +45,13 @@ class AsyncClient(HttpTransport):
                 async for text in stream: ...
 
     `**params` of chat()/complete() go into the request body as they are (max_tokens, temperature,
-    top_p, top_k, seed, stop, ignore_eos, model, ...); None values are left out. Without a `model`
+    top_p, top_k, seed, stop, ignore_eos, model, user, ...); None values are left out. Without a `model`
     there or in the constructor, the first model of GET /v1/models is used (fetched once).
+
+    Tenants: `user="U"` (OpenAI's field) on chat(), complete(), ws chat and the feedback calls acts for
+    that end user, so their own adapter lineage answers and learns; it needs a key with the
+    `act_for_users` scope (403 otherwise). `adapters()` and `activate()` take `tenant=` or `user=` to
+    name a lineage other than the key's own ("" is the shared one).
 
     `timeout_s` bounds each non-streamed request as a whole; for streams and websocket
     conversations it bounds the wait for each next piece of data, so a long generation can stream
@@ -159,10 +165,11 @@ class AsyncClient(HttpTransport):
 
     # ---- learning ----
 
-    async def feedback(self, samples: Samples) -> list[int]:
-        """POST /v1/feedback: one sample or a list (see FeedbackSample). Returns the journal ids of the
-        samples, once the server has stored them durably. Needs the `train` scope."""
-        body = feedback_payload(samples)
+    async def feedback(self, samples: Samples, user: str | None = None) -> list[int]:
+        """POST /v1/feedback: one sample or a list (see FeedbackSample), `user` on those that name none.
+        Returns the journal ids of the samples, once the server has stored them durably. Needs the `train`
+        scope."""
+        body = feedback_payload(samples, user)
         ids = acknowledged_ids(await self._json("POST", "/v1/feedback", body))
         if ids is None:
             raise MaceError("POST /v1/feedback answered without the ids of the stored samples")
@@ -178,17 +185,21 @@ class AsyncClient(HttpTransport):
         """GET /v1/feedback: how many samples the journal holds, trained, pending and held out."""
         return _parsed(FeedbackCounts.from_payload, await self._json("GET", "/v1/feedback"), "/v1/feedback")
 
-    async def adapters(self) -> AdapterList:
-        """GET /v1/adapters: every adapter version with its held-out losses, and which one serves."""
-        return _parsed(AdapterList.from_payload, await self._json("GET", "/v1/adapters"), "/v1/adapters")
+    async def adapters(self, tenant: str | None = None, user: str | None = None) -> AdapterList:
+        """GET /v1/adapters: a lineage's adapter versions with their held-out losses, and which one serves;
+        the key's own lineage unless `tenant` or `user` names another."""
+        path = "/v1/adapters" + _lineage_query(tenant, user)
+        return _parsed(AdapterList.from_payload, await self._json("GET", path), path)
 
-    async def activate(self, version: int) -> int:
-        """POST /v1/adapters/{version}/activate: new requests use that version (0 is the base model);
-        returns the active version. Activating an older one holds automatic publishing until the newest
-        is activated again. Needs the `admin` scope; an unknown version raises NotFoundError."""
+    async def activate(self, version: int, tenant: str | None = None, user: str | None = None) -> int:
+        """POST /v1/adapters/{version}/activate: new requests of that lineage (the key's own unless `tenant`
+        or `user` names another) use that version (0 is the base model); returns the active version.
+        Activating an older one holds automatic publishing until the newest is activated again. Needs the
+        `train` scope and the lineage's ownership, or `admin` (always for the shared lineage); an unknown
+        version raises NotFoundError."""
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise ValueError("version must be a non-negative integer")
-        path = f"/v1/adapters/{version}/activate"
+        path = f"/v1/adapters/{version}/activate" + _lineage_query(tenant, user)
         payload = await self._json("POST", path)
         active = payload.get("active") if isinstance(payload, dict) else None
         if not isinstance(active, int) or isinstance(active, bool):
@@ -284,6 +295,11 @@ class AsyncClient(HttpTransport):
                         raise MaceError("the server lists no models")
                     self._model = models[0].id
         return self._model
+
+def _lineage_query(tenant: str | None, user: str | None) -> str:
+    query = _without_none({"tenant": tenant, "user": user})
+    return "?" + urllib.parse.urlencode(query) if query else ""
+
 
 def _without_none(params: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in params.items() if value is not None}

@@ -71,8 +71,8 @@ class FeedbackSample(TypedDict, total=False):
 
     weight: how much it counts (default 1, at most 100).
     request_id: the generation it corrects, for the record.
-    user: the end user it speaks for (OpenAI's `user`), for keys allowed to act for users; a server
-        without tenants ignores it.
+    user: the end user it speaks for (OpenAI's `user`): it then trains that user's tenant. Needs a key
+        with the `act_for_users` scope (403 otherwise); on a server without keys, `user` alone names it.
     Other fields the server reads pass through as given.
     """
 
@@ -144,8 +144,11 @@ def adapter_version_of(system_fingerprint: Any) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def feedback_payload(samples: FeedbackSample | Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One sample or several, as the JSON list POST /v1/feedback (and the websocket) take."""
+def feedback_payload(
+    samples: FeedbackSample | Mapping[str, Any] | Sequence[Mapping[str, Any]], user: str | None = None
+) -> list[dict[str, Any]]:
+    """One sample or several, as the JSON list POST /v1/feedback (and the websocket) take; `user` goes
+    on each sample that does not name its own."""
     if isinstance(samples, str | bytes):
         raise TypeError("feedback takes a sample (a mapping) or a sequence of them, not a string")
     items = [samples] if isinstance(samples, Mapping) else list(samples)
@@ -155,6 +158,8 @@ def feedback_payload(samples: FeedbackSample | Mapping[str, Any] | Sequence[Mapp
         messages = sample.get("messages")
         if isinstance(messages, list | tuple):  # Message TypedDicts or other mappings: JSON needs dicts
             sample["messages"] = [dict(m) if isinstance(m, Mapping) else m for m in messages]
+        if user is not None:
+            sample.setdefault("user", user)
         payload.append(sample)
     return payload
 
@@ -227,13 +232,15 @@ class AdapterVersion:
 
 @dataclass(frozen=True)
 class AdapterList:
-    """GET /v1/adapters: the versions, oldest first, and the active one. `auto_publish` is False while
-    publishing is held (a version was activated by hand; activating the newest resumes it) or when the
-    server does not train."""
+    """GET /v1/adapters: one tenant's versions, oldest first, and the active one. `auto_publish` is False
+    while publishing is held (a version was activated by hand; activating the newest resumes it) or when
+    the server does not train. `tenant` is whose lineage it is ("" the shared one; None when the server
+    does not say)."""
 
     active: int
     auto_publish: bool
     versions: tuple[AdapterVersion, ...]
+    tenant: str | None = None
 
     @property
     def newest(self) -> AdapterVersion:
@@ -248,6 +255,7 @@ class AdapterList:
             active=payload["active"],
             auto_publish=payload.get("auto_publish") is True,
             versions=tuple(AdapterVersion.from_payload(item) for item in data),
+            tenant=_str_or_none(payload.get("tenant")),
         )
 
 

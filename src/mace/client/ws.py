@@ -90,7 +90,8 @@ class WsChatSession(AsyncClosing):
     def chat(
         self, messages: Sequence[Mapping[str, Any]], conversation_id: str | None = None, **params: Any
     ) -> WsConversation:
-        """Start a conversation (sent on first use); `params` are the chat completion fields."""
+        """Start a conversation (sent on first use); `params` are the chat completion fields (`user`
+        included)."""
         if self._closed:
             raise APIConnectionError("the websocket session is closed")
         conversation_id = conversation_id or uuid.uuid4().hex
@@ -114,12 +115,13 @@ class WsChatSession(AsyncClosing):
         return await self._retire(conversation_id, send_cancel=True, abort=True)
 
     async def feedback(
-        self, samples: FeedbackSample | Mapping[str, Any] | Sequence[FeedbackSample | Mapping[str, Any]]
+        self, samples: FeedbackSample | Mapping[str, Any] | Sequence[FeedbackSample | Mapping[str, Any]],
+        user: str | None = None,
     ) -> list[int]:
         """A feedback message: one sample or a list, as AsyncClient.feedback(); returns the journal ids
         once the server has stored them. A 429 or 503 with a retry delay is repeated as the client's
         retry policy allows."""
-        payload = feedback_payload(samples)
+        payload = feedback_payload(samples, user)
         return await self.retry.run(lambda: self._send_feedback(payload))
 
     async def correct(

@@ -16,12 +16,12 @@ from collections.abc import Callable
 import structlog
 
 from mace.config import MaceConfig
-from mace.engine.inbox import Abort, Activate, AddRequest, EngineMessage, Inbox, Ingest
+from mace.engine.inbox import Abort, Activate, AddRequest, EngineMessage, Inbox, Ingest, InstallLineage
 from mace.engine.latency import StepShape
 from mace.engine.load import EngineLoad
 from mace.engine.memory import Memory
 from mace.engine.plan import IterationPlan, RunnerOutput
-from mace.engine.request import RequestOutput
+from mace.engine.request import ACTIVE_VERSION, RequestOutput
 from mace.engine.runner import ModelRunner
 from mace.engine.scheduler import Scheduler
 from mace.model.loader import ModelBundle
@@ -56,7 +56,8 @@ class EngineCore:
             policy=trainer.policy if trainer is not None else None, train_source=trainer,
             prefix_cache=self.memory.prefix_cache, train_memory=self.memory.training, pruner=self.memory.pruner,
         )
-        self.adapter_version = trainer.active_version if trainer is not None else 0
+        self.adapter_version = trainer.active_version if trainer is not None else 0  # the shared lineage's
+        self._active_versions = trainer.active_versions() if trainer is not None else {}
         self.num_steps = 0
         self.last_plan: IterationPlan | None = None
         self.step_time_s_total = 0.0
@@ -79,6 +80,7 @@ class EngineCore:
 
     def handle(self, message: EngineMessage) -> None:
         if isinstance(message, AddRequest):
+            self._pin(message)
             self.scheduler.add_request(message.request)
         elif isinstance(message, Abort):
             output = self.scheduler.abort_request(message.request_id)
@@ -87,15 +89,32 @@ class EngineCore:
         elif isinstance(message, Ingest):
             if self.trainer is not None:
                 self.trainer.ingest()
+        elif isinstance(message, InstallLineage):
+            if self.trainer is not None:
+                self.trainer.install(message.files)
         else:
             self._activate(message)
+
+    def _pin(self, message: AddRequest) -> None:
+        """A new request runs with its lineage's active version, as it is when the request arrives."""
+        request = message.request
+        if request.adapter_version != ACTIVE_VERSION:  # chosen by the caller (tests, benchmarks)
+            return
+        if self.trainer is None:
+            request.adapter_version = 0
+            return
+        try:
+            request.adapter_version = self.trainer.pin(request.tenant)
+        except Exception:  # its lineage's files cannot be read: serve the base model rather than fail
+            log.exception("lineage not readable; the request runs on the base model", tenant=request.tenant)
+            request.adapter_version = 0
 
     def _activate(self, message: Activate) -> None:
         try:
             if self.trainer is None:
                 raise RuntimeError("no retraining policy is on, so only version 0 exists")
-            self.trainer.activate(message.version)
-            self.adapter_version = message.version
+            self.trainer.activate(message.version, message.tenant)
+            self.adapter_version = self.trainer.active_version
         except Exception as exc:  # reported to the caller, the engine goes on
             message.reply(exc)
             return
@@ -146,10 +165,12 @@ class EngineCore:
             return
         with self.runner.streams.training():  # the optimizer reads gradients the training stream wrote
             self.trainer.after_step()
-        if self.trainer.active_version != self.adapter_version:
+        active = self.trainer.active_versions()
+        if active != self._active_versions:
             self.runner.streams.publish_fence()
+        self._active_versions = active
         self.adapter_version = self.trainer.active_version
-        pinned = {r.adapter_version for r in [*self.scheduler.running, *self.scheduler.waiting]}
+        pinned = {(r.tenant, r.adapter_version) for r in [*self.scheduler.running, *self.scheduler.waiting]}
         self.trainer.release_versions(pinned)
 
     def _account(self, step_time_s: float, output: RunnerOutput) -> None:

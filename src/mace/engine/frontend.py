@@ -21,10 +21,13 @@ from mace.config import MaceConfig
 from mace.engine.admission import Admission, Overloaded, RequestRejected, ShuttingDown
 from mace.engine.core import EngineCore
 from mace.engine.detokenizer import IncrementalDetokenizer
-from mace.engine.inbox import Abort, Activate, AddRequest, EngineMessage, Ingest
+from mace.engine.inbox import Abort, Activate, AddRequest, EngineMessage, Ingest, InstallLineage
 from mace.engine.load import EngineLoad
-from mace.engine.request import Request, RequestOutput, SamplingParams
+from mace.engine.request import ACTIVE_VERSION, Request, RequestOutput, SamplingParams
 from mace.model.loader import ModelBundle
+from mace.tenancy import SHARED, tenant_dir
+from mace.train.adapters import read_catalog
+from mace.train.lineage import lineage_of
 from mace.train.publish_gate import AdapterCatalog
 from mace.train.trainer import Trainer
 
@@ -92,10 +95,39 @@ class AsyncEngine:
         return self.core.trainer is not None
 
     def adapters(self) -> AdapterCatalog:
-        """The published adapter versions, from memory (none without a trainer)."""
+        """The shared lineage's published adapter versions, from memory (none without a trainer)."""
         if self.core.trainer is None:
             return AdapterCatalog((), auto_publish=False)
-        return self.core.trainer.adapters()
+        catalog = self.core.trainer.adapters(SHARED)
+        assert catalog is not None, "the shared lineage is always resident"
+        return catalog
+
+    def lineage_of(self, tenant: str) -> str:
+        """The lineage `tenant`'s requests and samples use: its own under `train.tenancy = "per_tenant"`,
+        else the shared one."""
+        return lineage_of(tenant, self.config.train)  # by the config, whether training is on or not
+
+    async def catalog(self, tenant: str = SHARED) -> AdapterCatalog:
+        """`tenant`'s lineage's published versions (from its directory when it is not in memory)."""
+        trainer = self.core.trainer
+        if trainer is None:
+            return AdapterCatalog((), auto_publish=False)
+        lineage = trainer.lineage_of(tenant)
+        catalog = trainer.adapters(lineage)
+        if catalog is not None:
+            return catalog
+        # Read, not brought back: listing a lineage (or one that never existed) changes nothing.
+        root = tenant_dir(self.config.data_dir, lineage) / "adapters"
+        versions, active = await asyncio.to_thread(read_catalog, root)
+        newest = max((v.version for v in versions), default=0)
+        return AdapterCatalog(tuple(versions), auto_publish=active == newest, active=active)
+
+    async def _bring_back(self, lineage: str) -> None:
+        """Read an evicted (or new) lineage off the engine thread and queue it ahead of its request, so
+        that the engine thread only copies its tensors, at a step boundary."""
+        trainer = self.core.trainer
+        if trainer is not None and not trainer.is_resident(lineage):
+            self._submit(InstallLineage(await asyncio.wrap_future(trainer.request_lineage(lineage))))
 
     # ---- admission ----
 
@@ -173,9 +205,10 @@ class AsyncEngine:
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-        slo_class: str | None = None, priority: int = 0, admission: Admission | None = None,
+        slo_class: str | None = None, priority: int = 0, admission: Admission | None = None, tenant: str = SHARED,
     ) -> AsyncIterator[RequestOutput]:
         """Yields outputs with their text until the request finishes; closing the iterator early aborts it.
+        The request runs with the active version of `tenant`'s lineage (`lineage_of`).
 
         With an `admission` from `admit()` the request's checks have run already; without one (library
         use, tests) the prompt and SLO class are checked here."""
@@ -184,7 +217,9 @@ class AsyncEngine:
             slo_class = self.resolve_slo_class(slo_class)
         else:
             slo_class = admission.slo_class
-        request = self._request(prompt_token_ids, params, request_id, slo_class, priority)
+        lineage = self.lineage_of(tenant)
+        await self._bring_back(lineage)
+        request = self._request(prompt_token_ids, params, request_id, slo_class, priority, lineage)
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request.request_id] = stream
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
@@ -208,7 +243,7 @@ class AsyncEngine:
                 self.abort(request.request_id)
 
     def _request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None,
-                 slo_class: str, priority: int) -> Request:
+                 slo_class: str, priority: int, lineage: str) -> Request:
         request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
         if request_id in self._streams:
             raise RequestRejected(f"request id {request_id!r} is already in flight", param="request_id")
@@ -216,7 +251,7 @@ class AsyncEngine:
         return Request(
             request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
             eos_token_ids=self.core.bundle.eos_token_ids, max_model_len=self.max_model_len,
-            arrival_time_s=time.monotonic(), adapter_version=self.core.adapter_version,
+            arrival_time_s=time.monotonic(), adapter_version=ACTIVE_VERSION, tenant=lineage,
             slo_class=slo_class, ttft_s=target.ttft_s, tpot_s=target.tpot_s, priority=priority,
         )
 
@@ -228,10 +263,12 @@ class AsyncEngine:
         if self.core.trainer is not None:
             self._submit(Ingest())
 
-    async def activate(self, version: int) -> None:
-        """Serve `version` to new requests from the next step on (rollback or forward)."""
+    async def activate(self, version: int, tenant: str = SHARED) -> None:
+        """Serve `version` of `tenant`'s lineage to its new requests from the next step on (rollback or forward)."""
         if self.core.trainer is None:
             raise RequestRejected("no retraining policy is on, so only version 0 exists", param="version")
+        lineage = self.lineage_of(tenant)
+        await self._bring_back(lineage)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 
@@ -241,7 +278,7 @@ class AsyncEngine:
             else:
                 loop.call_soon_threadsafe(done.set_exception, error)
 
-        self._submit(Activate(version, reply))
+        self._submit(Activate(version, reply, lineage))
         await done
 
     def _submit(self, message: EngineMessage) -> None:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mace.engine.request import Request
+from mace.tenancy import SHARED
+from mace.train.lineage import LineageFiles
 
 
 @dataclass(frozen=True)
@@ -31,13 +33,21 @@ class Ingest:
 
 @dataclass(frozen=True)
 class Activate:
-    """Serve `version` to new requests; `reply` gets None, or the error, on the engine thread."""
+    """Serve `tenant`'s `version` to its new requests; `reply` gets None, or the error, on the engine thread."""
 
     version: int
     reply: Callable[[BaseException | None], None]
+    tenant: str = SHARED
 
 
-EngineMessage = AddRequest | Abort | Ingest | Activate
+@dataclass(frozen=True)
+class InstallLineage:
+    """A lineage read from the disk off the engine thread: make it resident before the requests behind it."""
+
+    files: LineageFiles
+
+
+EngineMessage = AddRequest | Abort | Ingest | Activate | InstallLineage
 
 
 class Inbox:

@@ -22,6 +22,7 @@ from mace.config import MaceConfig
 from mace.engine.kv_blocks import BlockPool
 from mace.engine.kv_pruning import KVPruner
 from mace.engine.prefix_cache import PrefixCache
+from mace.train.learner import num_slots, resident_tenants
 
 TRAIN_OWNER = "<training>"
 LOGITS_BYTES_PER_VOCAB = 8  # float32 logits and their gradient
@@ -57,9 +58,12 @@ def plan_memory(config: MaceConfig, causal_lm: Any, kv_bytes_per_token: int, bud
     max_tokens = max(train.chunk_tokens, train.idle_chunk_tokens, train.max_sample_tokens)
     return MemoryPlan(
         budget_bytes=budget_bytes,
-        # The learner's frozen copies: the gate's candidate, and a slot per version kept plus the one publishing.
-        adapters_bytes=adapter * (train.max_versions_loaded + 2),
-        learner_bytes=adapter * 4,
+        # The learner's frozen copies: the gate's candidate and every slot (the versions kept, the one
+        # publishing, each resident tenant's active one: learner.num_slots).
+        adapters_bytes=adapter * (num_slots(train) + 1),
+        # The learner's weights, gradients and two AdamW moments, and each resident tenant's parked
+        # weights and moments (train/lineage.py).
+        learner_bytes=adapter * (4 + 3 * resident_tenants(train)),
         training_bytes=per_token * max_tokens,
         training_bytes_per_token=per_token,
         kv_block_bytes=block_bytes,

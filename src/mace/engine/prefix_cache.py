@@ -35,8 +35,10 @@ ROOT_PREFIX = b"mace-adapter-v"
 
 
 def root_key(request: Request) -> bytes:
-    """The parent of a request's first block: its pinned adapter version."""
-    return ROOT_PREFIX + str(request.adapter_version).encode()
+    """The parent of a request's first block: its pinned adapter version, in its lineage (version 0 is
+    the base model in every lineage, so tenants share its KV)."""
+    key = ROOT_PREFIX + str(request.adapter_version).encode()
+    return key + b"@" + request.tenant.encode() if request.tenant and request.adapter_version else key
 
 
 def block_key(parent: bytes, tokens: Sequence[int]) -> bytes:

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 MIN_SAMPLING_TEMPERATURE = 1e-5  # a lower temperature samples greedily
 
 
+ACTIVE_VERSION = -1  # a request's `adapter_version` until the engine pins its lineage's active one
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -70,7 +73,10 @@ class Request:
     eos_token_ids: frozenset[int]
     max_model_len: int
     arrival_time_s: float
+    # ACTIVE_VERSION (what the front end sends): its lineage's active version, pinned by the engine
+    # thread when the request arrives (`EngineCore.handle`).
     adapter_version: int = 0
+    tenant: str = ""  # the lineage whose versions serve it (mace/tenancy.py; "": the shared one)
     slo_class: str = "interactive"
     ttft_s: float = math.inf  # the class's targets; infinite when no SLO applies
     tpot_s: float = math.inf

@@ -134,7 +134,7 @@ class ModelRunner:
         if self.trainer is None:
             return self._forward(inputs)
         learner = self.trainer.learner
-        names = [learner.adapter_for(chunk.request.adapter_version)
+        names = [learner.adapter_for(chunk.request.adapter_version, chunk.request.tenant)
                  for chunk in inputs.singles + inputs.multis for _ in range(chunk.num_new_tokens)]
         with learner.serving(names):
             return self._forward(inputs)

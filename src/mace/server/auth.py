@@ -1,11 +1,13 @@
-"""API keys, scopes and the middleware that admits a request: shutdown state, key, scope, rate limit.
+"""API keys, scopes and the middleware that admits a request: shutdown state, key, scope, rate limit;
+and the tenant a request speaks for (mace/tenancy.py).
 
 Keys arrive as `Authorization: Bearer <key>` (the websocket upgrade may use `?api_key=` instead, as
 browsers cannot set headers there); only their sha256 digests are held. Scopes: `infer` (generation,
-models, adapters list, websocket), `train` (feedback), `admin` (adapter activation and rollback;
-an admin key may do everything). /health, /ready, /metrics, /openapi.json and pages outside /v1/
-stay open. With no keys configured every request is admitted as `anonymous` without rate limits,
-which is only allowed on a loopback address (see `check_bind`).
+models, adapters list, websocket), `train` (feedback, and activating a version of the key's own
+lineages), `act_for_users` (OpenAI's `user` field names an end user of the key's tenant), `admin`
+(every lineage, the shared one included; an admin key may do everything). /health, /ready, /metrics,
+/openapi.json and pages outside /v1/ stay open. With no keys configured every request is admitted as
+`anonymous` without rate limits, which is only allowed on a loopback address (see `check_bind`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mace.config import SCOPES, Scope, ServerConfig
 from mace.server.errors import ApiError
 from mace.server.keys import RUNTIME
 from mace.server.limits import ConcurrencyCap, KeyLimiter
+from mace.tenancy import SHARED, InvalidTenant, acts_for, check_segment, for_user
 
 log = structlog.get_logger(__name__)
 
@@ -31,16 +34,17 @@ WEBSOCKET_PATH = "/v1/ws"
 
 @dataclass(frozen=True)
 class Principal:
-    """Who sent a request: the key's name (never the key), its scopes and its rate limits."""
+    """Who sent a request: the key's name (never the key), its scopes, its rate limits and its tenant."""
 
     name: str
     scopes: frozenset[Scope]
     requests_per_minute: float = 0.0
     samples_per_minute: float = 0.0
+    tenant: str = SHARED
 
     @property
     def is_anonymous(self) -> bool:
-        return self.name == ANONYMOUS.name
+        return self is ANONYMOUS  # not by name: a key may be called "anonymous"
 
     def allows(self, scope: Scope) -> bool:
         return scope in self.scopes or "admin" in self.scopes
@@ -48,6 +52,45 @@ class Principal:
 
 ANONYMOUS = Principal("anonymous", frozenset(SCOPES))
 PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+def resolve_tenant(principal: Principal, user: str | None) -> str:
+    """The tenant a request or sample of `principal` speaks for, given OpenAI's `user` field: the key's
+    own without one; on a server without keys, `user` alone; otherwise `KEY_TENANT/user`, which needs the
+    `act_for_users` scope so that a key cannot write into, or be served from, another's lineage."""
+    if user is None:
+        return principal.tenant
+    try:
+        if principal.is_anonymous:
+            return check_segment(user)
+        if not principal.allows("act_for_users"):
+            raise ApiError(403, "this API key lacks the 'act_for_users' scope needed to send `user`: without it, "
+                           "requests and samples use the key's own tenant", param="user", code="insufficient_scope")
+        return for_user(principal.tenant, user)
+    except InvalidTenant as exc:
+        raise ApiError(400, str(exc), param="user", code="invalid_user") from None
+
+
+def may_list(principal: Principal, tenant: str) -> bool:
+    """Whether `principal` may read `tenant`'s lineage: admin any; a key its own and, with `act_for_users`,
+    its users'; everyone the shared lineage, which serves everyone."""
+    return (principal.allows("admin") or tenant in (SHARED, principal.tenant)
+            or ("act_for_users" in principal.scopes and acts_for(principal.tenant, tenant)))
+
+
+def check_lineage(principal: Principal, tenant: str, lineage: str, change: bool) -> None:
+    """Raise ApiError 403 unless `principal` may list (`change` False) or activate versions of `tenant`'s
+    lineage; `lineage` is the one the engine maps it to. Changing needs what reading does, and admin for
+    the shared lineage (under `train.tenancy = "shared"` every tenant's maps to it)."""
+    if principal.allows("admin"):
+        return
+    if change and lineage == SHARED:
+        raise ApiError(403, "activating a version of the shared lineage needs the 'admin' scope: it serves every "
+                       "request without a lineage of its own", param="tenant", code="insufficient_scope")
+    if not may_list(principal, tenant):
+        verb = "activate" if change else "list"
+        raise ApiError(403, f"this API key may not {verb} the versions of tenant {tenant!r}", param="tenant",
+                       code="forbidden_tenant")
 
 
 def hash_key(secret: str) -> str:
@@ -61,7 +104,7 @@ def required_scope(method: str, path: str) -> Scope | None:
     if path.startswith("/v1/feedback"):
         return "train"
     if path.startswith("/v1/adapters/") and method not in ("GET", "HEAD", "OPTIONS"):
-        return "admin"
+        return "train"  # and the lineage's owner or admin: `check_lineage`, once the tenant is known
     return "infer"
 
 
@@ -90,10 +133,11 @@ class Guard:
         self.config = config
         self._keys = {
             key.sha256: Principal(
-                key.name or f"key-{key.sha256[:8]}",
+                key.display_name,
                 frozenset(key.scopes),
                 config.requests_per_minute if key.requests_per_minute is None else key.requests_per_minute,
                 config.samples_per_minute if key.samples_per_minute is None else key.samples_per_minute,
+                key.tenant_name,
             )
             for key in config.api_keys
         }

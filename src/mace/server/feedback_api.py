@@ -1,4 +1,9 @@
-"""Learning endpoints: POST/GET /v1/feedback (the journal), GET /v1/adapters, POST /v1/adapters/{v}/activate."""
+"""Learning endpoints: POST/GET /v1/feedback (the journal), GET /v1/adapters, POST /v1/adapters/{v}/activate.
+
+Each sample trains the lineage of the tenant it speaks for, and the adapter routes act on one tenant's
+lineage (`?tenant=` or `?user=`, by default the caller's own); `auth.resolve_tenant` and
+`auth.check_lineage` decide who may name which.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,13 @@ from aiohttp import web
 from pydantic import Field, model_validator
 
 from mace.engine.api import Journal, NewSample, RequestRejected
-from mace.server.auth import GUARD, PRINCIPAL, Guard, Principal
+from mace.server.auth import GUARD, PRINCIPAL, Guard, Principal, check_lineage, resolve_tenant
 from mace.server.errors import ApiError, dumps
 from mace.server.keys import RUNTIME
 from mace.server.openai_api import parse_body, read_json
 from mace.server.protocol import ChatMessage, _Body
 from mace.server.runtime import Runtime
+from mace.tenancy import InvalidTenant, check_tenant
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -31,7 +37,7 @@ class FeedbackSample(_Body):
     completion: str | None = None
     messages: list[ChatMessage] | None = None
     request_id: str | None = Field(None, max_length=256)
-    tenant: str | None = Field(None, max_length=256)
+    user: str | None = Field(None, max_length=256, description="the end user it speaks for (OpenAI's `user`)")
     weight: float = Field(1.0, gt=0, le=100)
 
     @model_validator(mode="after")
@@ -55,7 +61,7 @@ class FeedbackSample(_Body):
         return [{"role": "user", "content": self.prompt or ""}], self.completion or ""
 
 
-def _samples(runtime: Runtime, data: Any) -> list[NewSample]:
+def _samples(runtime: Runtime, principal: Principal, data: Any) -> list[NewSample]:
     items = data if isinstance(data, list) else [data]
     limit = runtime.config.train.max_samples_per_request
     if not items or len(items) > limit:
@@ -63,14 +69,19 @@ def _samples(runtime: Runtime, data: Any) -> list[NewSample]:
     tokenizer = runtime.ready_engine().tokenizer
     samples = []
     for index, item in enumerate(items):
+        if isinstance(item, dict) and "tenant" in item:  # refused, not ignored: it would otherwise train the key's own
+            raise ApiError(400, "a sample cannot name its tenant: send `user` (a key with the act_for_users scope "
+                           "acts for its end users)", param=f"{index}.tenant", code="invalid_value")
         sample = parse_body(FeedbackSample, item)
+        tenant = resolve_tenant(principal, sample.user)
         turns, answer = sample.conversation()
         prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
         num_tokens = len(tokenizer.encode(prompt + answer, add_special_tokens=False))
         if num_tokens > runtime.config.train.max_sample_tokens:
             raise ApiError(400, f"sample {index} has {num_tokens} tokens; the limit is "
                            f"{runtime.config.train.max_sample_tokens}", param=f"{index}", code="sample_too_long")
-        samples.append(NewSample(prompt, answer, sample.request_id, sample.tenant, sample.weight))
+        samples.append(NewSample(prompt, answer, request_id=sample.request_id, tenant=tenant or None,
+                                 weight=sample.weight))
     return samples
 
 
@@ -89,7 +100,7 @@ async def store_feedback(runtime: Runtime, guard: Guard, principal: Principal, d
     answer through this, so the two cannot drift apart. Every refusal is raised before anything is
     written (a failed write rolls back), so a 429 or 503 from here is safe to retry."""
     journal = _journal(runtime)
-    samples = _samples(runtime, data)
+    samples = _samples(runtime, principal, data)
     guard.count_samples(principal, len(samples))
     with guard.feedback_writes.hold("server"):
         try:
@@ -130,16 +141,35 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def _lineage_tenant(request: web.Request) -> str:
+    """The tenant an adapter route acts on: `?tenant=NAME` (empty: the shared lineage), `?user=U` (that
+    user's, as a generation's `user` field), or the caller's own."""
+    principal = request[PRINCIPAL]
+    tenant, user = request.query.get("tenant"), request.query.get("user")
+    if tenant is not None and user is not None:
+        raise ApiError(400, "give tenant or user, not both", param="tenant")
+    if user is not None:
+        return resolve_tenant(principal, user)
+    if tenant is None:
+        return principal.tenant
+    try:
+        return check_tenant(tenant)  # names become directories under the data dir: none may escape it
+    except InvalidTenant as exc:
+        raise ApiError(400, str(exc), param="tenant", code="invalid_tenant") from None
+
+
 @routes.get("/v1/adapters")
 async def list_adapters(request: web.Request) -> web.Response:
     engine = request.app[RUNTIME].ready_engine()
-    catalog = engine.adapters()
+    tenant = _lineage_tenant(request)
+    check_lineage(request[PRINCIPAL], tenant, engine.lineage_of(tenant), change=False)
+    catalog = await engine.catalog(tenant)
     versions: list[dict[str, Any]] = [{"version": 0, "name": "base", "serving_loss": None, "learner_loss": None}]
     versions += [{**asdict(v), "serving_loss": _finite(v.serving_loss), "learner_loss": _finite(v.learner_loss)}
                  for v in catalog.versions]
     for version in versions:
-        version["active"] = version["version"] == engine.adapter_version
-    body = {"object": "list", "active": engine.adapter_version, "auto_publish": catalog.auto_publish,
+        version["active"] = version["version"] == catalog.active
+    body = {"object": "list", "tenant": tenant, "active": catalog.active, "auto_publish": catalog.auto_publish,
             "data": versions}
     return web.json_response(body, dumps=dumps)
 
@@ -151,11 +181,13 @@ async def activate_adapter(request: web.Request) -> web.Response:
     if not raw.isdigit():
         raise ApiError(400, "version must be a non-negative integer", param="version")
     version = int(raw)
-    if not engine.adapters().has(version):
+    tenant = _lineage_tenant(request)
+    check_lineage(request[PRINCIPAL], tenant, engine.lineage_of(tenant), change=True)
+    if not (await engine.catalog(tenant)).has(version):
         raise ApiError(404, f"adapter version {version} does not exist", param="version", code="adapter_not_found")
     try:
         if engine.has_trainer:
-            await engine.activate(version)
+            await engine.activate(version, tenant=tenant)
     except RequestRejected as exc:
         raise ApiError(400, str(exc), param="version") from None
-    return web.json_response({"object": "adapter.activated", "active": version}, dumps=dumps)
+    return web.json_response({"object": "adapter.activated", "tenant": tenant, "active": version}, dumps=dumps)

@@ -29,21 +29,23 @@ class PreparedRequest:
     max_tokens: int
     created: int
     admission: Admission  # released when the answer is over (`with prepared.admission:`)
+    tenant: str  # whose adapter lineage answers (`auth.resolve_tenant`)
 
     @property
     def slo_class(self) -> str:
         return self.admission.slo_class
 
 
-def prepare_chat(runtime: Runtime, body: ChatCompletionRequest, request_id: str | None = None) -> PreparedRequest:
+def prepare_chat(runtime: Runtime, body: ChatCompletionRequest, tenant: str,
+                 request_id: str | None = None) -> PreparedRequest:
     engine = _check_model(runtime, body)
     tokenizer = engine.tokenizer
     text = tokenizer.apply_chat_template(body.template_messages(), add_generation_prompt=True, tokenize=False)
     ids = tokenizer.encode(text, add_special_tokens=False)
-    return _prepared(runtime, body, ids, request_id or f"chatcmpl-{uuid.uuid4().hex}")
+    return _prepared(runtime, body, ids, request_id or f"chatcmpl-{uuid.uuid4().hex}", tenant)
 
 
-def prepare_completion(runtime: Runtime, body: CompletionRequest) -> PreparedRequest:
+def prepare_completion(runtime: Runtime, body: CompletionRequest, tenant: str) -> PreparedRequest:
     engine = _check_model(runtime, body)
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -54,7 +56,7 @@ def prepare_completion(runtime: Runtime, body: CompletionRequest) -> PreparedReq
     else:
         text = prompt if isinstance(prompt, str) else str(prompt[0])
         ids = engine.tokenizer.encode(text, add_special_tokens=False)
-    return _prepared(runtime, body, ids, f"cmpl-{uuid.uuid4().hex}")
+    return _prepared(runtime, body, ids, f"cmpl-{uuid.uuid4().hex}", tenant)
 
 
 def _check_model(runtime: Runtime, body: ChatCompletionRequest | CompletionRequest) -> AsyncEngine:
@@ -68,7 +70,7 @@ def _check_model(runtime: Runtime, body: ChatCompletionRequest | CompletionReque
 
 
 def _prepared(
-    runtime: Runtime, body: ChatCompletionRequest | CompletionRequest, ids: list[int], request_id: str
+    runtime: Runtime, body: ChatCompletionRequest | CompletionRequest, ids: list[int], request_id: str, tenant: str
 ) -> PreparedRequest:
     """The server's own limits, then the engine's admission: the last check, as it takes a place."""
     engine = runtime.ready_engine()
@@ -84,7 +86,7 @@ def _prepared(
     admission = _admit(runtime, engine, len(ids), requested, body.mace_slo)
     room = engine.max_model_len - len(ids)
     max_tokens = requested if requested is not None else min(limits.default_max_tokens, limits.max_output_tokens, room)
-    return PreparedRequest(request_id, ids, body, max_tokens, int(time.time()), admission)
+    return PreparedRequest(request_id, ids, body, max_tokens, int(time.time()), admission, tenant)
 
 
 def _admit(runtime: Runtime, engine: AsyncEngine, num_prompt_tokens: int, max_tokens: int | None,
@@ -111,7 +113,8 @@ async def generate(runtime: Runtime, prepared: PreparedRequest) -> AsyncIterator
     final: RequestOutput | None = None
     try:
         async for delta in engine.generate(prepared.prompt_token_ids, params, prepared.request_id,
-                                           priority=prepared.body.priority, admission=prepared.admission):
+                                           priority=prepared.body.priority, admission=prepared.admission,
+                                           tenant=prepared.tenant):
             now = time.monotonic()
             if delta.new_token_ids:
                 if first_token_s is None:
@@ -156,6 +159,7 @@ def _record(
         finish_reason=finish_reason,
         adapter_version=final.adapter_version if final is not None else None,
         slo_class=prepared.slo_class,
+        tenant=prepared.tenant,
     )
 
 

@@ -2,6 +2,8 @@
 
 The request path records the counters and histograms as requests go; the engine's gauges come from
 one collector (`LoadCollector`) that reads the engine's last `EngineLoad` snapshot once per scrape.
+Tenant names appear as labels only for the few lineages the snapshot lists (the top ones by training
+time), the rest summed under `_other`, so the number of series stays bounded however many tenants come.
 """
 
 from __future__ import annotations
@@ -104,6 +106,9 @@ GAUGES: tuple[tuple[str, str, Callable[[EngineLoad], float]], ...] = (
     ("mace:adapter_active_version", "Adapter version new requests use.", _train(lambda t: t.active_version)),
     ("mace:seconds_since_publish", "Seconds since the last publish.", _train(lambda t: t.seconds_since_publish)),
     ("mace:drift_signal", "Intake loss relative to its value at the last publish.", _train(lambda t: t.drift)),
+    ("mace:tenants", "Tenant lineages known since start.", _train(lambda t: t.num_tenants)),
+    ("mace:tenants_resident", "Tenant lineages loaded in memory now (train.max_resident_tenants).",
+     _train(lambda t: t.num_resident_tenants)),
     ("mace:train_step_time_share", "Share of engine step time spent training (0-1).",
      lambda s: s.train.train_seconds_total / s.step_time_s_total
      if s.train is not None and s.step_time_s_total > 0 else 0.0),
@@ -127,3 +132,21 @@ class LoadCollector(Collector):
         load = self._load()
         for name, documentation, read in GAUGES:
             yield GaugeMetricFamily(name, documentation, value=float(read(load)) if load is not None else 0.0)
+        yield tenant_train_seconds(load.train if load is not None else None)
+
+
+OTHER_TENANTS = "_other"
+SHARED_LABEL = "_shared"  # an empty label value would read as no label at all
+
+
+def tenant_train_seconds(train: TrainStats | None) -> GaugeMetricFamily:
+    """Training time by lineage: the snapshot's top lineages by name, everything else as `_other`."""
+    family = GaugeMetricFamily("mace:tenant_train_seconds_total", "Wall time spent training each lineage: the "
+                               "top ones by training time by name, the rest summed under _other.",
+                               labels=["tenant"])
+    if train is None:
+        return family
+    for tenant in train.tenants:
+        family.add_metric([tenant.tenant or SHARED_LABEL], tenant.train_seconds_total)
+    family.add_metric([OTHER_TENANTS], train.other_tenants_train_seconds)
+    return family

@@ -9,6 +9,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from mace.engine.api import RequestOutput
+from mace.server.auth import PRINCIPAL, resolve_tenant
 from mace.server.errors import ApiError, dumps, from_validation
 from mace.server.generation import PreparedRequest, generate, prepare_chat, prepare_completion
 from mace.server.keys import RUNTIME
@@ -50,14 +51,16 @@ async def list_models(request: web.Request) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     body = parse_body(ChatCompletionRequest, await read_json(request))
-    return await _respond(request, prepare_chat(runtime, body), chat=True)
+    tenant = resolve_tenant(request[PRINCIPAL], body.user)
+    return await _respond(request, prepare_chat(runtime, body, tenant), chat=True)
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     body = parse_body(CompletionRequest, await read_json(request))
-    return await _respond(request, prepare_completion(runtime, body), chat=False)
+    tenant = resolve_tenant(request[PRINCIPAL], body.user)
+    return await _respond(request, prepare_completion(runtime, body, tenant), chat=False)
 
 
 async def _respond(request: web.Request, prepared: PreparedRequest, chat: bool) -> web.StreamResponse:

@@ -62,6 +62,10 @@ def _paths() -> dict[str, Any]:
     version = [{"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}]
     window = [{"name": "window_s", "in": "query", "required": False,
                "schema": {"type": "number", "minimum": 0.5, "maximum": MAX_WINDOW_S}}]
+    lineage = [{"name": "tenant", "in": "query", "required": False, "schema": {"type": "string"},
+                "description": "the tenant whose lineage to act on (empty: the shared one); default the key's own"},
+               {"name": "user", "in": "query", "required": False, "schema": {"type": "string"},
+                "description": "instead of tenant: this end user's tenant, as a generation's `user` field"}]
     api_key = [{"name": "api_key", "in": "query", "required": False, "schema": {"type": "string"},
                 "description": "for browsers, which cannot set headers on a websocket upgrade"}]
     return {
@@ -73,10 +77,11 @@ def _paths() -> dict[str, Any]:
         "/v1/ws": {"get": _operation("Websocket chat (docs/websocket.md)", "infer", ok="101", params=api_key)},
         "/v1/feedback": {"post": _operation("Store training samples", "train", feedback_body, ok="202"),
                          "get": _operation("Journal counts", "train")},
-        "/v1/adapters": {"get": _operation("Adapter versions", "infer")},
+        "/v1/adapters": {"get": _operation("A tenant's adapter versions", "infer", params=lineage)},
         "/v1/stats": {"get": _operation("Live figures for the dashboard over a recent window", "infer", params=window)},
-        "/v1/adapters/{version}/activate": {"post": _operation("Activate (roll back or forward) a version", "admin",
-                                                               params=version)},
+        "/v1/adapters/{version}/activate": {"post": _operation(
+            "Activate (roll back or forward) a version of a tenant's lineage; the shared one needs admin", "train",
+            params=version + lineage)},
         "/health": {"get": _operation("Liveness", None)},
         "/ready": {"get": _operation("Readiness", None)},
         "/metrics": {"get": _operation("Prometheus metrics", None)},

@@ -55,6 +55,8 @@ class _GenerationBody(_Body):
     mace_slo: str | None = Field(None, max_length=64, description="extension: the SLO class (e.g. interactive, batch)")
     priority: StrictInt = Field(0, ge=-1000, le=1000,
                                 description="extension (vLLM): lower is more important when memory forces preemption")
+    user: str | None = Field(None, max_length=256, description="the end user (OpenAI's); names the tenant whose "
+                             "adapter answers, for a key with the act_for_users scope or a server without keys")
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
 

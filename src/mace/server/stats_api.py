@@ -17,7 +17,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import Histogram
 
-from mace.engine.api import AdapterVersion, EngineLoad
+from mace.engine.api import AdapterVersion, EngineLoad, TenantStats, TrainStats
+from mace.server.auth import PRINCIPAL, Principal, may_list
 from mace.server.errors import ApiError, dumps
 from mace.server.keys import RUNTIME
 from mace.server.metrics import ServerMetrics
@@ -156,7 +157,29 @@ def _engine(stats: EngineLoad) -> dict[str, Any]:
     }
 
 
-def _train(stats: EngineLoad, now: Snapshot, then: Snapshot, span_s: float) -> dict[str, Any] | None:
+def _tenant(tenant: TenantStats) -> dict[str, Any]:
+    return {
+        "tenant": tenant.tenant,
+        "active_version": tenant.active_version,
+        "optimizer_steps": tenant.num_optimizer_steps,
+        "train_seconds_total": tenant.train_seconds_total,
+        "tokens_total": tenant.train_tokens_total,
+        "drift": _finite(tenant.drift),
+        "pending_samples": tenant.num_trainable,
+        "resting": tenant.resting,
+        "resident": tenant.resident,
+    }
+
+
+def _tenants(train: TrainStats, principal: Principal) -> dict[str, Any]:
+    """The counts, and the lineages that trained longest; a key sees only the names it may list itself,
+    so one tenant does not learn who the others are."""
+    top = [_tenant(t) for t in train.tenants if may_list(principal, t.tenant)]
+    return {"count": train.num_tenants, "resident": train.num_resident_tenants, "top": top}
+
+
+def _train(stats: EngineLoad, now: Snapshot, then: Snapshot, span_s: float,
+           principal: Principal) -> dict[str, Any] | None:
     train = stats.train
     if train is None:
         return None
@@ -175,6 +198,7 @@ def _train(stats: EngineLoad, now: Snapshot, then: Snapshot, span_s: float) -> d
         "pending_samples": train.num_trainable,
         "resting": train.is_converged,  # the learner fits every sample it has: `mace` waits for new feedback
         "seconds_since_publish": _finite(train.seconds_since_publish),
+        "tenants": _tenants(train, principal),
     }
 
 
@@ -197,11 +221,13 @@ async def get_stats(request: web.Request) -> web.Response:
     }
     engine = runtime.engine
     if stats is not None and engine is not None:
-        catalog = engine.adapters()  # from memory: no disk read per poll
+        # The shared lineage's, from memory: a poll must not read a tenant's lineage back from disk. Each
+        # tenant's active version is in train.tenants.
+        catalog = engine.adapters()
         body.update(_engine(stats))
-        body["train"] = _train(stats, now, then, span_s)
+        body["train"] = _train(stats, now, then, span_s, request[PRINCIPAL])
         body["adapters"] = {
-            "active": stats.adapter_version,
+            "active": catalog.active,
             "auto_publish": catalog.auto_publish,
             "versions": [_version(v) for v in catalog.versions],
         }

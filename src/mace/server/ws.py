@@ -1,6 +1,6 @@
 """Websocket chat at /v1/ws: several conversations multiplexed on one socket by `id`.
 
-Client -> server: {"type": "chat", "id", "messages", ...same sampling fields as chat completions}
+Client -> server: {"type": "chat", "id", "messages", ...same fields as chat completions, `user` included}
                   {"type": "feedback", "id", "samples": one sample or a list, as POST /v1/feedback}
                   {"type": "cancel", "id"}   {"type": "ping"}
 Server -> client: {"type": "delta", "id", "text"}
@@ -22,7 +22,7 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
-from mace.server.auth import GUARD, PRINCIPAL, Guard
+from mace.server.auth import GUARD, PRINCIPAL, Guard, resolve_tenant
 from mace.server.errors import ApiError
 from mace.server.feedback_api import store_feedback, training_state
 from mace.server.generation import PreparedRequest, generate, prepare_chat
@@ -112,15 +112,16 @@ class _Socket:
         guard = self.request.app[GUARD]
         fields = {k: v for k, v in message.items() if k not in ("type", "id")}
         fields.setdefault("model", runtime.served_model_name)
-        try:  # the order of POST /v1/chat/completions: rate, body, the key's streams, then admission
+        try:  # the order of POST /v1/chat/completions: rate, body, tenant, the key's streams, then admission
             guard.count_request(self.principal)
             body = parse_body(ChatCompletionRequest, fields)
+            tenant = resolve_tenant(self.principal, body.user)
             guard.start_stream(self.principal)
         except ApiError as exc:
             await self.send_error(conversation_id, exc)
             return
         try:
-            prepared = prepare_chat(runtime, body)
+            prepared = prepare_chat(runtime, body, tenant)
         except ApiError as exc:
             guard.end_stream(self.principal)
             await self.send_error(conversation_id, exc)

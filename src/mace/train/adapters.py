@@ -41,6 +41,21 @@ class AdapterVersion:
     reason: str
 
 
+def read_catalog(root: Path) -> tuple[list[AdapterVersion], int]:
+    """A lineage's versions and active version from its directory, read only (any thread; a directory
+    that does not exist is a lineage with no version yet)."""
+    if not root.is_dir():
+        return [], 0
+    versions = sorted(_scan(root), key=lambda v: v.version)
+    marker = root / "ACTIVE"
+    active = int(marker.read_text()) if marker.is_file() else 0
+    return versions, active if any(v.version == active for v in versions) else 0
+
+
+def _scan(root: Path) -> list[AdapterVersion]:
+    return [AdapterVersion(**json.loads(meta.read_text())) for meta in root.glob("v*/meta.json")]
+
+
 class AdapterStore:
     def __init__(self, root: Path, writer: DiskWriter | None = None) -> None:
         self.root = root
@@ -48,14 +63,11 @@ class AdapterStore:
         self._owns_writer = writer is None
         self._writer = writer if writer is not None else DiskWriter("mace-adapters")
         self._lock = threading.Lock()  # versions are listed from the event loop while the engine thread publishes
-        self._versions = {v.version: v for v in self._scan()}
+        self._versions = {v.version: v for v in _scan(root)}
         self._active: int | None = None  # the newest set_active, written or not
 
     def path(self, version: int) -> Path:
         return self.root / f"v{version}"
-
-    def _scan(self) -> list[AdapterVersion]:
-        return [AdapterVersion(**json.loads(meta.read_text())) for meta in self.root.glob("v*/meta.json")]
 
     def versions(self) -> list[AdapterVersion]:
         with self._lock:

@@ -1,4 +1,4 @@
-"""The learner's checkpoint: its LoRA weights, AdamW state and the journal cursor, in one file.
+"""A lineage's learner checkpoint: its LoRA weights, AdamW moments and the journal cursor, in one file.
 
 The state is copied to the CPU on the engine thread (the optimizer's state dict holds its live
 tensors, which the next optimizer step changes in place) and written by the writer thread
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mace.train.learner import Learner
+from mace.train.learner import LearnerState
 from mace.train.writer import DiskWriter
 
 
@@ -35,9 +35,10 @@ class Checkpoints:
         self._writer = writer
         self.last_saved_s = time.monotonic()
 
-    def save(self, learner: Learner, cursor: int) -> None:
-        """Queue a checkpoint of `learner` as it is now."""
-        state = {**cpu_copy(learner.state_dict()), "cursor": cursor}
+    def save(self, learner: LearnerState, cursor: int) -> None:
+        """Queue a checkpoint of `learner` (a copy the caller will not change: `Learner.capture`, or a
+        parked lineage's state, copied here to the CPU)."""
+        state = {**cpu_copy(learner.to_dict()), "cursor": cursor}
         self.last_saved_s = time.monotonic()
         self._writer.submit(lambda: self._write(state))
 
@@ -47,6 +48,8 @@ class Checkpoints:
         torch.save(state, tmp)
         os.replace(tmp, self.path)
 
-    def restore(self, learner: Learner) -> None:
-        if self.path.is_file():
-            learner.load_state_dict(torch.load(self.path, weights_only=True))
+    def read(self, parameter_names: list[str]) -> LearnerState | None:
+        """The saved state (any thread: disk only), or None without a checkpoint."""
+        if not self.path.is_file():
+            return None
+        return LearnerState.from_dict(torch.load(self.path, weights_only=True), parameter_names)

@@ -1,10 +1,12 @@
-"""Intake: journaled samples become training samples (engine thread, tensor-free).
+"""Intake: journaled samples become training samples (tensor-free).
 
-Each sample is read from the journal once, past the cursor, and tokenized once; the held-out choice
-(`held_out_every`) is made when the journal stores it. Once its score (its loss under the serving
-version, a forward pass the trainer queues) is in, `accept` files it: the held-out slice for the
-publish gate, or the replay buffer. A restart rebuilds both from the journal's recent window
-(`resume`), as a trainer that never stopped would hold them.
+`SampleReader` reads each sample from the journal once, past the cursor, and tokenizes it once; the
+held-out choice (`held_out_every`) is made when the journal stores it. Each lineage (one tenant's
+learning, train/lineage.py) has its own `Intake`: once a sample's score (its loss under that
+lineage's serving version, a forward pass the trainer queues) is in, `accept` files it: the held-out
+slice for the publish gate, or the replay buffer. A restart, or a lineage brought back from disk,
+rebuilds both from the journal's recent window (`resume`), as a trainer that never stopped would hold
+them.
 """
 
 from __future__ import annotations
@@ -40,29 +42,62 @@ class GateSlice:
     held_out: bool  # False: samples the learner trains on (no held-out sample yet)
 
 
-class Intake:
-    def __init__(self, tokenizer: Any, journal: Journal, config: TrainConfig, replay: ReplayBuffer,
-                 drift: DriftSignal) -> None:
+class SampleReader:
+    """The journal past the cursor, tokenized, with each sample's tenant (engine thread; `window` and
+    `tokenize` also on the thread that brings a lineage back)."""
+
+    def __init__(self, tokenizer: Any, journal: Journal, config: TrainConfig) -> None:
         self.tokenizer = tokenizer
         self.journal = journal
+        self.config = config
+        self.cursor = 0  # the highest journal id read
+
+    def start(self) -> None:
+        """Read from what is journaled from now on: samples already there come back through `window`."""
+        self.cursor = self.journal.last_id()
+
+    def read_new(self) -> list[tuple[str, NewTrainSample]]:
+        """Samples journaled since the last call, tokenized, with their tenant."""
+        found = []
+        while stored := self.journal.since(self.cursor):
+            found += [(row.tenant, NewTrainSample(self.sample(row), row.held_out)) for row in stored]
+            self.cursor = stored[-1].sample_id
+        return found
+
+    def window(self, tenant: str | None) -> list[tuple[StoredSample, TrainSample]]:
+        """`tenant`'s recent window (None: everyone's), tokenized."""
+        rows = self.journal.window(self.config.replay_window, self.config.heldout_size, tenant)
+        return [(row, self.sample(row)) for row in rows]
+
+    def sample(self, row: StoredSample) -> TrainSample:
+        sample = self._tokenize(row.sample_id, row.prompt, row.completion, row.created_at, row.weight)
+        sample.num_trained = row.num_trained
+        return sample
+
+    def _tokenize(self, sample_id: int, prompt: str, completion: str, created_at: float, weight: float) -> TrainSample:
+        max_tokens = self.config.max_sample_tokens
+        answer_ids = [*self.tokenizer.encode(completion, add_special_tokens=False), self.tokenizer.eos_token_id]
+        answer_ids = answer_ids[: max_tokens - 1]
+        # An over-long sample loses the start of its prompt, never its answer (the part that is learned).
+        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False)[-(max_tokens - len(answer_ids)) :]
+        return TrainSample(sample_id, prompt_ids + answer_ids, len(prompt_ids), created_at, weight)
+
+
+class Intake:
+    """One lineage's samples: the held-out slice and the replay buffer, and the drift their scores feed."""
+
+    def __init__(self, config: TrainConfig, replay: ReplayBuffer, drift: DriftSignal) -> None:
         self.config = config
         self.replay = replay
         self.drift = drift
         self.heldout: list[TrainSample] = []  # the publish gate's slice, oldest first
-        self.cursor = 0  # the highest journal id read
         self.num_samples_read = 0  # since the start (periodic counts its rounds by it)
         self._unscored: list[TrainSample] = []  # training samples a restart found never scored
 
-    def read_new(self) -> list[NewTrainSample]:
-        """Samples journaled since the last call, tokenized; those a restart found unscored come first."""
+    def take_unscored(self) -> list[NewTrainSample]:
+        """Training samples `resume` found never scored (acknowledged, then a crash): scored first."""
         found = [NewTrainSample(sample, held_out=False) for sample in self._unscored]
         self._unscored = []
-        num_new = 0
-        while stored := self.journal.since(self.cursor):
-            found += [NewTrainSample(self._sample(row), row.held_out) for row in stored]
-            self.cursor = stored[-1].sample_id
-            num_new += len(stored)
-        self.num_samples_read += num_new
         return found
 
     def accept(self, sample: TrainSample, held_out: bool, loss: float) -> None:
@@ -84,18 +119,16 @@ class Intake:
             return GateSlice(self.heldout[-self.config.heldout_size :], held_out=True)
         return GateSlice(self.replay.newest(self.config.heldout_size), held_out=False)
 
-    def resume(self) -> None:
-        """Rebuild replay and the held-out slice from the journal's recent window, as a trainer that
-        never stopped would hold them. Samples trained before keep their stored loss, so only those
-        never trained (acknowledged, then a crash) cost a scoring pass, handed out by the first
-        `read_new`; held-out samples need none (the publish gate measures its own losses).
+    def resume(self, window: list[tuple[StoredSample, TrainSample]]) -> None:
+        """Rebuild replay and the held-out slice from the lineage's recent window (`SampleReader.window`),
+        as a trainer that never stopped would hold them. Samples trained before keep their stored loss,
+        so only those never trained (acknowledged, then a crash) cost a scoring pass (`take_unscored`);
+        held-out samples need none (the publish gate measures its own losses).
 
         A journal of any length costs the same: older samples had left the windows anyway.
         """
-        rows = self.journal.window(self.config.replay_window, self.config.heldout_size)
-        samples = [(row, self._sample(row)) for row in rows]
-        newest = {sample.prompt_key: sample for _, sample in samples}
-        for row, sample in samples:
+        newest = {sample.prompt_key: sample for _, sample in window}
+        for row, sample in window:
             if supersedes(newest[sample.prompt_key], sample):
                 continue  # the user answered this prompt differently later
             if row.held_out:
@@ -104,17 +137,3 @@ class Intake:
                 self._unscored.append(sample)
             else:
                 self.accept(sample, held_out=False, loss=row.loss)
-        self.cursor = self.journal.last_id()
-
-    def _sample(self, row: StoredSample) -> TrainSample:
-        sample = self._tokenize(row.sample_id, row.prompt, row.completion, row.created_at, row.weight)
-        sample.num_trained = row.num_trained
-        return sample
-
-    def _tokenize(self, sample_id: int, prompt: str, completion: str, created_at: float, weight: float) -> TrainSample:
-        max_tokens = self.config.max_sample_tokens
-        answer_ids = [*self.tokenizer.encode(completion, add_special_tokens=False), self.tokenizer.eos_token_id]
-        answer_ids = answer_ids[: max_tokens - 1]
-        # An over-long sample loses the start of its prompt, never its answer (the part that is learned).
-        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False)[-(max_tokens - len(answer_ids)) :]
-        return TrainSample(sample_id, prompt_ids + answer_ids, len(prompt_ids), created_at, weight)

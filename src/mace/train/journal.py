@@ -36,10 +36,11 @@ CREATE TABLE IF NOT EXISTS samples (
     loss REAL
 );
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS samples_by_tenant ON samples (tenant, held_out, id);
 """
 # Columns added after the first release; a journal written by an older mace gains them at open.
 LATER_COLUMNS = {"loss": "REAL"}
-COLUMNS = "id, created_at, prompt, completion, weight, held_out, num_trained, loss"
+COLUMNS = "id, created_at, prompt, completion, weight, held_out, num_trained, loss, tenant"
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class StoredSample:
     held_out: bool
     num_trained: int
     loss: float | None  # its loss when it was last trained: a restart ranks it without scoring it again
+    tenant: str = ""  # who taught it (mace/tenancy.py; "": the shared lineage)
 
 
 @dataclass(frozen=True)
@@ -132,13 +134,31 @@ class Journal:
             ).fetchall()
         return [_stored(row) for row in rows]
 
-    def window(self, num_training: int, num_held_out: int) -> list[StoredSample]:
+    def window(self, num_training: int, num_held_out: int, tenant: str | None = None) -> list[StoredSample]:
         """The newest `num_training` training samples and `num_held_out` held-out ones, oldest first:
-        what a trainer that never stopped would hold now (older samples have left its windows)."""
-        query = f"SELECT {COLUMNS} FROM samples WHERE held_out = ? ORDER BY id DESC LIMIT ?"
+        what a trainer that never stopped would hold now (older samples have left its windows).
+        `tenant`: that tenant's samples only ("": those without a tenant); None: everyone's."""
+        args: tuple[str, ...] = ()
+        if tenant is None:
+            where = "held_out = ?"
+        elif tenant == "":  # journals from before tenants hold NULL
+            where = "(tenant = '' OR tenant IS NULL) AND held_out = ?"
+        else:
+            where, args = "tenant = ? AND held_out = ?", (tenant,)
+        query = f"SELECT {COLUMNS} FROM samples WHERE {where} ORDER BY id DESC LIMIT ?"
         with self._lock:
-            rows = [*self._db.execute(query, (0, num_training)), *self._db.execute(query, (1, num_held_out))]
+            rows = [*self._db.execute(query, (*args, 0, num_training)),
+                    *self._db.execute(query, (*args, 1, num_held_out))]
         return sorted((_stored(row) for row in rows), key=lambda sample: sample.sample_id)
+
+    def tenants_with_pending(self, limit: int) -> list[str]:
+        """Tenants with samples never trained (not held out), the most recently taught first: those a
+        restart resumes at once."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT COALESCE(tenant, ''), MAX(id) AS newest FROM samples WHERE num_trained = 0 AND held_out = 0 "
+                "GROUP BY COALESCE(tenant, '') ORDER BY newest DESC LIMIT ?", (limit,)).fetchall()
+        return [str(row[0]) for row in rows]
 
     def last_id(self) -> int:
         with self._lock:
@@ -177,7 +197,7 @@ class Journal:
 
 
 def _stored(row: tuple[Any, ...]) -> StoredSample:
-    return StoredSample(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7])
+    return StoredSample(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7], row[8] or "")
 
 
 def _finite_or_none(value: float | None) -> float | None:

@@ -11,6 +11,10 @@ publish is then a weight copy into a free slot (a few ms).
 
 A batch that mixes versions runs through `MultiLora` (model/multi_lora.py), which keeps the slots'
 weights stacked, rather than through peft's mixed-batch forward, which loops over the adapters.
+
+Tenants (mace/tenancy.py): a loaded version is keyed by its lineage and number, so one step serves
+many tenants' versions. The one `learner` adapter is lent to one lineage at a time; the others' learner
+weights and AdamW moments wait as a `LearnerState` (`park` / `unpark`), a copy of a few MB.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from mace.config import TrainConfig
 from mace.model.multi_lora import MultiLora, StackedLora
+from mace.tenancy import SHARED
 from mace.train.layered import LayeredLoss, LayeredMicroStep
 from mace.train.replay import TrainSample
 
@@ -35,6 +41,40 @@ LEARNER = "learner"
 CANDIDATE = "candidate"
 BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file names, so a version loads with peft alone
+
+
+AdapterKey = tuple[str, int]  # (lineage, version)
+
+
+@dataclass
+class LearnerState:
+    """A lineage's learner while another lineage's is on the model: weights and AdamW moments by
+    parameter name (peft's saved names), and its step counts."""
+
+    weights: dict[str, torch.Tensor]
+    moments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    num_optimizer_steps: int = 0
+    num_skipped_steps: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"learner": self.weights, "moments": self.moments, "num_optimizer_steps": self.num_optimizer_steps,
+                "num_skipped_steps": self.num_skipped_steps}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any], names: list[str]) -> LearnerState:
+        """A checkpoint's state; one from before tenants (`optimizer`: torch's state dict, by parameter
+        index in `names` order) reads too."""
+        moments = state.get("moments")
+        if moments is None:
+            by_index = state.get("optimizer", {}).get("state", {})
+            moments = {names[index]: value for index, value in by_index.items()}
+        return cls(_saved_names(state["learner"]), moments, int(state.get("num_optimizer_steps", 0)),
+                   int(state.get("num_skipped_steps", 0)))
+
+
+def _saved_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoints before tenants keyed the learner's weights by their full names (`.learner.` inside)."""
+    return {name.replace(f".{LEARNER}.", "."): value for name, value in weights.items()}
 
 
 def save_adapter(directory: Path, weights: dict[str, torch.Tensor], lora_config: LoraConfig) -> None:
@@ -59,10 +99,10 @@ class Learner:
         # 90 ms on the default model on a CPU), which would land in a serving step's interval.
         self.peft_model.add_adapter(CANDIDATE, lora)
         self._params_of: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
-        self._slot_of: dict[int, str] = {}  # loaded version -> the slot adapter holding it
+        self._slot_of: dict[AdapterKey, str] = {}  # loaded version -> the slot adapter holding it
         self._free_slots: list[str] = []
         self._num_slots = 0
-        for _ in range(config.max_versions_loaded + 1):  # the newest versions kept, and the one being published
+        for _ in range(num_slots(config)):
             self._add_slot()
         self.peft_model.eval()  # dropout is config-controlled; eval mode allows mixed-adapter batches
         self.optimizer = torch.optim.AdamW(self._learner_params(), lr=config.learning_rate)
@@ -71,14 +111,26 @@ class Learner:
         self.num_skipped_steps = 0
         self._lora_layers: list[Any] = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
         self._multi = self._stack_slots()
+        # A new lineage's learner starts where peft initialised this one: B = 0, so it adds nothing yet.
+        self._initial = LearnerState({name: p.detach().clone() for name, p in self._adapter_params(LEARNER)})
+
+    @property
+    def initial_state(self) -> LearnerState:
+        """A new lineage's learner, as peft initialised it (B = 0: it adds nothing yet)."""
+        return self._initial
+
+    @property
+    def loaded_keys(self) -> set[AdapterKey]:
+        return set(self._slot_of)
 
     @property
     def loaded_versions(self) -> set[int]:
-        return set(self._slot_of)
+        """The shared lineage's loaded versions."""
+        return {version for tenant, version in self._slot_of if tenant == SHARED}
 
-    def adapter_for(self, version: int) -> str:
-        """The adapter name a forward uses to run with published `version` (which must be loaded)."""
-        return BASE if version == 0 else self._slot_of[version]
+    def adapter_for(self, version: int, tenant: str = SHARED) -> str:
+        """The adapter name a forward uses to run with `tenant`'s published `version` (which must be loaded)."""
+        return BASE if version == 0 else self._slot_of[(tenant, version)]
 
     @property
     def num_layers(self) -> int:
@@ -173,52 +225,93 @@ class Learner:
         """`sample`'s answer loss under `adapter` (a `v<N>`, BASE, CANDIDATE or LEARNER), in layer stages."""
         return LayeredLoss(self.peft_model.base_model.model, sample, lambda: self._uniform(adapter))
 
-    def snapshot_candidate(self) -> None:
-        """Freeze the learner's weights as they are now as the `candidate` adapter."""
-        self._copy_adapter(LEARNER, CANDIDATE)
+    def snapshot_candidate(self, parked: LearnerState | None = None) -> None:
+        """Freeze the learner's weights as they are now as the `candidate` adapter (or a parked lineage's)."""
+        if parked is None:
+            self._copy_adapter(LEARNER, CANDIDATE)
+        else:
+            self._write_weights(CANDIDATE, parked.weights)
 
-    def publish(self, version: int, source: str = LEARNER) -> None:
-        """Freeze a copy of `source`'s weights (the learner's, or the gate's candidate) as `version`."""
-        self._copy_adapter(source, self._take_slot(version))
+    def publish(self, version: int, source: str = LEARNER, tenant: str = SHARED) -> None:
+        """Freeze a copy of `source`'s weights (the learner's, or the gate's candidate) as `tenant`'s `version`."""
+        self._copy_adapter(source, self._take_slot((tenant, version)))
+
+    # ---- lending the learner to one lineage at a time ----
+
+    def park(self) -> LearnerState:
+        """Take the learner's state off the model (weights copied, AdamW moments moved), for `unpark`."""
+        assert self.num_accumulated == 0, "a lineage is parked only between optimizer steps"
+        params = self._adapter_params(LEARNER)
+        state = LearnerState({name: p.detach().clone() for name, p in params},
+                             {name: self.optimizer.state.pop(p) for name, p in params if p in self.optimizer.state},
+                             self.num_optimizer_steps, self.num_skipped_steps)
+        return state
+
+    def unpark(self, state: LearnerState | None) -> None:
+        """Put a parked lineage's learner on the model; None: a new lineage's, as peft initialised it."""
+        state = state if state is not None else self._initial
+        self._write_weights(LEARNER, state.weights)
+        for name, param in self._adapter_params(LEARNER):
+            self.optimizer.state.pop(param, None)
+            if name in state.moments:  # a checkpoint's moments are on the CPU; AdamW keeps `step` there
+                self.optimizer.state[param] = {
+                    key: value.to(param.device) if isinstance(value, torch.Tensor) and key != "step" else value
+                    for key, value in state.moments[name].items()}
+        self.num_optimizer_steps, self.num_skipped_steps = state.num_optimizer_steps, state.num_skipped_steps
+
+    def capture(self) -> LearnerState:
+        """A copy of the learner's state as it is now (for a checkpoint), on the CPU."""
+        params = self._adapter_params(LEARNER)
+        moments = {name: {key: value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
+                          for key, value in self.optimizer.state[p].items()}
+                   for name, p in params if p in self.optimizer.state}
+        return LearnerState({name: p.detach().to("cpu", copy=True) for name, p in params}, moments,
+                            self.num_optimizer_steps, self.num_skipped_steps)
+
+    def _write_weights(self, adapter: str, weights: dict[str, torch.Tensor]) -> None:
+        params = self._adapter_params(adapter)
+        missing = [name for name, _ in params if name not in weights]
+        if missing:
+            raise ValueError(f"adapter weights lack {len(missing)} tensors, e.g. {missing[0]}")
+        with torch.no_grad():
+            for name, param in params:
+                param.copy_(weights[name])
 
     def _copy_adapter(self, source: str, target: str) -> None:
         with torch.no_grad():
             for (_, value), (_, param) in zip(self._adapter_params(source), self._adapter_params(target), strict=True):
                 param.copy_(value)
 
-    def load_version(self, version: int, directory: Path) -> None:
-        """Load a PEFT adapter directory (one `save_adapter` wrote) as `version`."""
-        weights = load_file(str(directory / ADAPTER_WEIGHTS), device=str(self.peft_model.device))
-        slot = self._take_slot(version)
-        params = self._adapter_params(slot)
-        missing = [name for name, _ in params if name not in weights]
+    def load_version(self, version: int, directory: Path, tenant: str = SHARED) -> None:
+        """Load a PEFT adapter directory (one `save_adapter` wrote) as `tenant`'s `version`."""
+        self.install_version(version, read_adapter(directory), tenant)
+
+    def install_version(self, version: int, weights: dict[str, torch.Tensor], tenant: str = SHARED) -> None:
+        """Copy weights read off the engine thread (`read_adapter`) into a slot as `tenant`'s `version`."""
+        self._take_slot((tenant, version))
         try:
-            if missing:
-                raise ValueError(f"adapter in {directory} lacks {len(missing)} weights, e.g. {missing[0]}")
-            with torch.no_grad():
-                for name, param in params:
-                    param.copy_(weights[name])
+            self._write_weights(self._slot_of[(tenant, version)], weights)
         except Exception:
-            self.unload_version(version)
+            self.unload_version(version, tenant)
             raise
 
-    def unload_version(self, version: int) -> None:
-        slot = self._slot_of.pop(version, None)
+    def unload_version(self, version: int, tenant: str = SHARED) -> None:
+        slot = self._slot_of.pop((tenant, version), None)
         if slot is not None:
             self._free_slots.append(slot)
 
-    def version_weights(self, version: int) -> dict[str, torch.Tensor]:
+    def version_weights(self, version: int, tenant: str = SHARED) -> dict[str, torch.Tensor]:
         """A CPU copy of `version`'s weights under peft's saved names: safe to write from another thread."""
         return {name: param.detach().to("cpu", copy=True)
-                for name, param in self._adapter_params(self.adapter_for(version))}
+                for name, param in self._adapter_params(self.adapter_for(version, tenant))}
 
-    def _take_slot(self, version: int) -> str:
-        if version in self._slot_of:
-            return self._slot_of[version]
+    def _take_slot(self, key: AdapterKey) -> str:
+        if key in self._slot_of:
+            return self._slot_of[key]
         if not self._free_slots:  # more versions pinned by running requests than slots: grow once
             self._add_slot()
             self._multi = self._stack_slots()
-        self._slot_of[version] = slot = self._free_slots.pop()
+        self._slot_of[key] = slot = self._free_slots.pop()
         return slot
 
     def _add_slot(self) -> None:
@@ -236,15 +329,22 @@ class Learner:
         for name, param in self.peft_model.named_parameters():
             param.requires_grad_(f".{LEARNER}." in name)
 
-    def state_dict(self) -> dict[str, Any]:
-        learner = {n: p.detach().clone() for n, p in self.peft_model.named_parameters() if f".{LEARNER}." in n}
-        return {"learner": learner, "optimizer": self.optimizer.state_dict(),
-                "num_optimizer_steps": self.num_optimizer_steps}
+    def parameter_names(self) -> list[str]:
+        """The learner's parameter names in the optimizer's order (old checkpoints index moments by it)."""
+        return [name for name, _ in self._adapter_params(LEARNER)]
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        params = dict(self.peft_model.named_parameters())
-        with torch.no_grad():
-            for name, value in state["learner"].items():
-                params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.num_optimizer_steps = int(state["num_optimizer_steps"])
+
+def num_slots(config: TrainConfig) -> int:
+    """Slots made at start (making one later walks the model in a serving step): the newest versions
+    kept and the one being published, plus each resident tenant's active version."""
+    return config.max_versions_loaded + 1 + resident_tenants(config)
+
+
+def resident_tenants(config: TrainConfig) -> int:
+    """Tenants' lineages held in memory at most, besides the shared one."""
+    return config.max_resident_tenants if config.tenancy == "per_tenant" else 0
+
+
+def read_adapter(directory: Path) -> dict[str, torch.Tensor]:
+    """A published version's weights from its PEFT directory, on the CPU (any thread: disk only)."""
+    return load_file(str(directory / ADAPTER_WEIGHTS), device="cpu")

@@ -6,6 +6,10 @@ training going on meanwhile): the held-out slice, or the newest training samples
 held out yet (`Intake.gate_slice`). When the last loss is in (`record`), it judges that snapshot:
 published if better by `publish_margin`, or no worse after `max_staleness_s`, at most every
 `min_publish_interval_s`. Version numbers are counted in memory from the store's newest at start.
+
+Each lineage (train/lineage.py) has its own gate, store and version numbers; the gate sees the learner
+through `GateLearner`, bound to its lineage. One candidate adapter serves every gate, so one
+evaluation is open at a time (`Trainer.upkeep_stages`).
 """
 
 from __future__ import annotations
@@ -13,14 +17,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 import structlog
+import torch
+from peft import LoraConfig
 
 from mace.config import TrainConfig
 from mace.train.adapters import AdapterStore, AdapterVersion
 from mace.train.drift import DriftSignal
 from mace.train.intake import GateSlice
-from mace.train.learner import CANDIDATE, LEARNER, Learner, save_adapter
+from mace.train.learner import CANDIDATE, LEARNER, save_adapter
 from mace.train.replay import TrainSample, half_life_decay
 from mace.train.tasks import LossPurpose, LossRequest, LossResult
 
@@ -56,13 +64,38 @@ class AdapterCatalog:
 
     versions: tuple[AdapterVersion, ...]
     auto_publish: bool  # False while an operator's choice of an older version holds publishing
+    active: int = 0  # the version the lineage's new requests pin
 
     def has(self, version: int) -> bool:
         return version == 0 or any(v.version == version for v in self.versions)
 
 
+class GateLearner(Protocol):
+    """The learner as one lineage's gate uses it (`lineage.LineageLearner`)."""
+
+    lora_config: LoraConfig
+
+    @property
+    def num_optimizer_steps(self) -> int: ...
+
+    @property
+    def loaded_versions(self) -> set[int]: ...
+
+    def adapter_for(self, version: int) -> str: ...
+
+    def snapshot_candidate(self) -> None: ...
+
+    def publish(self, version: int, source: str = LEARNER) -> None: ...
+
+    def version_weights(self, version: int) -> dict[str, torch.Tensor]: ...
+
+    def load_version(self, version: int, directory: Path) -> None: ...
+
+    def install_version(self, version: int, weights: dict[str, torch.Tensor]) -> None: ...
+
+
 class PublishGate:
-    def __init__(self, learner: Learner, store: AdapterStore, drift: DriftSignal, config: TrainConfig) -> None:
+    def __init__(self, learner: GateLearner, store: AdapterStore, drift: DriftSignal, config: TrainConfig) -> None:
         self.learner = learner
         self.store = store
         self.drift = drift
@@ -79,6 +112,11 @@ class PublishGate:
         self._serving_losses_version = -1
         self.judged_steps = 0  # the learner's optimizer steps when the last candidate was frozen
         self.num_held_back = 0  # evaluations in a row that published nothing, since a publish or new samples
+
+    @property
+    def is_pending(self) -> bool:
+        """An evaluation is open: its candidate holds the one candidate adapter."""
+        return self._pending is not None
 
     def is_due(self) -> bool:
         """Whether a candidate may be judged now: none pending, publishing not held by an operator, optimizer
@@ -161,33 +199,31 @@ class PublishGate:
                  reason=reason)
         return version
 
-    def activate(self, version: int) -> None:
+    def activate(self, version: int, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Serve `version` to new requests; `weights`: its weights read off the engine thread, if not loaded."""
         if version != 0 and version not in self.learner.loaded_versions:
-            self.store.flush()  # a version published moments ago may still be on its way to disk
-            self.learner.load_version(version, self.store.path(version))
+            if weights is not None:
+                self.learner.install_version(version, weights)
+            else:
+                self.store.flush()  # a version published moments ago may still be on its way to disk
+                self.learner.load_version(version, self.store.path(version))
         self.store.set_active(version)
         if version != self.active_version:  # its loss on the slice is not known until the next gate
             self.active_version, self.serving_heldout_loss = version, math.nan
         self.publishing_held = version != self.store.newest()
 
-    def restore(self) -> None:
-        """Serve the version a restart finds active, with the publish scores it was published with as
-        the drift's reference."""
+    def restore(self, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Serve the version a restart finds active (`weights`: read off the engine thread), with the
+        publish scores it was published with as the drift's reference."""
         active = self.store.active()
         if not (active and self.store.exists(active)):
             return
-        self.activate(active)
+        self.activate(active, weights)
         self.last_publish_s = time.monotonic()
         meta = next((v for v in self.store.versions() if v.version == active), None)
         if meta is not None and meta.serving_loss is not None and meta.learner_loss is not None:
             self.drift.on_publish(meta.serving_loss, meta.learner_loss)
 
-    def release_versions(self, in_use: set[int]) -> None:
-        """Unload old versions no request is pinned to, keeping the newest few loaded."""
-        keep = sorted(self.learner.loaded_versions)[-self.config.max_versions_loaded :]
-        for version in list(self.learner.loaded_versions):
-            if version not in keep and version not in in_use and version != self.active_version:
-                self.learner.unload_version(version)
-
     def catalog(self) -> AdapterCatalog:
-        return AdapterCatalog(tuple(self.store.versions()), auto_publish=not self.publishing_held)
+        return AdapterCatalog(tuple(self.store.versions()), auto_publish=not self.publishing_held,
+                              active=self.active_version)

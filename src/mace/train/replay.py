@@ -82,6 +82,10 @@ class ReplayBuffer:
         """Whether every sample's latest loss (its score, or its loss when last trained) is under `loss`."""
         return bool(self._samples) and all(sample.loss < loss for sample in self._samples.values())
 
+    def untrained_weight(self) -> float:
+        """The summed weight of samples not trained yet: what a lineage stands to learn (train/lineage.py)."""
+        return sum(sample.weight for sample in self._samples.values() if sample.num_trained == 0)
+
     def value(self, sample: TrainSample, now_s: float) -> float:
         return sample.loss * sample.weight * half_life_decay(max(0.0, now_s - sample.created_at), self._half_life_s)
 

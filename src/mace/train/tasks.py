@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from mace.tenancy import SHARED
 from mace.train.layered import LayeredLoss, LayeredMicroStep, loss_stages
 from mace.train.replay import TrainSample
 from mace.train.work import TrainStage
@@ -34,6 +35,7 @@ class LossRequest:
     purpose: LossPurpose
     adapter: str | None = None  # None: the version serving when the pass starts
     held_out: bool = False  # SCORE: where the sample is filed once scored
+    tenant: str = SHARED  # the lineage the sample and the pass belong to
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Continual fine-tuning on the engine thread: the parts put together.
 
     intake.py        journal -> tokenized samples, the held-out slice, the cursor
+    lineage.py       one tenant's learning: samples, drift, publish gate, versions, parked learner
     tasks.py         loss passes and micro-steps, staged; their typed results
     publish_gate.py  candidate, held-out evaluation, decision, adapter versions
     drift.py         how far the served model is from its users' data
@@ -11,11 +12,19 @@ The scheduler reads the stages waiting (`upkeep_stages`, then `job_stages`) and 
 them; the runner calls `run_work` with that plan, which runs exactly those stages, matched by id;
 the engine calls `after_step` at each step boundary, where results are read, finished micro-steps
 are accounted and the optimizer steps.
+
+Tenants: every lineage (one per tenant under `train.tenancy = "per_tenant"`, the shared one for
+requests without a tenant) learns from its own samples only. The learner is lent to one lineage per
+optimizer step, chosen by expected gain with a floor (`_choose_lineage`); gates open one at a time;
+lineages past `max_resident_tenants` go to disk, least recently used first, and come back off the
+engine thread (`request_lineage`, `install`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,13 +32,15 @@ from typing import Any
 import structlog
 
 from mace.config import MaceConfig
+from mace.tenancy import SHARED
 from mace.train.adapters import AdapterStore
 from mace.train.checkpoint import Checkpoints
 from mace.train.drift import DriftSignal
-from mace.train.intake import Intake
+from mace.train.intake import Intake, NewTrainSample, SampleReader
 from mace.train.journal import Journal
 from mace.train.layered import LayeredLoss
-from mace.train.learner import Learner
+from mace.train.learner import AdapterKey, Learner
+from mace.train.lineage import Lineage, LineageFiles, checkpoint_state, journal_filter, lineage_of, read_lineage
 from mace.train.policy import RetrainPolicy, make_policy
 from mace.train.publish_gate import AdapterCatalog, PublishGate
 from mace.train.rehearsal import AnchorStore
@@ -39,6 +50,22 @@ from mace.train.work import TrainStage, TrainWork
 from mace.train.writer import DiskWriter
 
 log = structlog.get_logger(__name__)
+
+
+MAX_TENANTS_LISTED = 8  # the top lineages by training time in stats; the rest are summed
+
+
+@dataclass(frozen=True)
+class TenantStats:
+    tenant: str
+    active_version: int
+    num_optimizer_steps: int
+    train_seconds_total: float
+    train_tokens_total: int
+    drift: float
+    num_trainable: int
+    resting: bool
+    resident: bool
 
 
 @dataclass(frozen=True)
@@ -57,10 +84,15 @@ class TrainStats:
     num_trainable: int
     is_converged: bool
     judged_on_heldout: bool  # False: the gate's losses are on training samples, no sample held out yet
+    num_tenants: int = 0  # tenants' lineages seen since the start (the shared one not counted)
+    num_resident_tenants: int = 0
+    tenants: tuple[TenantStats, ...] = ()  # the top lineages by training time, at most MAX_TENANTS_LISTED
+    other_tenants_train_seconds: float = 0.0  # the rest's training time, summed
 
 
 class Trainer:
     def __init__(self, causal_lm: Any, tokenizer: Any, journal: Journal, config: MaceConfig) -> None:
+        self.mace_config = config
         self.config = config.train
         self.journal = journal
         self.policy: RetrainPolicy = make_policy(config.train)
@@ -70,65 +102,143 @@ class Trainer:
         self._next_anchor = 0
         self.learner = Learner(causal_lm, config.train)
         self.writer = DiskWriter()
-        self.store = AdapterStore(config.data_dir / "adapters", self.writer)
-        self.checkpoints = Checkpoints(config.data_dir / "checkpoints" / "learner.pt", self.writer)
-        self.replay = ReplayBuffer(config.train.replay_window, config.train.freshness_half_life_s)
-        self.drift = DriftSignal(loss_floor=config.train.converged_loss)
-        self.intake = Intake(tokenizer, journal, config.train, self.replay, self.drift)
-        self.gate = PublishGate(self.learner, self.store, self.drift, config.train)
+        self.reader = SampleReader(tokenizer, journal, config.train)
         self.tasks = TaskQueue(self.learner.num_layers, self._begin_loss)
         self.train_tokens_total = 0
         self.train_seconds_total = 0.0
-        self.learner_loss = math.nan
-        self.gate.restore()
-        self.checkpoints.restore(self.learner)
-        self.intake.resume()
+        self.lineages: dict[str, Lineage] = {}
+        self._tenants_seen: set[str] = set()
+        self._lock = threading.Lock()  # `_loading` and `_evictions` are read from the event loop
+        self._loading: dict[str, concurrent.futures.Future[LineageFiles]] = {}
+        self._evictions: dict[str, int] = {}
+        self._waiting: dict[str, list[NewTrainSample]] = {}  # samples of lineages on their way back
+        self._seconds_gone: dict[str, float] = {}  # training time of lineages evicted since the start
+        self.reader.start()
+        self.focus = self.install(self.read_files(SHARED))
+        self.focus.on_learner = True
+        self.learner.unpark(self.focus.parked)
+        self.focus.parked = None
+        if self.config.tenancy == "per_tenant":  # a restart trains what was acknowledged, not trained
+            for tenant in journal.tenants_with_pending(self.config.max_resident_tenants):
+                if tenant != SHARED:
+                    self.install(self.read_files(tenant))
+
+    # ---- the shared lineage, as a server without tenants has it ----
+
+    @property
+    def shared(self) -> Lineage:
+        return self.lineages[SHARED]
+
+    @property
+    def intake(self) -> Intake:
+        return self.shared.intake
+
+    @property
+    def replay(self) -> ReplayBuffer:
+        return self.shared.replay
+
+    @property
+    def drift(self) -> DriftSignal:
+        return self.shared.drift
+
+    @property
+    def gate(self) -> PublishGate:
+        return self.shared.gate
+
+    @property
+    def store(self) -> AdapterStore:
+        return self.shared.store
+
+    @property
+    def checkpoints(self) -> Checkpoints:
+        return self.shared.checkpoints
+
+    @property
+    def active_version(self) -> int:
+        return self.shared.active_version
 
     # ---- what the scheduler reads ----
 
     @property
     def num_trainable(self) -> int:
-        return len(self.replay)
+        return sum(len(lineage.replay) for lineage in self.lineages.values())
 
     @property
     def num_samples_read(self) -> int:
-        return self.intake.num_samples_read
+        return sum(lineage.intake.num_samples_read for lineage in self.lineages.values())
 
     @property
     def is_converged(self) -> bool:
-        """Whether training has nothing left to gain from the samples it has: the learner fits every one
-        (loss under `converged_loss`), or the publish gate held it back `rest_after_held_back` times in
-        a row with no new sample meanwhile. More steps would only overfit them at the cost of what the
-        model knew, so `mace` rests until new feedback arrives."""
-        plateau = self.gate.num_held_back >= self.config.rest_after_held_back
-        return plateau or self.replay.all_fit(self.config.converged_loss)
-
-    @property
-    def active_version(self) -> int:
-        return self.gate.active_version
+        """Whether training has nothing left to gain from the samples it has: in every lineage with
+        samples, the learner fits every one (loss under `converged_loss`), or the publish gate held it
+        back `rest_after_held_back` times in a row with no new sample meanwhile. More steps would only
+        overfit them at the cost of what the model knew, so `mace` rests until new feedback arrives."""
+        learning = [lineage for lineage in self.lineages.values() if len(lineage.replay) or lineage.gate.num_held_back]
+        return bool(learning) and all(lineage.is_converged(self.config) for lineage in learning)
 
     def drift_ratio(self) -> float:
-        return self.drift.ratio
+        """The drift of the lineage training serves next (the one on the learner until it switches)."""
+        chosen = self._choose_lineage() if self.learner.num_accumulated == 0 else None
+        return (chosen or self.focus).drift.ratio
 
     def upkeep_stages(self) -> list[TrainStage]:
-        """Forward-only work waiting. The publish gate opens here when it is due (new optimizer steps,
-        `min_publish_interval_s` passed): the planner asks every step, and an idle engine every wake,
-        so the learner's last steps before it rests are judged too."""
-        if self.gate.is_due():
-            for request in self.gate.open(self.intake.gate_slice()):
-                self.tasks.queue_loss(request)
+        """Forward-only work waiting. A publish gate opens here when it is due (new optimizer steps,
+        `min_publish_interval_s` passed), one lineage's at a time (one candidate adapter): the planner
+        asks every step, and an idle engine every wake, so a learner's last steps before it rests, or
+        before the learner moves to another lineage, are judged too."""
+        if not any(lineage.gate.is_pending for lineage in self.lineages.values()):
+            due = [lineage for lineage in self.lineages.values() if lineage.gate.is_due()]
+            for lineage in sorted(due, key=lambda lineage: lineage.gate.last_publish_s)[:1]:
+                for request in lineage.gate.open(lineage.intake.gate_slice()):
+                    self._queue_loss(lineage, request)
         return self.tasks.upkeep_stages()
 
     def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
         if self.tasks.job is None and self.tasks.finished_jobs:
             return []  # the optimizer may have to step on the finished one before more gradients accumulate
         if self.tasks.job is None:
+            if self.learner.num_accumulated == 0:  # the learner moves only between optimizer steps
+                self._lend_learner(self._choose_lineage() or self.focus)
             room = self.config.batch_size - self.learner.num_accumulated  # a micro-step never spans two batches
-            batch = self.replay.pick(max_job_tokens, time.time(), max(1, room), at_least_one=True)
+            batch = self.focus.replay.pick(max_job_tokens, time.time(), max(1, room), at_least_one=True)
             if batch is None:
                 return []
+            self.focus.touch()
             self.tasks.open_job(self.learner.micro_step([*batch.samples, *self._rehearsal()]))
         return self.tasks.job_stages()
+
+    def _choose_lineage(self) -> Lineage | None:
+        """The trainable lineage furthest behind its fair share of training time (stride scheduling).
+
+        A lineage's share is its expected gain (drift times the weight of its untrained samples) over
+        all trainable lineages' gain, but never under half an equal share: a tenant with pending
+        samples always gets some time. A lineage that has just become trainable starts level with
+        the others rather than with the time it missed.
+        """
+        trainable = [lineage for lineage in self.lineages.values() if lineage.is_trainable(self.config)]
+        for lineage in self.lineages.values():
+            if lineage not in trainable:
+                lineage.was_eligible = False
+        if not trainable:
+            return None
+        level = min((lineage.virtual_s for lineage in trainable if lineage.was_eligible), default=0.0)
+        gains = [lineage.expected_gain() for lineage in trainable]
+        total = sum(gains)
+        floor = 0.5 / len(trainable)
+        for lineage, gain in zip(trainable, gains, strict=True):
+            if not lineage.was_eligible:
+                lineage.virtual_s, lineage.was_eligible = max(lineage.virtual_s, level), True
+            lineage.share = max(floor, gain / total if total > 0 else 1.0 / len(trainable))
+        return min(trainable, key=lambda lineage: (lineage.virtual_s, lineage is not self.focus))
+
+    def _lend_learner(self, lineage: Lineage) -> None:
+        """Put `lineage`'s learner on the model (between optimizer steps: no gradient is half-accumulated)."""
+        if lineage is self.focus:
+            return
+        self.focus.parked, self.focus.on_learner = self.learner.park(), False
+        self.learner.unpark(lineage.parked)
+        lineage.parked, lineage.on_learner = None, True
+        self.focus = lineage
 
     def _rehearsal(self) -> list[TrainSample]:
         """One anchor with the first micro-step of each optimizer step (train/rehearsal.py)."""
@@ -149,32 +259,157 @@ class Trainer:
     def is_warming_up(self) -> bool:
         return self.tasks.is_warming_up
 
+    # ---- lineages: which are resident, bringing one back ----
+
+    def lineage_of(self, tenant: str | None) -> str:
+        return lineage_of(tenant, self.config)
+
+    def is_resident(self, lineage: str) -> bool:
+        """Any thread: whether `lineage` is in memory (a request for it pins its version at once)."""
+        return lineage in self.lineages
+
+    def read_files(self, tenant: str) -> LineageFiles:
+        """`tenant`'s lineage from the disk (any thread; `request_lineage` runs it on the writer)."""
+        with self._lock:
+            evictions = self._evictions.get(tenant, 0)
+        files = read_lineage(tenant, self.mace_config, self.writer, self.reader, self.learner.parameter_names(),
+                             journal_filter(tenant, self.config))
+        files.evictions = evictions
+        return files
+
+    def request_lineage(self, tenant: str) -> concurrent.futures.Future[LineageFiles]:
+        """Any thread: read `tenant`'s lineage on the writer thread, after every write queued before it
+        (its own eviction's checkpoint among them); hand the result to `install` on the engine thread."""
+        with self._lock:
+            future = self._loading.get(tenant)
+            if future is None:
+                future = self._loading[tenant] = self.writer.submit(lambda: self.read_files(tenant))
+            return future
+
+    def install(self, files: LineageFiles) -> Lineage:
+        """Engine thread: make a lineage read off-thread resident (tensor copies at a step boundary).
+        A read that an eviction has overtaken since is read again, here."""
+        with self._lock:
+            self._loading.pop(files.tenant, None)
+            stale = files.evictions != self._evictions.get(files.tenant, 0)
+        present = self.lineages.get(files.tenant)
+        if present is not None:
+            return present
+        if stale:
+            files = self.read_files(files.tenant)
+        lineage = self.lineages[files.tenant] = Lineage.build(files, self.learner, self.config)
+        if files.tenant != SHARED:
+            self._tenants_seen.add(files.tenant)
+        lineage.train_seconds_total = self._seconds_gone.pop(files.tenant, 0.0)
+        for new in self._waiting.pop(files.tenant, []):
+            self._score(lineage, new)
+        return lineage
+
+    def resident(self, tenant: str) -> Lineage:
+        """Engine thread: `tenant`'s lineage, read from the disk here if it is not in memory (the event
+        loop brings lineages back off this thread before it sends their requests; this is the rare
+        case where an eviction came in between)."""
+        lineage = self.lineages.get(tenant)
+        if lineage is None:
+            log.info("lineage read on the engine thread", tenant=tenant)
+            lineage = self.install(self.read_files(tenant))
+        lineage.touch()
+        return lineage
+
+    def pin(self, tenant: str) -> int:
+        """Engine thread: the version a new request of `tenant`'s lineage runs with."""
+        return self.resident(tenant).active_version
+
+    def _install_loaded(self) -> None:
+        with self._lock:
+            done = [future for future in self._loading.values() if future.done()]
+        for future in done:
+            try:
+                files = future.result()
+            except Exception:
+                log.exception("a lineage could not be read back; its samples wait for the next one")
+                with self._lock:
+                    self._loading = {t: f for t, f in self._loading.items() if f is not future}
+                continue
+            self.install(files)
+
+    def _evict(self, in_use: set[AdapterKey]) -> None:
+        """Past `max_resident_tenants`, the least recently used idle tenants leave memory: their
+        learner state is checkpointed (writer thread) and their versions unloaded."""
+        pinned = {tenant for tenant, _ in in_use}
+        tenants = [lineage for lineage in self.lineages.values() if lineage.tenant != SHARED]
+        excess = len(tenants) - self.config.max_resident_tenants
+        if excess <= 0:
+            return
+        idle = [lineage for lineage in tenants
+                if not lineage.is_busy() and lineage.tenant not in pinned and lineage.tenant not in self._waiting]
+        for lineage in sorted(idle, key=lambda lineage: lineage.last_used_s)[:excess]:
+            if lineage.changed_since_checkpoint and lineage.parked is not None:
+                lineage.checkpoints.save(lineage.parked, self.reader.cursor)
+            for version in lineage.gate.learner.loaded_versions:
+                self.learner.unload_version(version, lineage.tenant)
+            del self.lineages[lineage.tenant]
+            self._seconds_gone[lineage.tenant] = lineage.train_seconds_total
+            with self._lock:
+                self._evictions[lineage.tenant] = self._evictions.get(lineage.tenant, 0) + 1
+            log.info("lineage evicted to disk", tenant=lineage.tenant)
+
     # ---- on the engine thread ----
 
     def ingest(self) -> int:
         """Read samples journaled since the last call and queue their scoring; returns how many."""
-        found = self.intake.read_new()
-        if found:
-            self.gate.num_held_back = 0  # a plateau on the old samples says nothing of new ones
-        for new in found:
-            self.tasks.queue_loss(LossRequest(new.sample, LossPurpose.SCORE, held_out=new.held_out))
-        return len(found)
+        count = 0
+        for lineage in self.lineages.values():
+            for new in lineage.intake.take_unscored():
+                self._score(lineage, new)
+                count += 1
+        for tenant, new in self.reader.read_new():
+            name = self.lineage_of(tenant)
+            resident = self.lineages.get(name)
+            if resident is not None:
+                self._score(resident, new)
+            else:  # its lineage is on disk: the samples wait for it to come back
+                self._waiting.setdefault(name, []).append(new)
+                self.request_lineage(name)
+            count += 1
+        return count
+
+    def _score(self, lineage: Lineage, new: NewTrainSample) -> None:
+        lineage.intake.num_samples_read += 1
+        lineage.gate.num_held_back = 0  # a plateau on the old samples says nothing of new ones
+        lineage.touch()
+        self._queue_loss(lineage, LossRequest(new.sample, LossPurpose.SCORE, held_out=new.held_out,
+                                              tenant=lineage.tenant))
+
+    def _queue_loss(self, lineage: Lineage, request: LossRequest) -> None:
+        lineage.num_queued_passes += 1
+        self.tasks.queue_loss(request if request.tenant == lineage.tenant
+                              else LossRequest(request.sample, request.purpose, request.adapter, request.held_out,
+                                               lineage.tenant))
 
     def _begin_loss(self, request: LossRequest) -> LayeredLoss:
-        adapter = request.adapter or self.learner.adapter_for(self.gate.active_version)
+        lineage = self.lineages[request.tenant]
+        adapter = request.adapter or self.learner.adapter_for(lineage.active_version, lineage.tenant)
         return self.learner.loss_pass(request.sample, adapter)
 
     def run_work(self, work: TrainWork) -> None:
         """Run the planned stages, in order. A failure drops the open micro-step, never the engine."""
         started = time.perf_counter()
+        job = self.tasks.job
+        job_s = 0.0
         try:
             for stage in work.stages:
+                stage_started = time.perf_counter()
                 self.tasks.run(stage)
+                if job is not None and stage.task_id == job.task_id:
+                    job_s += time.perf_counter() - stage_started
         except Exception:
             log.exception("training stage failed; the open micro-step and its batch are dropped")
             self.tasks.drop_job()
             self.learner.discard_gradients()
         self.train_seconds_total += time.perf_counter() - started
+        self.focus.train_seconds_total += job_s
+        self.focus.virtual_s += job_s / self.focus.share
 
     def after_step(self) -> None:
         for result in self.tasks.take_results():
@@ -184,28 +419,35 @@ class Trainer:
                 self.learner.discard_gradients()
             else:
                 self._account(job)
-        if time.monotonic() - self.checkpoints.last_saved_s > self.config.checkpoint_interval_s:
+        self._install_loaded()
+        if time.monotonic() - self.shared.checkpoints.last_saved_s > self.config.checkpoint_interval_s:
             self.checkpoint()
 
     def _on_loss(self, result: LossResult) -> None:
         request = result.request
+        lineage = self.lineages[request.tenant]  # kept resident while its passes are queued
+        lineage.num_queued_passes -= 1
         if request.purpose is LossPurpose.SCORE:
-            self.intake.accept(request.sample, request.held_out, result.loss)
+            lineage.intake.accept(request.sample, request.held_out, result.loss)
         else:
-            self.gate.record(result)
+            lineage.gate.record(result)
 
     def _account(self, job: MicroStepTask) -> None:
+        lineage = self.focus  # the learner moves only between optimizer steps, so the job's lineage is on it
         step = job.step
         users = [(s, loss) for s, loss in zip(step.samples, step.losses, strict=True) if s.sample_id > 0]
         for sample, loss in users:
             sample.loss = loss if math.isfinite(loss) else sample.loss
-            self.drift.on_trained(loss, sample.num_trained)
+            lineage.drift.on_trained(loss, sample.num_trained)
             sample.num_trained += 1
         finite = [loss for _, loss in users if math.isfinite(loss)]
         if finite:
-            self.learner_loss = sum(finite) / len(finite)
-        self.train_tokens_total += sum(sample.num_tokens for sample in step.samples)
-        ids, losses, cursor = [s.sample_id for s, _ in users], [s.loss for s, _ in users], self.intake.cursor
+            lineage.learner_loss = sum(finite) / len(finite)
+        tokens = sum(sample.num_tokens for sample in step.samples)
+        self.train_tokens_total += tokens
+        lineage.train_tokens_total += tokens
+        lineage.changed_since_checkpoint = True
+        ids, losses, cursor = [s.sample_id for s, _ in users], [s.loss for s, _ in users], self.reader.cursor
         self.writer.submit(lambda: self.journal.mark_trained(ids, cursor, losses))
         self.learner.accumulated(len(users))  # an anchor rides along; the batch counts users' samples
         if self.learner.batch_ready():
@@ -214,20 +456,38 @@ class Trainer:
 
     # ---- versions, on the engine thread ----
 
-    def activate(self, version: int) -> None:
-        self.gate.activate(version)
+    def activate(self, version: int, tenant: str = SHARED) -> None:
+        self.resident(tenant).gate.activate(version)
 
-    def release_versions(self, in_use: set[int]) -> None:
-        self.gate.release_versions(in_use)
+    def release_versions(self, in_use: set[AdapterKey]) -> None:
+        """Unload versions no request is pinned to, keeping every resident lineage's active version and
+        the shared lineage's newest few; then send idle tenants past the bound to disk."""
+        self._evict(in_use)
+        shared_newest = sorted(self.shared.gate.learner.loaded_versions)[-self.config.max_versions_loaded :]
+        keep = {*in_use, *((SHARED, version) for version in shared_newest),
+                *((lineage.tenant, lineage.active_version) for lineage in self.lineages.values())}
+        for tenant, version in self.learner.loaded_keys - keep:
+            self.learner.unload_version(version, tenant)
 
-    def adapters(self) -> AdapterCatalog:
-        """The published versions; safe to call from any thread."""
-        return self.gate.catalog()
+    def adapters(self, tenant: str = SHARED) -> AdapterCatalog | None:
+        """`tenant`'s published versions, from memory (any thread); None when its lineage is on disk."""
+        lineage = self.lineages.get(tenant)
+        return lineage.gate.catalog() if lineage is not None else None
+
+    def active_versions(self) -> dict[str, int]:
+        return {tenant: lineage.active_version for tenant, lineage in list(self.lineages.items())}
 
     # ---- disk ----
 
     def checkpoint(self) -> None:
-        self.checkpoints.save(self.learner, self.intake.cursor)
+        """Every resident lineage's learner that changed (and the shared one's, always)."""
+        for lineage in list(self.lineages.values()):
+            if lineage.tenant != SHARED and not lineage.changed_since_checkpoint:
+                continue
+            state = checkpoint_state(lineage, self.learner)
+            if state is not None:
+                lineage.checkpoints.save(state, self.reader.cursor)
+                lineage.changed_since_checkpoint = False
 
     def flush(self) -> None:
         """Wait until every write queued so far (journal marks, versions, checkpoints) has landed."""
@@ -239,13 +499,28 @@ class Trainer:
         self.writer.close()
 
     def stats(self) -> TrainStats:
-        gate = self.gate
+        lineages = list(self.lineages.values())
+        focus, shared = self.focus, self.shared
+        tenants = [self._tenant_stats(lineage) for lineage in lineages if lineage.tenant != SHARED]
+        tenants += [TenantStats(tenant, 0, 0, seconds, 0, math.nan, 0, True, False)
+                    for tenant, seconds in self._seconds_gone.items()]
+        tenants.sort(key=lambda t: t.train_seconds_total, reverse=True)
+        listed, other = tenants[:MAX_TENANTS_LISTED], tenants[MAX_TENANTS_LISTED:]
         return TrainStats(
-            policy=self.policy.name, active_version=gate.active_version,
-            num_optimizer_steps=self.learner.num_optimizer_steps, num_skipped_steps=self.learner.num_skipped_steps,
+            policy=self.policy.name, active_version=shared.active_version,
+            num_optimizer_steps=sum(lineage.num_optimizer_steps for lineage in lineages),
+            num_skipped_steps=sum(lineage.num_skipped_steps for lineage in lineages),
             train_tokens_total=self.train_tokens_total, train_seconds_total=self.train_seconds_total,
-            learner_loss=self.learner_loss, serving_heldout_loss=gate.serving_heldout_loss,
-            learner_heldout_loss=gate.learner_heldout_loss, drift=self.drift.ratio,
-            seconds_since_publish=time.monotonic() - gate.last_publish_s, num_trainable=self.num_trainable,
-            is_converged=self.is_converged, judged_on_heldout=gate.judged_on_heldout,
+            learner_loss=focus.learner_loss, serving_heldout_loss=focus.gate.serving_heldout_loss,
+            learner_heldout_loss=focus.gate.learner_heldout_loss, drift=focus.drift.ratio,
+            seconds_since_publish=time.monotonic() - max(lineage.gate.last_publish_s for lineage in lineages),
+            num_trainable=self.num_trainable, is_converged=self.is_converged,
+            judged_on_heldout=focus.gate.judged_on_heldout,
+            num_tenants=len(self._tenants_seen), num_resident_tenants=len(lineages) - 1,
+            tenants=tuple(listed), other_tenants_train_seconds=sum(t.train_seconds_total for t in other),
         )
+
+    def _tenant_stats(self, lineage: Lineage) -> TenantStats:
+        return TenantStats(lineage.tenant, lineage.active_version, lineage.num_optimizer_steps,
+                           lineage.train_seconds_total, lineage.train_tokens_total, lineage.drift.ratio,
+                           len(lineage.replay), lineage.is_converged(self.config) or not len(lineage.replay), True)

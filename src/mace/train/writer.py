@@ -15,6 +15,7 @@ import concurrent.futures
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import structlog
 
@@ -22,7 +23,8 @@ log = structlog.get_logger(__name__)
 
 MAX_QUEUED = 64
 
-_Job = tuple[Callable[[], None], concurrent.futures.Future[None]]
+T = TypeVar("T")
+_Job = tuple[Callable[[], Any], concurrent.futures.Future[Any]]
 
 
 class DiskWriter:
@@ -32,11 +34,12 @@ class DiskWriter:
         self._closed = False
         self._thread.start()
 
-    def submit(self, write: Callable[[], None]) -> concurrent.futures.Future[None]:
-        """Queue `write`; blocks while the queue is full. The future holds its outcome."""
+    def submit(self, write: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Queue `write`; blocks while the queue is full. The future holds its outcome (a read queued
+        here sees every write queued before it: how a lineage comes back after its eviction's save)."""
         if self._closed:
             raise RuntimeError("the disk writer is closed")
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._queue.put((write, done))
         return done
 
@@ -56,9 +59,9 @@ class DiskWriter:
         while (job := self._queue.get()) is not None:
             write, done = job
             try:
-                write()
+                result = write()
             except Exception as exc:  # one failed write never stops the ones after it
                 log.exception("disk write failed")
                 done.set_exception(exc)
             else:
-                done.set_result(None)
+                done.set_result(result)

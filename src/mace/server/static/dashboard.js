@@ -90,6 +90,7 @@ function render(stats) {
   show("kv-usage", percent(kv?.usage));
   charts.kv.push(t, { usage: kv?.usage });
   renderTraining(t, train);
+  renderTenants(train?.tenants);
   renderAdapters(t, adapters, train);
   for (const chart of Object.values(charts)) chart.draw(t, CHART_WINDOW_S, events);
 }
@@ -109,6 +110,19 @@ function renderTraining(t, train) {
   charts.train.push(t, { share: train?.time_share });
   charts.loss.push(t, { learner: train?.learner_heldout_loss, serving: train?.serving_heldout_loss });
   charts.drift.push(t, { drift: train?.drift });
+}
+
+function renderTenants(tenants) {
+  show("tenants", tenants ? String(tenants.count) : "—");
+  show("tenants-resident", tenants ? String(tenants.resident) : "—");
+  $("tenants-top").replaceChildren(...(tenants?.top ?? []).map((tenant) => {
+    const item = document.createElement("li");
+    const state = [tenant.resident ? "in memory" : "on disk", tenant.resting ? "resting" : null].filter(Boolean);
+    // textContent: a tenant's name is the client's text, never markup
+    item.textContent = `${tenant.tenant || "(shared)"} · v${tenant.active_version} · ${ms(tenant.train_seconds_total)}`
+      + ` training · ${tenant.optimizer_steps} steps · ${state.join(", ")}`;
+    return item;
+  }));
 }
 
 function renderAdapters(t, adapters, train) {
