@@ -79,7 +79,6 @@ async def test_an_evicted_tenant_comes_back_with_its_version(tmp_path: Path) -> 
         async with aiohttp.ClientSession() as session:
             await teach(session, url, "alice", TAUGHT["alice"])
             await learned(session, url, "alice")
-            alice_version = (await ask(session, url, "alice"))[1]
             await teach(session, url, "bob", TAUGHT["bob"])
             await learned(session, url, "bob")
 
@@ -91,6 +90,9 @@ async def test_an_evicted_tenant_comes_back_with_its_version(tmp_path: Path) -> 
 
             await wait_until(alice_evicted, timeout_s=60, what="alice's lineage to leave memory")
             assert (tmp_path / "data" / "tenants" / "alice" / "checkpoints" / "learner.pt").is_file()
+            async with session.get(url + "/v1/adapters", params={"user": "alice"}) as response:
+                alice_version = (await response.json())["active"]  # read from her directory
+            assert alice_version >= 1
             answer, version = await ask(session, url, "alice")  # brought back from disk for this request
             assert (answer, version) == (TAUGHT["alice"], alice_version)
     finally:

@@ -56,6 +56,8 @@ class EngineCore:
             policy=trainer.policy if trainer is not None else None, train_source=trainer,
             prefix_cache=self.memory.prefix_cache, train_memory=self.memory.training, pruner=self.memory.pruner,
         )
+        if trainer is not None:
+            trainer.on_lineage_read = lambda: self.inbox.put(Ingest())
         self.adapter_version = trainer.active_version if trainer is not None else 0  # the shared lineage's
         self._active_versions = trainer.active_versions() if trainer is not None else {}
         self.num_steps = 0

@@ -105,7 +105,8 @@ class Intake:
         sample.loss = loss
         self.drift.observe(sample.loss)
         # The gate must not judge a version on an answer the user has since corrected (ReplayBuffer.add).
-        self.heldout = [older for older in self.heldout if not supersedes(sample, older)]
+        self.heldout = [older for older in self.heldout
+                        if not supersedes(sample, older) and older.sample_id != sample.sample_id]
         if held_out:
             self.heldout = [*self.heldout[-self.config.heldout_size :], sample]
         elif sample.num_trained == 0 or len(self.replay) < self.config.replay_window:

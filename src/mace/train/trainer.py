@@ -26,6 +26,7 @@ import concurrent.futures
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,15 +114,19 @@ class Trainer:
         self._evictions: dict[str, int] = {}
         self._waiting: dict[str, list[NewTrainSample]] = {}  # samples of lineages on their way back
         self._seconds_gone: dict[str, float] = {}  # training time of lineages evicted since the start
+        # Called (on the writer thread) when a lineage has been read: the engine sends itself an Ingest,
+        # so an idle engine wakes to install it and score its samples.
+        self.on_lineage_read: Callable[[], None] = lambda: None
         self.reader.start()
-        self.focus = self.install(self.read_files(SHARED))
+        # Their samples never trained are scored from the first `ingest` (AsyncEngine.start), after warm-up.
+        self.focus = self.install(self.read_files(SHARED), score_now=False)
         self.focus.on_learner = True
         self.learner.unpark(self.focus.parked)
         self.focus.parked = None
         if self.config.tenancy == "per_tenant":  # a restart trains what was acknowledged, not trained
             for tenant in journal.tenants_with_pending(self.config.max_resident_tenants):
                 if tenant != SHARED:
-                    self.install(self.read_files(tenant))
+                    self.install(self.read_files(tenant), score_now=False)
 
     # ---- the shared lineage, as a server without tenants has it ----
 
@@ -284,9 +289,10 @@ class Trainer:
             future = self._loading.get(tenant)
             if future is None:
                 future = self._loading[tenant] = self.writer.submit(lambda: self.read_files(tenant))
+                future.add_done_callback(lambda _: self.on_lineage_read())
             return future
 
-    def install(self, files: LineageFiles) -> Lineage:
+    def install(self, files: LineageFiles, score_now: bool = True) -> Lineage:
         """Engine thread: make a lineage read off-thread resident (tensor copies at a step boundary).
         A read that an eviction has overtaken since is read again, here."""
         with self._lock:
@@ -301,7 +307,11 @@ class Trainer:
         if files.tenant != SHARED:
             self._tenants_seen.add(files.tenant)
         lineage.train_seconds_total = self._seconds_gone.pop(files.tenant, 0.0)
-        for new in self._waiting.pop(files.tenant, []):
+        # Samples journaled before the read are in its window already (or had aged out of it); those of
+        # the window never trained (acknowledged, then a crash or an eviction) are scored first.
+        seen = max((row.sample_id for row, _ in files.window), default=0)
+        waiting = [new for new in self._waiting.pop(files.tenant, []) if new.sample.sample_id > seen]
+        for new in [*(lineage.intake.take_unscored() if score_now else []), *waiting]:
             self._score(lineage, new)
         return lineage
 
@@ -357,7 +367,9 @@ class Trainer:
     # ---- on the engine thread ----
 
     def ingest(self) -> int:
-        """Read samples journaled since the last call and queue their scoring; returns how many."""
+        """Install lineages read back since the last call, read samples journaled since, and queue their
+        scoring; returns how many samples."""
+        self._install_loaded()
         count = 0
         for lineage in self.lineages.values():
             for new in lineage.intake.take_unscored():
