@@ -186,8 +186,10 @@ class TrainConfig(_Section):
     tenancy: Literal["per_tenant", "shared"] = Field(
         "per_tenant", description="per_tenant: each tenant's feedback trains and serves its own adapter lineage"
     )
-    max_resident_tenants: int = Field(8, ge=1, description="tenant lineages kept in memory; the least recently "
-                                      "used others wait on disk until their next request or sample")
+    # Each costs a few MB (a LoRA version, the learner's weights and AdamW moments) and one adapter slot
+    # made at start (about 0.1 s on the default model on a CPU).
+    max_resident_tenants: int = Field(16, ge=1, description="tenant lineages kept in memory; the idle others "
+                                      "wait on disk until their next request or sample")
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)

@@ -176,3 +176,23 @@ def test_noisy_steps_do_not_shrink_the_batch_but_missed_requests_do() -> None:
     for _ in range(3):
         noisy.latency.guard.observe(tpot_s=1.5 * INTERACTIVE_TPOT_S, target_s=INTERACTIVE_TPOT_S)
     assert noisy.decode_cap() < steady.decode_cap()
+
+
+def test_misses_while_training_takes_slack_shrink_training_before_the_batch() -> None:
+    """Training beside inference takes the slack up to the TPOT target, so some answers land near it
+    and raise the guard. The guard's extra comes out of training's budget first: the batch shrinks only
+    by what training cannot give back."""
+    plain, training = scheduler(max_num_seqs=32), scheduler(max_num_seqs=32)
+    for model in (plain, training):
+        _teach_decode_cost(model, 0.015, 0.01)
+    for _ in range(100):  # 4 decodes and 300 training tokens a step, at the taught costs
+        shape = StepShape(0, 4, num_train_forward_tokens=300)
+        training.latency.observe(shape, training.latency.predict(shape))
+    assert training.latency.recent_train_s > 0.0
+    for model in (plain, training):
+        for _ in range(3):
+            model.latency.guard.observe(tpot_s=1.5 * INTERACTIVE_TPOT_S, target_s=INTERACTIVE_TPOT_S)
+    extra = plain.latency.guard.extra_s
+    assert training.latency.mean_margin_s == max(0.0, extra - training.latency.recent_train_s) < extra
+    assert training.latency.error_margin_s >= extra  # training's own budget still gives the extra back
+    assert training.decode_cap() > plain.decode_cap()

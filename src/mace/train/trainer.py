@@ -54,6 +54,7 @@ log = structlog.get_logger(__name__)
 
 
 MAX_TENANTS_LISTED = 8  # the top lineages by training time in stats; the rest are summed
+MIN_IDLE_S = 2.0  # a lineage used more recently is not evicted (`_evict`)
 
 
 @dataclass(frozen=True)
@@ -344,16 +345,22 @@ class Trainer:
             self.install(files)
 
     def _evict(self, in_use: set[AdapterKey]) -> None:
-        """Past `max_resident_tenants`, the least recently used idle tenants leave memory: their
-        learner state is checkpointed (writer thread) and their versions unloaded."""
+        """Past `max_resident_tenants`, idle tenants leave memory: those with nothing left to train
+        first, then the least recently used. Their learner state is checkpointed (writer thread) and
+        their versions unloaded. Idle means no request pinned, no pass queued, no sample waiting, and
+        unused for `MIN_IDLE_S`: a lineage just brought back for a request stays until that request
+        is in (the bound can be passed for that long)."""
         pinned = {tenant for tenant, _ in in_use}
         tenants = [lineage for lineage in self.lineages.values() if lineage.tenant != SHARED]
         excess = len(tenants) - self.config.max_resident_tenants
         if excess <= 0:
             return
+        now = time.monotonic()
         idle = [lineage for lineage in tenants
-                if not lineage.is_busy() and lineage.tenant not in pinned and lineage.tenant not in self._waiting]
-        for lineage in sorted(idle, key=lambda lineage: lineage.last_used_s)[:excess]:
+                if not lineage.is_busy() and lineage.tenant not in pinned and lineage.tenant not in self._waiting
+                and now - lineage.last_used_s >= MIN_IDLE_S]
+        ranked = sorted(idle, key=lambda lineage: (lineage.is_trainable(self.config), lineage.last_used_s))
+        for lineage in ranked[:excess]:
             if lineage.changed_since_checkpoint and lineage.parked is not None:
                 lineage.checkpoints.save(lineage.parked, self.reader.cursor)
             for version in lineage.gate.learner.loaded_versions:
