@@ -39,7 +39,7 @@ than predicted, so planners keep `error_margin_s` free. It has three parts:
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -68,7 +68,6 @@ class StepShape:
 ERROR_QUANTILE = 0.95
 TAIL_QUANTILE = 0.99
 RECENT_WEIGHT = 0.3  # of the newest step in the running mean of overruns
-TRAIN_WEIGHT = 0.05  # of the newest serving step in the running mean of training time beside inference
 MIN_INFERENCE_SAMPLES = 8  # steps with inference in the window before the margin is read from them alone
 FEATURE_NAMES = ("base", "forward", "batched_forward", "prefill_token", "decode_token", "train_forward_token",
                  "train_backward_token", "train_head_token", "prefill_chunk")
@@ -128,7 +127,8 @@ class LatencyModel:
         self.guard = TpotGuard()
         self.last_error_s = 0.0
         self.recent_error_s = 0.0  # running mean of the last steps' overruns (negative: they ran fast)
-        self.recent_train_s = 0.0  # running mean of the predicted training time in steps that also served
+        # What requests that shared no step with training missed by: the batch's own cost (`mean_margin_s`).
+        self.batch_guard = TpotGuard()
 
     @property
     def mean_margin_s(self) -> float:
@@ -139,12 +139,13 @@ class LatencyModel:
         percentile grows with it and would shrink the batch, which cannot help: FCFS met the 0.2 s
         target for 90% of requests where the cap had fallen to 1 (docs/results/slo.md).
 
-        Less the training that steps beside inference carry: the guard's extra comes out of training's
-        budget first (`error_margin_s`), so misses that training caused are undone by training giving
-        its time back, not by a smaller batch. Without this, training that takes the slack up to the
-        target made near-misses that shrank the batch to one request while others queued for seconds
-        (16 tenants learning beside chat, docs/results/tenants.md)."""
-        return max(0.0, self.guard.extra_s - self.recent_train_s)
+        Learned only from requests that shared no step with training (`batch_guard`): training takes
+        the slack up to the target, so answers beside it land near it, and their misses are undone by
+        training giving time back (the guard is in `error_margin_s`, training's budget), not by a
+        smaller batch. Counting them here shrank the batch to one request while others queued for
+        seconds, with training stopped and the guard draining one met request at a time (16 tenants
+        learning beside chat, docs/results/tenants.md)."""
+        return self.batch_guard.extra_s
 
     @property
     def error_margin_s(self) -> float:
@@ -175,13 +176,8 @@ class LatencyModel:
         return self.predict(shape) - float(np.dot(self._coef[:FIXED], shape.features()[:FIXED]))
 
     def observe(self, shape: StepShape, measured_s: float) -> None:
-        predicted_s = self.predict(shape)
-        self.last_error_s = measured_s - predicted_s
+        self.last_error_s = measured_s - self.predict(shape)
         self.recent_error_s += RECENT_WEIGHT * (self.last_error_s - self.recent_error_s)
-        if shape.has_inference:
-            untrained = replace(shape, num_train_forward_tokens=0, num_train_backward_tokens=0,
-                                num_train_head_tokens=0)
-            self.recent_train_s += TRAIN_WEIGHT * (predicted_s - self.predict(untrained) - self.recent_train_s)
         self._samples.append((shape.features(), measured_s))
         self._since_fit += 1
         if self._since_fit >= self._refit_every and len(self._samples) >= 8:

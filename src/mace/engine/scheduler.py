@@ -56,6 +56,7 @@ class Scheduler:
         self.slo = slo or SloConfig()
         self.latency = LatencyModel()
         self.latency.guard.reference_s = min(self.slo.target(name).tpot_s for name in self.slo.class_names)
+        self.latency.batch_guard.reference_s = self.latency.guard.reference_s
         self.budget = StepBudget(config, self.slo, self.latency, lambda: self.clock())  # follows a swapped clock
         # Warm-up decodes batches past the TPOT cap: a fit over one or two decodes cannot tell a decode's
         # cost from a step's fixed cost, and the cap is computed from that fit.
@@ -262,6 +263,8 @@ class Scheduler:
             request = chunk.request
             if request.status is not RequestStatus.RUNNING:
                 continue
+            if plan.train is not None and plan.train.stages:
+                request.num_steps_with_training += 1
             error = output.failed_request_ids.get(request.request_id)
             if error is not None:
                 request.error = error
@@ -290,6 +293,8 @@ class Scheduler:
             return
         tpot_s = (self.clock() - first_s) / (request.num_output_tokens - 1)
         self.latency.guard.observe(tpot_s, self.budget.tpot_target_s(request))
+        if not request.num_steps_with_training:  # what the batch alone costs (`LatencyModel.mean_margin_s`)
+            self.latency.batch_guard.observe(tpot_s, self.budget.tpot_target_s(request))
 
     def _finish(self, request: Request, status: RequestStatus, new_tokens: list[int]) -> RequestOutput:
         if request in self.running:
