@@ -126,12 +126,13 @@ class Lineage:
     last_used_s: float = field(default_factory=time.monotonic)
     num_queued_passes: int = 0  # loss passes queued for it: it stays resident until they are in
     changed_since_checkpoint: bool = False
-    # Fair share of training time (stride scheduling, `Trainer._choose_lineage`): seconds trained,
+    # Fair share of training time (stride scheduling, train/fair_share.py): seconds trained,
     # divided by its share, since it last had samples to train.
     virtual_s: float = 0.0
     share: float = 1.0
     was_eligible: bool = False
     gate: PublishGate = field(init=False)  # built once the lineage exists: the gate's learner view reads it
+    learner: Learner = field(init=False)  # the model's learner, on which its state sits while `on_learner`
 
     @classmethod
     def build(cls, files: LineageFiles, learner: Learner, config: TrainConfig) -> Lineage:
@@ -140,6 +141,7 @@ class Lineage:
         drift = DriftSignal(loss_floor=config.converged_loss)
         intake = Intake(config, replay, drift)
         lineage = cls(files.tenant, intake, files.checkpoints, parked=files.learner_state)
+        lineage.learner = learner
         lineage.gate = PublishGate(LineageLearner(learner, lineage), files.store, drift, config)
         lineage.gate.restore(files.active_weights)
         intake.resume(files.window)
@@ -171,9 +173,7 @@ class Lineage:
 
     def _steps(self) -> tuple[int, int]:
         if self.on_learner:
-            learner = self.gate.learner
-            assert isinstance(learner, LineageLearner)
-            return learner._learner.num_optimizer_steps, learner._learner.num_skipped_steps
+            return self.learner.num_optimizer_steps, self.learner.num_skipped_steps
         if self.parked is None:
             return 0, 0
         return self.parked.num_optimizer_steps, self.parked.num_skipped_steps

@@ -15,7 +15,7 @@ are accounted and the optimizer steps.
 
 Tenants: every lineage (one per tenant under `train.tenancy = "per_tenant"`, the shared one for
 requests without a tenant) learns from its own samples only. The learner is lent to one lineage per
-optimizer step, chosen by expected gain with a floor (`_choose_lineage`); gates open one at a time;
+optimizer step, chosen by expected gain with a floor (`fair_share.py`); gates open one at a time;
 lineages past `max_resident_tenants` go to disk, least recently used first, and come back off the
 engine thread (`request_lineage`, `install`).
 """
@@ -34,6 +34,7 @@ import structlog
 
 from mace.config import MaceConfig
 from mace.tenancy import SHARED
+from mace.train import fair_share
 from mace.train.adapters import AdapterStore
 from mace.train.checkpoint import Checkpoints
 from mace.train.drift import DriftSignal
@@ -184,7 +185,8 @@ class Trainer:
 
     def drift_ratio(self) -> float:
         """The drift of the lineage training serves next (the one on the learner until it switches)."""
-        chosen = self._choose_lineage() if self.learner.num_accumulated == 0 else None
+        between_steps = self.learner.num_accumulated == 0
+        chosen = fair_share.choose(self.lineages.values(), self.focus, self.config) if between_steps else None
         return (chosen or self.focus).drift.ratio
 
     def upkeep_stages(self) -> list[TrainStage]:
@@ -204,7 +206,8 @@ class Trainer:
             return []  # the optimizer may have to step on the finished one before more gradients accumulate
         if self.tasks.job is None:
             if self.learner.num_accumulated == 0:  # the learner moves only between optimizer steps
-                self._lend_learner(self._choose_lineage() or self.focus)
+                chosen = fair_share.choose(self.lineages.values(), self.focus, self.config)
+                self._lend_learner(chosen or self.focus)
             room = self.config.batch_size - self.learner.num_accumulated  # a micro-step never spans two batches
             batch = self.focus.replay.pick(max_job_tokens, time.time(), max(1, room), at_least_one=True)
             if batch is None:
@@ -212,30 +215,6 @@ class Trainer:
             self.focus.touch()
             self.tasks.open_job(self.learner.micro_step([*batch.samples, *self._rehearsal()]))
         return self.tasks.job_stages()
-
-    def _choose_lineage(self) -> Lineage | None:
-        """The trainable lineage furthest behind its fair share of training time (stride scheduling).
-
-        A lineage's share is its expected gain (drift times the weight of its untrained samples) over
-        all trainable lineages' gain, but never under half an equal share: a tenant with pending
-        samples always gets some time. A lineage that has just become trainable starts level with
-        the others rather than with the time it missed.
-        """
-        trainable = [lineage for lineage in self.lineages.values() if lineage.is_trainable(self.config)]
-        for lineage in self.lineages.values():
-            if lineage not in trainable:
-                lineage.was_eligible = False
-        if not trainable:
-            return None
-        level = min((lineage.virtual_s for lineage in trainable if lineage.was_eligible), default=0.0)
-        gains = [lineage.expected_gain() for lineage in trainable]
-        total = sum(gains)
-        floor = 0.5 / len(trainable)
-        for lineage, gain in zip(trainable, gains, strict=True):
-            if not lineage.was_eligible:
-                lineage.virtual_s, lineage.was_eligible = max(lineage.virtual_s, level), True
-            lineage.share = max(floor, gain / total if total > 0 else 1.0 / len(trainable))
-        return min(trainable, key=lambda lineage: (lineage.virtual_s, lineage is not self.focus))
 
     def _lend_learner(self, lineage: Lineage) -> None:
         """Put `lineage`'s learner on the model (between optimizer steps: no gradient is half-accumulated)."""
@@ -427,8 +406,7 @@ class Trainer:
             self.tasks.drop_job()
             self.learner.discard_gradients()
         self.train_seconds_total += time.perf_counter() - started
-        self.focus.train_seconds_total += job_s
-        self.focus.virtual_s += job_s / self.focus.share
+        fair_share.charge(self.focus, job_s)
 
     def after_step(self) -> None:
         for result in self.tasks.take_results():
