@@ -89,7 +89,12 @@ async def test_an_evicted_tenant_comes_back_with_its_version(tmp_path: Path) -> 
                 return tenants["resident"] == 1 and resident.get("alice") is False
 
             await wait_until(alice_evicted, timeout_s=60, what="alice's lineage to leave memory")
-            assert (tmp_path / "data" / "tenants" / "alice" / "checkpoints" / "learner.pt").is_file()
+            checkpoint = tmp_path / "data" / "tenants" / "alice" / "checkpoints" / "learner.pt"
+
+            async def saved() -> bool:  # the eviction's checkpoint lands on the writer thread
+                return checkpoint.is_file()
+
+            await wait_until(saved, timeout_s=30, what="alice's learner checkpoint on disk")
             async with session.get(url + "/v1/adapters", params={"user": "alice"}) as response:
                 alice_version = (await response.json())["active"]  # read from her directory
             assert alice_version >= 1
