@@ -173,8 +173,8 @@ def test_noisy_steps_do_not_shrink_the_batch_but_missed_requests_do() -> None:
     noisy.latency.refit()
     assert noisy.latency.error_margin_s > 0.03  # training's per-step slack still keeps the tail free
     assert noisy.decode_cap() == steady.decode_cap()
-    for _ in range(3):  # requests that missed with no training beside them: the batch itself is too slow
-        noisy.latency.batch_guard.observe(tpot_s=1.5 * INTERACTIVE_TPOT_S, target_s=INTERACTIVE_TPOT_S)
+    for _ in range(4):  # requests with no training beside them, slower than the model's steps said
+        noisy.latency.request_bias.observe(tpot_s=INTERACTIVE_TPOT_S, predicted_step_s=0.5 * INTERACTIVE_TPOT_S)
     assert noisy.decode_cap() < steady.decode_cap()
 
 
@@ -193,14 +193,78 @@ def test_misses_beside_training_shrink_training_and_only_misses_without_it_shrin
         finished.first_token_time_s = now[0]
         finished.output_token_ids = [1] * 11
         finished.num_steps_with_training = 5 if with_training else 0
+        finished.predicted_decode_s_total = 10 * INTERACTIVE_TPOT_S  # the model put its steps at the target
         now[0] += 10 * 1.5 * INTERACTIVE_TPOT_S  # a mean gap 1.5x the target: a miss
         s._observe_tpot(finished)
 
     margin = s.latency.error_margin_s
-    for _ in range(3):
+    for _ in range(4):
         finish(with_training=True)
     assert s.latency.error_margin_s > margin  # training's budget shrinks
     assert s.decode_cap() == cap
-    for _ in range(3):
+    for _ in range(4):
         finish(with_training=False)
     assert s.decode_cap() < cap
+
+
+def test_misses_the_model_foresaw_do_not_shrink_the_batch() -> None:
+    """Where one stream's step is already near the TPOT target (a slow CPU), requests miss at any
+    batch size. If those misses shrank the batch, the cap would fall to one request and the rest
+    would queue for seconds and be refused; steps that took what the model said keep the cap."""
+    s = scheduler(max_num_seqs=32)
+    _teach_decode_cost(s, 0.9475 * INTERACTIVE_TPOT_S, 0.001)  # one decode 95% of the target, each more +1 ms
+    cap = s.decode_cap()
+    assert cap > 4
+    now = [0.0]
+    s.clock = lambda: now[0]
+    for index in range(16):  # served one at a time, each step as slow as predicted: all (nearly) miss
+        finished = request(f"r{index}", "interactive", now[0], max_tokens=11)
+        finished.first_token_time_s = now[0]
+        finished.output_token_ids = [1] * 11
+        step_s = s.latency.predict(StepShape(num_decode_tokens=1))
+        finished.predicted_decode_s_total = 10 * step_s
+        now[0] += 10 * step_s
+        s._observe_tpot(finished)
+    assert s.latency.guard.num_missed == 16
+    assert s.decode_cap() == cap
+
+
+def test_the_cap_counts_a_prompt_chunk_by_the_share_of_steps_that_carry_one() -> None:
+    """A request's TPOT is the mean of its steps: with rare arrivals few of them carry a prompt chunk,
+    and a chunk counted in every step would shrink the batch for a cost its requests rarely pay."""
+    s = scheduler(max_num_seqs=32)
+    _teach_decode_cost(s, 0.015, 0.01)
+    for decode in range(0, 9):
+        for prefill in (16, 32, 64):
+            s.latency.observe(StepShape(prefill, decode, num_prefill_chunks=1), 0.015 + 0.01 * decode + 0.002 * prefill)
+    s.latency.refit()
+    busy = s.decode_cap()  # the share starts at one: a chunk in every step
+    s.prompt_chunk_share = 0.05
+    assert s.decode_cap() > busy
+
+
+def test_the_cap_gives_its_margin_up_before_a_waiting_request_misses_its_first_token() -> None:
+    """The margins keep streams inside their TPOT, but a request queued past its TTFT (or refused)
+    loses more: while the first waiting request would wait for a place past its deadline, the cap
+    grows to what the model alone puts within the TPOT target."""
+    s = scheduler(max_num_seqs=32)
+    now = [0.0]
+    s.clock = lambda: now[0]
+    _teach_decode_cost(s, 0.015, 0.01)
+    for _ in range(4):  # streams ran slower than the model said: a margin, a smaller cap
+        s.latency.request_bias.observe(tpot_s=0.1, predicted_step_s=0.05)
+    soft, hard = s._decode_caps()
+    assert soft < hard
+    for i in range(soft):  # long answers hold every place of the margin's cap
+        s.add_request(request(f"long{i}", "interactive", arrival_s=0.0, max_tokens=500))
+    for _ in range(8):
+        step(s)
+    assert len(s.running) == soft and not s.waiting
+    assert s.decode_cap() == soft  # nobody waits: the margin holds
+    arrival = request("late", "interactive", arrival_s=now[0])
+    predicted_s = s.predict_ttft_s(arrival.num_prompt_tokens, arrival.ttft_s, now[0])
+    assert predicted_s <= arrival.ttft_s  # admitted: a place opens under the grown cap
+    s.add_request(arrival)
+    assert s.decode_cap() == hard
+    step(s)
+    assert arrival in s.running

@@ -49,7 +49,7 @@ async def fake_url() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def slow_fake_url() -> AsyncIterator[str]:
-    runner, url = await serve_app(fake_app(chunk_delay_s=0.5))
+    runner, url = await serve_app(fake_app(chunk_delay_s=2.0))
     try:
         yield url
     finally:

@@ -73,11 +73,12 @@ async def test_unreachable_feedback_is_a_connection_failure() -> None:
 
 
 async def test_duration_stops_the_run_and_cancels_stragglers(slow_fake_url: str) -> None:
-    # Each stream takes ~1.5 s; the run stops at 0.3 s and waits 0.2 s for those in flight.
+    # Each stream takes ~6 s; the run stops at 0.3 s and waits 0.2 s for those in flight, so it ends
+    # well before any stream could (the bound leaves a loaded machine seconds of room).
     config = RunConfig(url=slow_fake_url, users=2, duration_s=0.3, grace_s=0.2, mix={"chat": 1.0}, poll_s=0)
     started = time.monotonic()
     result = await Runner(config, items(5)).run()
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 4.0
     assert [r.status for r in result.records] == ["cancelled", "cancelled"]
     summary = summarize(result.records)
     assert summary["cancelled"] == 2 and summary["requests"] == 0

@@ -185,7 +185,7 @@ class EngineCore:
         log.debug("engine step", time_s=round(step_time_s, 6),
                   predicted_s=round(latency.predict(shape), 6), margin_s=round(margin_s, 6),
                   guard_extra_s=round(latency.guard.extra_s, 6),
-                  batch_guard_extra_s=round(latency.batch_guard.extra_s, 6), decode_cap=self.scheduler.decode_cap(),
+                  request_bias_s=round(latency.request_bias.extra_s, 6), decode_cap=self.scheduler.decode_cap(),
                   prefill=shape.num_prefill_tokens, decode=shape.num_decode_tokens,
                   train=(shape.num_train_forward_tokens, shape.num_train_backward_tokens, shape.num_train_head_tokens),
                   running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),

@@ -21,15 +21,32 @@ from mace.engine.request import Request
 MAX_YIELDS = 2  # times a running request gives its place to a more urgent class before it keeps it
 
 
-def decode_cap(latency: LatencyModel, slo: SloConfig, max_num_seqs: int, prefill_tokens: int = 0) -> int:
-    """The most requests that decode together within the tightest class's TPOT, less what requests'
-    outcomes say the model underestimates their mean step by (`LatencyModel.mean_margin_s`), beside a
-    prompt chunk of `prefill_tokens` (once the model has measured prefill): under load a prompt is
-    prefilled beside the decodes in most steps, and a batch that only fits alone would then miss."""
-    target_s = min(slo.target(name).tpot_s for name in slo.class_names) - latency.mean_margin_s
+def decode_cap(latency: LatencyModel, slo: SloConfig, max_num_seqs: int, prefill_tokens: int = 0,
+               chunk_share: float = 1.0) -> int:
+    """The most requests whose mean step fits the tightest class's TPOT, less what requests' outcomes
+    say the model underestimates their mean step by (`LatencyModel.mean_margin_s`), with a prompt chunk
+    of `prefill_tokens` in `chunk_share` of the steps (once the model has measured prefill). A TPOT is
+    the mean of a request's steps: under load a prompt is prefilled beside the decodes in most steps,
+    and a batch that only fits alone would then miss; with one arrival every few seconds, a chunk
+    counted in full at every step would shrink the batch for a cost its requests rarely pay."""
+    target_s = tightest_tpot_s(slo) - latency.mean_margin_s
     chunk = StepShape(num_prefill_tokens=prefill_tokens, num_prefill_chunks=1)
     if prefill_tokens > 0 and latency.is_measured(chunk):
-        target_s -= latency.marginal_s(chunk)
+        target_s -= chunk_share * latency.marginal_s(chunk)
+    return _fitting(latency, target_s, max_num_seqs)
+
+
+def hard_decode_cap(latency: LatencyModel, slo: SloConfig, max_num_seqs: int) -> int:
+    """The most requests whose decode step alone the model puts within the tightest TPOT, no margin:
+    what the cap may grow to before a waiting request misses its first token (`Scheduler.decode_cap`)."""
+    return _fitting(latency, tightest_tpot_s(slo), max_num_seqs)
+
+
+def tightest_tpot_s(slo: SloConfig) -> float:
+    return min(slo.target(name).tpot_s for name in slo.class_names)
+
+
+def _fitting(latency: LatencyModel, target_s: float, max_num_seqs: int) -> int:
     cap = 1
     while cap < max_num_seqs and latency.predict(StepShape(num_decode_tokens=cap + 1)) <= target_s:
         cap += 1

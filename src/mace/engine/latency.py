@@ -112,6 +112,27 @@ class TpotGuard:
             self.extra_s = max(0.0, self.extra_s - step_s * self.miss_rate / (1.0 - self.miss_rate))
 
 
+class RequestBias:
+    """The `quantile` of how much finished requests' TPOT exceeded the mean predicted time of the steps
+    they decoded in, over the last `window` requests (0 until `min_requests` finished, never negative)."""
+
+    def __init__(self, window: int = 64, quantile: float = 0.9, min_requests: int = 4) -> None:
+        self.quantile, self.min_requests = quantile, min_requests
+        self._biases: deque[float] = deque(maxlen=window)
+
+    def reset(self) -> None:
+        self._biases.clear()
+
+    def observe(self, tpot_s: float, predicted_step_s: float) -> None:
+        self._biases.append(tpot_s - predicted_step_s)
+
+    @property
+    def extra_s(self) -> float:
+        if len(self._biases) < self.min_requests:
+            return 0.0
+        return max(0.0, float(np.quantile(np.array(self._biases), self.quantile)))
+
+
 class LatencyModel:
     def __init__(self, window: int = 512, refit_every: int = 16,
                  prior: tuple[float, ...] = (0.005, 0.1, 0.0, 0.01, 0.02, 0.0005, 0.001, 0.01, 0.05)) -> None:
@@ -127,25 +148,26 @@ class LatencyModel:
         self.guard = TpotGuard()
         self.last_error_s = 0.0
         self.recent_error_s = 0.0  # running mean of the last steps' overruns (negative: they ran fast)
-        # What requests that shared no step with training missed by: the batch's own cost (`mean_margin_s`).
-        self.batch_guard = TpotGuard()
+        # How far requests that shared no step with training were off the predicted steps (`mean_margin_s`).
+        self.request_bias = RequestBias()
 
     @property
     def mean_margin_s(self) -> float:
-        """Headroom for a request's TPOT, the mean of its steps (sizes the decode batch): the guard's
-        extra only. One step's noise, which the 95th-percentile overrun covers, averages out over an
-        answer; what a request's mean still misses by, the guard learns from finished requests. Under
-        an overload whose noise comes from outside the batch (clients on the same cores), the
-        percentile grows with it and would shrink the batch, which cannot help: FCFS met the 0.2 s
-        target for 90% of requests where the cap had fallen to 1 (docs/results/slo.md).
+        """Headroom for a request's TPOT, the mean of its steps (sizes the decode batch): how much the
+        recent requests' TPOT exceeded the model's own prediction of their steps (`RequestBias`). One
+        step's noise, which the 95th-percentile overrun covers, averages out over an answer; under an
+        overload whose noise comes from outside the batch (clients on the same cores), the percentile
+        grows with it and would shrink the batch, which cannot help: FCFS met the 0.2 s target for 90%
+        of requests where the cap had fallen to 1 (docs/results/slo.md).
 
-        Learned only from requests that shared no step with training (`batch_guard`): training takes
-        the slack up to the target, so answers beside it land near it, and their misses are undone by
-        training giving time back (the guard is in `error_margin_s`, training's budget), not by a
-        smaller batch. Counting them here shrank the batch to one request while others queued for
-        seconds, with training stopped and the guard draining one met request at a time (16 tenants
-        learning beside chat, docs/results/tenants.md)."""
-        return self.batch_guard.extra_s
+        A bias, not a count of misses: where a single stream's step is already near the target, every
+        request misses at any batch size, and a margin that grows with misses shrank the batch to one
+        request while chat queued for seconds and was refused (one fact learned beside chat,
+        docs/results/train/learn.md). The bias only says how far the model's step times are from what
+        streams see, which a batch of one would see too, so the cap stays where the model puts it.
+        Learned only from requests that shared no step with training: training takes the slack up to
+        the target, and what it overruns is given back from training's budget (`error_margin_s`)."""
+        return self.request_bias.extra_s
 
     @property
     def error_margin_s(self) -> float:

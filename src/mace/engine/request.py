@@ -87,6 +87,7 @@ class Request:
     num_computed_tokens: int = 0
     num_preemptions: int = 0
     num_steps_with_training: int = 0  # its steps that also carried training stages (`Scheduler._observe_tpot`)
+    predicted_decode_s_total: float = 0.0  # the latency model's time for the steps after its first token
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
     num_pruned_tokens: int = 0  # computed tokens whose KV was pruned away (slot positions shift left by this)
     num_saved_tokens: int = 0  # computed tokens already offered to the prefix cache

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mace.config import EngineConfig, SloConfig
-from mace.engine.decode_cap import decode_cap, victims_at_cap
+from mace.engine.decode_cap import decode_cap, gives_way, hard_decode_cap, victims_at_cap, wait_for_place_s
 from mace.engine.kv_blocks import BlockPool
 from mace.engine.kv_pruning import KVPruner
 from mace.engine.latency import LatencyModel
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from mace.engine.memory import TrainingReservation
 
 MAX_ADMISSION_SKIPS = 32  # steps smaller requests may pass one that does not fit, before it blocks them
+PROMPT_CHUNK_SHARE_WEIGHT = 0.05  # of the newest decoding step in `prompt_chunk_share`: about the last 20
 
 
 class Scheduler:
@@ -56,7 +57,6 @@ class Scheduler:
         self.slo = slo or SloConfig()
         self.latency = LatencyModel()
         self.latency.guard.reference_s = min(self.slo.target(name).tpot_s for name in self.slo.class_names)
-        self.latency.batch_guard.reference_s = self.latency.guard.reference_s
         self.budget = StepBudget(config, self.slo, self.latency, lambda: self.clock())  # follows a swapped clock
         # Warm-up decodes batches past the TPOT cap: a fit over one or two decodes cannot tell a decode's
         # cost from a step's fixed cost, and the cap is computed from that fit.
@@ -67,6 +67,9 @@ class Scheduler:
         self.running: list[Request] = []
         self._released: list[str] = []
         self._prefill_room = 0  # prompt tokens this step may still take (set by schedule)
+        # Of the steps that decoded, the share that also carried a prompt chunk (a running mean); starts
+        # at 1, the cautious end, until steps are seen.
+        self.prompt_chunk_share = 1.0
         self._num_enqueued = 0
         self.num_preemptions = 0
 
@@ -105,8 +108,13 @@ class Scheduler:
         """How long a request arriving now would wait for its first token (`StepBudget.predict_ttft_s`).
 
         Read from the event loop by admission: the queues are copied before anything iterates them."""
-        return self.budget.predict_ttft_s(num_prompt_tokens, ttft_s, now_s, list(self.waiting), list(self.running),
-                                          self.decode_cap())
+        waiting, running = list(self.waiting), list(self.running)
+        soft, hard = self._decode_caps()
+        predicted_s = self.budget.predict_ttft_s(num_prompt_tokens, ttft_s, now_s, waiting, running, soft)
+        if predicted_s <= ttft_s or hard <= soft:
+            return predicted_s
+        # It would wait past its target for a place under the margin's cap: the cap gives the margin up.
+        return self.budget.predict_ttft_s(num_prompt_tokens, ttft_s, now_s, waiting, running, hard)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         for request in self.waiting:
@@ -218,11 +226,28 @@ class Scheduler:
         return cache.waits_for_prefill(request, [r for r in self.running if r.is_prefilling])
 
     def decode_cap(self) -> int:
-        """How many requests may run at once: the TPOT-bound cap under "slo" scheduling (engine/decode_cap.py),
-        `max_num_seqs` under FCFS."""
+        """How many requests may run at once: under "slo" scheduling the TPOT-bound cap with its margins
+        (engine/decode_cap.py), grown to the cap without them while the first waiting request would
+        otherwise wait for a place past its TTFT deadline; `max_num_seqs` under FCFS.
+
+        The margins are for streams' TPOT; a request refused or queued for seconds loses more than a
+        stream a little past its TPOT does (one fact learned beside chat on a slow CPU: a cap of 2 left 4
+        queued and most chat refused, docs/results/train/learn.md)."""
+        soft, hard = self._decode_caps()
+        if hard <= soft or not self.waiting:
+            return soft
+        first = min(self.waiting, key=lambda r: (r.priority, r.ttft_deadline_s))
+        blocking = [r for r in self.running if not gives_way(r, first.ttft_s, first.ttft_deadline_s)]
+        wait_s = wait_for_place_s(self.latency, blocking, len(self.waiting), soft)
+        return hard if self.clock() + wait_s > first.ttft_deadline_s else soft
+
+    def _decode_caps(self) -> tuple[int, int]:
+        """(the cap with its margins, the cap without them)."""
         if self.config.scheduling != "slo" or self.is_measuring:
-            return self.config.max_num_seqs
-        return decode_cap(self.latency, self.slo, self.config.max_num_seqs, self.budget.min_prefill_chunk())
+            return self.config.max_num_seqs, self.config.max_num_seqs
+        soft = decode_cap(self.latency, self.slo, self.config.max_num_seqs, self.budget.min_prefill_chunk(),
+                          self.prompt_chunk_share)
+        return soft, max(soft, hard_decode_cap(self.latency, self.slo, self.config.max_num_seqs))
 
     def _give_way_at_cap(self) -> list[str]:
         """At the decode cap, more urgent waiting requests take the places of the loosest running ones."""
@@ -259,12 +284,19 @@ class Scheduler:
     def update(self, plan: IterationPlan, output: RunnerOutput) -> list[RequestOutput]:
         """Advance counters, append sampled tokens, finish requests; one output per request that moved."""
         outputs: list[RequestOutput] = []
+        shape = plan.shape
+        if shape.num_decode_tokens:
+            has_chunk = 1.0 if shape.num_prefill_chunks else 0.0
+            self.prompt_chunk_share += PROMPT_CHUNK_SHARE_WEIGHT * (has_chunk - self.prompt_chunk_share)
+        predicted_s = self.latency.predict(shape) if plan.chunks else 0.0
         for chunk in plan.chunks:
             request = chunk.request
             if request.status is not RequestStatus.RUNNING:
                 continue
             if plan.train is not None and plan.train.stages:
                 request.num_steps_with_training += 1
+            if request.first_token_time_s is not None:  # a step between two of its tokens
+                request.predicted_decode_s_total += predicted_s
             error = output.failed_request_ids.get(request.request_id)
             if error is not None:
                 request.error = error
@@ -286,15 +318,17 @@ class Scheduler:
         return outputs
 
     def _observe_tpot(self, request: Request) -> None:
-        """A finished request's TPOT against its target teaches the latency margin (`TpotGuard`). One that
-        was preempted waited without decoding, which says nothing about the margin."""
+        """A finished request's TPOT against its target teaches the latency margin (`TpotGuard`), and
+        against its predicted steps the decode cap's (`RequestBias`). One that was preempted waited
+        without decoding, which says nothing about either."""
         first_s = request.first_token_time_s
         if first_s is None or request.num_output_tokens < 2 or request.num_preemptions:
             return
-        tpot_s = (self.clock() - first_s) / (request.num_output_tokens - 1)
+        num_gaps = request.num_output_tokens - 1
+        tpot_s = (self.clock() - first_s) / num_gaps
         self.latency.guard.observe(tpot_s, self.budget.tpot_target_s(request))
         if not request.num_steps_with_training:  # what the batch alone costs (`LatencyModel.mean_margin_s`)
-            self.latency.batch_guard.observe(tpot_s, self.budget.tpot_target_s(request))
+            self.latency.request_bias.observe(tpot_s, request.predicted_decode_s_total / num_gaps)
 
     def _finish(self, request: Request, status: RequestStatus, new_tokens: list[int]) -> RequestOutput:
         if request in self.running:

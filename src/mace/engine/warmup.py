@@ -82,7 +82,7 @@ def warm_up(engine: EngineCore) -> WarmUpReport:
     engine.release_idle()
     engine.scheduler.latency.refit()
     engine.scheduler.latency.guard.reset()  # outcomes are learned from users' requests
-    engine.scheduler.latency.batch_guard.reset()
+    engine.scheduler.latency.request_bias.reset()
     return WarmUpReport(steps, max_decodes)
 
 
