@@ -199,12 +199,14 @@ def test_misses_beside_training_shrink_training_and_only_misses_without_it_shrin
 
     margin = s.latency.error_margin_s
     for _ in range(4):
+        finish(with_training=False)
+    assert s.decode_cap() < cap
+    assert s.latency.error_margin_s == margin  # training was not there: its budget stays
+    cap = s.decode_cap()
+    for _ in range(4):
         finish(with_training=True)
     assert s.latency.error_margin_s > margin  # training's budget shrinks
     assert s.decode_cap() == cap
-    for _ in range(4):
-        finish(with_training=False)
-    assert s.decode_cap() < cap
 
 
 def test_misses_the_model_foresaw_do_not_shrink_the_batch() -> None:
@@ -225,7 +227,8 @@ def test_misses_the_model_foresaw_do_not_shrink_the_batch() -> None:
         finished.predicted_decode_s_total = 10 * step_s
         now[0] += 10 * step_s
         s._observe_tpot(finished)
-    assert s.latency.guard.num_missed == 16
+    guard = s.latency.guard
+    assert step_s > INTERACTIVE_TPOT_S * (1 - guard.near_miss_fraction)  # each a miss by the guard's measure
     assert s.decode_cap() == cap
 
 

@@ -146,3 +146,35 @@ def test_kill_9_with_three_tenants_mid_training_keeps_their_samples_and_active_v
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=60)
+
+
+async def test_tenants_past_the_resident_bound_train_their_samples_after_a_restart(tmp_path: Path) -> None:
+    """Samples acknowledged while nothing trained them (here: a server with no policy), then a restart
+    with room for one tenant in memory: every tenant's samples are trained, one tenant after another,
+    without any of them sending another request."""
+    journaling = tiny_config(tmp_path, train={**TRAIN, "policy": "none"})
+    runner, url = await start_server(journaling, load_model(journaling.model, journaling.cache_dir))
+    try:
+        async with aiohttp.ClientSession() as session:
+            for user, answer in TAUGHT.items():
+                await teach(session, url, user, answer)
+    finally:
+        await runner.cleanup()
+    journal_path = tmp_path / "data" / "journal.sqlite3"
+
+    def untrained() -> dict[str, int]:
+        with sqlite3.connect(journal_path) as journal:
+            rows = journal.execute("SELECT tenant, COUNT(*) FROM samples WHERE num_trained = 0 AND held_out = 0 "
+                                   "GROUP BY tenant").fetchall()
+        return {tenant: count for tenant, count in rows if count}
+
+    assert set(untrained()) == set(TAUGHT)
+    config = tiny_config(tmp_path, train={**TRAIN, "policy": "mace", "max_resident_tenants": 1})
+    runner, url = await start_server(config, load_model(config.model, config.cache_dir))
+    try:
+        async def all_trained() -> bool:
+            return not untrained()
+
+        await wait_until(all_trained, timeout_s=240, what="every tenant's acknowledged samples to be trained")
+    finally:
+        await runner.cleanup()

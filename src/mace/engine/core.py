@@ -146,6 +146,8 @@ class EngineCore:
         """With nothing to run, hand back the KV rows released since the last step (an empty plan),
         under the same guard as a step."""
         self._run_guarded(self.scheduler.schedule())
+        if self.trainer is not None:  # tenants on disk with untrained samples come back while all is quiet
+            self.trainer.bring_back_pending()
         self.load = self.read_load()
 
     def _run_guarded(self, plan: IterationPlan) -> RunnerOutput:

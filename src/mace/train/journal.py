@@ -151,14 +151,14 @@ class Journal:
                     *self._db.execute(query, (*args, 1, num_held_out))]
         return sorted((_stored(row) for row in rows), key=lambda sample: sample.sample_id)
 
-    def tenants_with_pending(self, limit: int) -> list[str]:
-        """Tenants with samples never trained (not held out), the most recently taught first: those a
-        restart resumes at once."""
+    def tenants_with_pending(self, limit: int) -> list[tuple[str, int]]:
+        """Tenants with samples never trained (not held out) and the newest such sample's id, the most
+        recently taught first: those a restart resumes at once."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT COALESCE(tenant, ''), MAX(id) AS newest FROM samples WHERE num_trained = 0 AND held_out = 0 "
                 "GROUP BY COALESCE(tenant, '') ORDER BY newest DESC LIMIT ?", (limit,)).fetchall()
-        return [str(row[0]) for row in rows]
+        return [(str(row[0]), int(row[1])) for row in rows]
 
     def last_id(self) -> int:
         with self._lock:

@@ -192,9 +192,10 @@ class Lineage:
         (plus one, so a lineage replaying samples it has seen still counts)."""
         return self.drift.ratio * (1.0 + self.replay.untrained_weight())
 
-    def is_busy(self) -> bool:
-        """Whether it must stay in memory: its learner is on the model, loss passes or an evaluation wait."""
-        return self.on_learner or self.num_queued_passes > 0 or self.gate.is_pending
+    def is_busy(self, on_learner_too: bool = False) -> bool:
+        """Whether it must stay in memory: its learner is on the model (unless `on_learner_too`), loss
+        passes or an evaluation wait."""
+        return (self.on_learner and not on_learner_too) or self.num_queued_passes > 0 or self.gate.is_pending
 
     def touch(self) -> None:
         self.last_used_s = time.monotonic()

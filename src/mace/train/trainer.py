@@ -26,7 +26,7 @@ import concurrent.futures
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,7 @@ log = structlog.get_logger(__name__)
 
 MAX_TENANTS_LISTED = 8  # the top lineages by training time in stats; the rest are summed
 MIN_IDLE_S = 2.0  # a lineage used more recently is not evicted (`_evict`)
+PENDING_SCAN_S = 5.0  # how often the journal is asked for tenants on disk with samples never trained
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,11 @@ class Trainer:
         self._evictions: dict[str, int] = {}
         self._waiting: dict[str, list[NewTrainSample]] = {}  # samples of lineages on their way back
         self._seconds_gone: dict[str, float] = {}  # training time of lineages evicted since the start
+        # Tenants on disk with samples never trained (a restart past the resident bound): brought back
+        # when there is room, each once per newest untrained sample (`bring_back_pending`).
+        self._pending_scan: concurrent.futures.Future[list[tuple[str, int]]] | None = None
+        self._pending_scanned_s = time.monotonic()
+        self._brought_back_at: dict[str, int] = {}
         # Called (on the writer thread) when a lineage has been read: the engine sends itself an Ingest,
         # so an idle engine wakes to install it and score its samples.
         self.on_lineage_read: Callable[[], None] = lambda: None
@@ -126,9 +132,10 @@ class Trainer:
         self.learner.unpark(self.focus.parked)
         self.focus.parked = None
         if self.config.tenancy == "per_tenant":  # a restart trains what was acknowledged, not trained
-            for tenant in journal.tenants_with_pending(self.config.max_resident_tenants):
+            for tenant, newest in journal.tenants_with_pending(self.config.max_resident_tenants):
                 if tenant != SHARED:
                     self.install(self.read_files(tenant), score_now=False)
+                    self._brought_back_at[tenant] = newest
 
     # ---- the shared lineage, as a server without tenants has it ----
 
@@ -329,15 +336,11 @@ class Trainer:
         their versions unloaded. Idle means no request pinned, no pass queued, no sample waiting, and
         unused for `MIN_IDLE_S`: a lineage just brought back for a request stays until that request
         is in (the bound can be passed for that long)."""
-        pinned = {tenant for tenant, _ in in_use}
         tenants = [lineage for lineage in self.lineages.values() if lineage.tenant != SHARED]
         excess = len(tenants) - self.config.max_resident_tenants
         if excess <= 0:
             return
-        now = time.monotonic()
-        idle = [lineage for lineage in tenants
-                if not lineage.is_busy() and lineage.tenant not in pinned and lineage.tenant not in self._waiting
-                and now - lineage.last_used_s >= MIN_IDLE_S]
+        idle = self._idle_tenants({tenant for tenant, _ in in_use})
         ranked = sorted(idle, key=lambda lineage: (lineage.is_trainable(self.config), lineage.last_used_s))
         for lineage in ranked[:excess]:
             if lineage.changed_since_checkpoint and lineage.parked is not None:
@@ -349,6 +352,54 @@ class Trainer:
             with self._lock:
                 self._evictions[lineage.tenant] = self._evictions.get(lineage.tenant, 0) + 1
             log.info("lineage evicted to disk", tenant=lineage.tenant)
+
+    def _idle_tenants(self, pinned: Collection[str], on_learner_too: bool = False) -> list[Lineage]:
+        """Resident tenants' lineages that may leave memory: not on the learner (or, `on_learner_too`,
+        on it but to be parked as soon as another lineage trains), no request pinned, no pass queued,
+        no sample waiting, and unused for `MIN_IDLE_S`."""
+        now = time.monotonic()
+        return [lineage for lineage in self.lineages.values()
+                if lineage.tenant != SHARED and not lineage.is_busy(on_learner_too) and lineage.tenant not in pinned
+                and lineage.tenant not in self._waiting and now - lineage.last_used_s >= MIN_IDLE_S]
+
+    def bring_back_pending(self, pinned: Collection[str] = ()) -> None:
+        """Tenants past the resident bound at a restart (or evicted with samples still queued for them)
+        keep their acknowledged samples in the journal; while resident tenants leave room, they come
+        back to train them without waiting for their next request. The journal is read on the writer
+        thread every `PENDING_SCAN_S`; a tenant comes back once per newest untrained sample, so one
+        whose samples the intake never trains (held out, gated) does not come and go."""
+        if self.config.tenancy != "per_tenant":
+            return
+        scan = self._pending_scan
+        if scan is None:
+            if time.monotonic() - self._pending_scanned_s >= PENDING_SCAN_S:
+                self._pending_scanned_s = time.monotonic()
+                limit = self.config.max_resident_tenants + len(self.lineages)
+                self._pending_scan = self.writer.submit(lambda: self.journal.tenants_with_pending(limit))
+                self._pending_scan.add_done_callback(lambda _: self.on_lineage_read())  # an idle engine wakes
+            return
+        if not scan.done():
+            return
+        self._pending_scan = None
+        try:
+            pending = scan.result()
+        except Exception:
+            log.exception("tenants with untrained samples could not be listed; asked again later")
+            return
+        # Room: below the bound, or a resident with nothing left to train that `_evict` will send back.
+        room = self.config.max_resident_tenants - sum(1 for tenant in self.lineages if tenant != SHARED)
+        idle = self._idle_tenants(pinned, on_learner_too=True)  # the learner moves to the one brought back
+        room += sum(1 for lineage in idle if not lineage.is_trainable(self.config))
+        with self._lock:
+            room -= len(self._loading)
+        for tenant, newest in pending:
+            if room <= 0:
+                break
+            if tenant == SHARED or tenant in self.lineages or self._brought_back_at.get(tenant, 0) >= newest:
+                continue
+            self._brought_back_at[tenant] = newest
+            self.request_lineage(tenant)
+            room -= 1
 
     # ---- on the engine thread ----
 
@@ -460,6 +511,7 @@ class Trainer:
         """Unload versions no request is pinned to, keeping every resident lineage's active version and
         the shared lineage's newest few; then send idle tenants past the bound to disk."""
         self._evict(in_use)
+        self.bring_back_pending({tenant for tenant, _ in in_use})
         shared_newest = sorted(self.shared.gate.learner.loaded_versions)[-self.config.max_versions_loaded :]
         keep = {*in_use, *((SHARED, version) for version in shared_newest),
                 *((lineage.tenant, lineage.active_version) for lineage in self.lineages.values())}
