@@ -281,7 +281,8 @@ def test_check_lineage() -> None:
 
 def tenant_stats(name: str, seconds: float) -> TenantStats:
     return TenantStats(tenant=name, active_version=1, num_optimizer_steps=3, train_seconds_total=seconds,
-                       train_tokens_total=100, drift=1.0, num_trainable=2, resting=False, resident=True)
+                       train_tokens_total=100, drift=1.0, num_trainable=2, resting=False, resident=True,
+                       serving_heldout_loss=2.5, learner_heldout_loss=2.25)
 
 
 def test_top_tenants_in_stats_and_metrics() -> None:
@@ -298,4 +299,5 @@ def test_top_tenants_in_stats_and_metrics() -> None:
     assert [t["tenant"] for t in _tenants(train, key("ops", "admin"))["top"]] == ["acme/carol", "bob", SHARED]
     assert seen["top"][0] == {"tenant": "acme/carol", "active_version": 1, "optimizer_steps": 3,
                               "train_seconds_total": 5.0, "tokens_total": 100, "drift": 1.0, "pending_samples": 2,
-                              "resting": False, "resident": True}
+                              "resting": False, "resident": True, "serving_heldout_loss": 2.5,
+                              "learner_heldout_loss": 2.25}

@@ -54,6 +54,10 @@ async def test_a_tenants_fact_is_served_to_it_alone_and_its_rollback_touches_no_
             assert all(version == 0 for _, version in before.values())
             await teach(session, url, "alice", TAUGHT["alice"])
             await learned(session, url, "alice")
+            async with session.get(url + "/v1/stats") as response:
+                top = {t["tenant"]: t for t in (await response.json())["train"]["tenants"]["top"]}
+            assert isinstance(top["alice"]["serving_heldout_loss"], float)  # her gate judged on her held-out slice
+            assert "bob" not in top or top["bob"]["serving_heldout_loss"] is None
             assert await ask(session, url, "bob") == before["bob"]  # same greedy answer, the base model
             assert await ask(session, url, None) == before[None]  # the shared lineage learned nothing
             async with session.get(url + "/v1/adapters", params={"user": "bob"}) as response:

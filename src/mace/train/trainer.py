@@ -70,6 +70,9 @@ class TenantStats:
     num_trainable: int
     resting: bool
     resident: bool
+    # Its held-out samples' mean loss under its serving version and under its learner (NaN until judged).
+    serving_heldout_loss: float = math.nan
+    learner_heldout_loss: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -572,4 +575,5 @@ class Trainer:
     def _tenant_stats(self, lineage: Lineage) -> TenantStats:
         return TenantStats(lineage.tenant, lineage.active_version, lineage.num_optimizer_steps,
                            lineage.train_seconds_total, lineage.train_tokens_total, lineage.drift.ratio,
-                           len(lineage.replay), lineage.is_converged(self.config) or not len(lineage.replay), True)
+                           len(lineage.replay), lineage.is_converged(self.config) or not len(lineage.replay), True,
+                           lineage.gate.serving_heldout_loss, lineage.gate.learner_heldout_loss)
