@@ -102,6 +102,9 @@ async def test_an_evicted_tenant_comes_back_with_its_version(tmp_path: Path) -> 
             async with session.get(url + "/v1/adapters", params={"user": "alice"}) as response:
                 alice_version = (await response.json())["active"]  # read from her directory
             assert alice_version >= 1
+            async with session.get(url + "/v1/stats") as response:
+                top = {t["tenant"]: t for t in (await response.json())["train"]["tenants"]["top"]}
+            assert (top["alice"]["resident"], top["alice"]["active_version"]) == (False, alice_version)
             answer, version = await ask(session, url, "alice")  # brought back from disk for this request
             assert (answer, version) == (TAUGHT["alice"], alice_version)
     finally:

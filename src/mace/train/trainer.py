@@ -27,7 +27,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -119,7 +119,9 @@ class Trainer:
         self._loading: dict[str, concurrent.futures.Future[LineageFiles]] = {}
         self._evictions: dict[str, int] = {}
         self._waiting: dict[str, list[NewTrainSample]] = {}  # samples of lineages on their way back
-        self._seconds_gone: dict[str, float] = {}  # training time of lineages evicted since the start
+        # Lineages evicted since the start, as they were when they left (their training time carries on
+        # when they come back; stats list them with their active version, not as new).
+        self._gone: dict[str, TenantStats] = {}
         # Tenants on disk with samples never trained (a restart past the resident bound): brought back
         # when there is room, each once per newest untrained sample (`bring_back_pending`).
         self._pending_scan: concurrent.futures.Future[list[tuple[str, int]]] | None = None
@@ -296,7 +298,8 @@ class Trainer:
         lineage = self.lineages[files.tenant] = Lineage.build(files, self.learner, self.config)
         if files.tenant != SHARED:
             self._tenants_seen.add(files.tenant)
-        lineage.train_seconds_total = self._seconds_gone.pop(files.tenant, 0.0)
+        gone = self._gone.pop(files.tenant, None)
+        lineage.train_seconds_total = gone.train_seconds_total if gone is not None else 0.0
         # Samples journaled before the read are in its window already (or had aged out of it); those of
         # the window never trained (acknowledged, then a crash or an eviction) are scored first.
         seen = max((row.sample_id for row, _ in files.window), default=0)
@@ -351,7 +354,7 @@ class Trainer:
             for version in lineage.gate.learner.loaded_versions:
                 self.learner.unload_version(version, lineage.tenant)
             del self.lineages[lineage.tenant]
-            self._seconds_gone[lineage.tenant] = lineage.train_seconds_total
+            self._gone[lineage.tenant] = replace(self._tenant_stats(lineage), resident=False)
             with self._lock:
                 self._evictions[lineage.tenant] = self._evictions.get(lineage.tenant, 0) + 1
             log.info("lineage evicted to disk", tenant=lineage.tenant)
@@ -554,8 +557,7 @@ class Trainer:
         lineages = list(self.lineages.values())
         focus, shared = self.focus, self.shared
         tenants = [self._tenant_stats(lineage) for lineage in lineages if lineage.tenant != SHARED]
-        tenants += [TenantStats(tenant, 0, 0, seconds, 0, math.nan, 0, True, False)
-                    for tenant, seconds in self._seconds_gone.items()]
+        tenants += self._gone.values()
         tenants.sort(key=lambda t: t.train_seconds_total, reverse=True)
         listed, other = tenants[:MAX_TENANTS_LISTED], tenants[MAX_TENANTS_LISTED:]
         return TrainStats(
