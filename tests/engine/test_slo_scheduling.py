@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mace.config import EngineConfig, SloConfig
 from mace.engine.kv_blocks import BlockPool
 from mace.engine.latency import StepShape
@@ -269,3 +271,22 @@ def test_the_cap_gives_its_margin_up_before_a_waiting_request_misses_its_first_t
     assert s.decode_cap() == hard
     step(s)
     assert arrival in s.running
+
+
+def test_steps_teach_the_chunk_share_and_each_request_its_predicted_steps() -> None:
+    """The share of decoding steps with a prompt chunk follows the steps run, and a request adds up
+    the model's prediction of every step between two of its tokens (what `RequestBias` compares)."""
+    s = scheduler(max_num_seqs=8)
+    _teach_decode_cost(s, 0.015, 0.01)
+    s.add_request(request("long", "interactive", arrival_s=0.0, max_tokens=50))
+    step(s)  # the prompt, and the first token
+    running = s.running[0]
+    assert running.predicted_decode_s_total == 0.0
+    for _ in range(40):  # decodes alone
+        step(s)
+    assert s.prompt_chunk_share < 0.2
+    assert running.predicted_decode_s_total == pytest.approx(40 * s.latency.predict(StepShape(num_decode_tokens=1)))
+    s.add_request(request("arrival", "interactive", arrival_s=0.0))
+    share = s.prompt_chunk_share
+    step(s)  # its prompt rides beside the decode
+    assert s.prompt_chunk_share > share
