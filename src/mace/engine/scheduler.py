@@ -131,10 +131,11 @@ class Scheduler:
         self._prefill_room = self.budget.prefill_budget(self.running)
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
-        yielded = self._give_way_at_cap()
+        cap = self.decode_cap()  # once per step: the waiting queue's first deadline decides it
+        yielded = self._give_way_at_cap(cap)
         budget = self._schedule_running(budget, chunks, preempted)
         if not preempted:  # short of memory: admit nobody this step
-            self._admit_waiting(budget, chunks)
+            self._admit_waiting(budget, chunks, cap)
         preempted += yielded
         train = None
         if self.training is not None:
@@ -187,12 +188,11 @@ class Scheduler:
                 return False
         return True
 
-    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> None:
+    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk], max_running: int) -> None:
         """Admit by priority, then queue order; past one that does not fit, the largest that still fits
         goes first (best fit, no head-of-line blocking) until it has been passed MAX_ADMISSION_SKIPS times."""
         candidates = sorted(self.waiting, key=lambda r: r.priority)
         passed: Request | None = None
-        max_running = self.decode_cap()
         while candidates and budget > 0 and len(self.running) < max_running:
             request = candidates.pop(0)
             num_new = min(request.num_uncomputed_tokens, budget, self._prefill_room)
@@ -233,8 +233,10 @@ class Scheduler:
         The margins are for streams' TPOT; a request refused or queued for seconds loses more than a
         stream a little past its TPOT does (one fact learned beside chat on a slow CPU: a cap of 2 left 4
         queued and most chat refused, docs/results/train/learn.md)."""
+        if not self.waiting:
+            return self._soft_cap()  # the cap without margins is only for a request that would wait
         soft, hard = self._decode_caps()
-        if hard <= soft or not self.waiting:
+        if hard <= soft:
             return soft
         first = min(self.waiting, key=lambda r: (r.priority, r.ttft_deadline_s))
         blocking = [r for r in self.running if not gives_way(r, first.ttft_s, first.ttft_deadline_s)]
@@ -243,17 +245,22 @@ class Scheduler:
 
     def _decode_caps(self) -> tuple[int, int]:
         """(the cap with its margins, the cap without them)."""
+        soft = self._soft_cap()
         if self.config.scheduling != "slo" or self.is_measuring:
-            return self.config.max_num_seqs, self.config.max_num_seqs
-        soft = decode_cap(self.latency, self.slo, self.config.max_num_seqs, self.budget.min_prefill_chunk(),
-                          self.prompt_chunk_share)
+            return soft, soft
         return soft, max(soft, hard_decode_cap(self.latency, self.slo, self.config.max_num_seqs))
 
-    def _give_way_at_cap(self) -> list[str]:
+    def _soft_cap(self) -> int:
+        if self.config.scheduling != "slo" or self.is_measuring:
+            return self.config.max_num_seqs
+        return decode_cap(self.latency, self.slo, self.config.max_num_seqs, self.budget.min_prefill_chunk(),
+                          self.prompt_chunk_share)
+
+    def _give_way_at_cap(self, cap: int) -> list[str]:
         """At the decode cap, more urgent waiting requests take the places of the loosest running ones."""
         if self.config.scheduling != "slo":
             return []
-        victims = victims_at_cap(list(self.waiting), self.running, self.decode_cap())
+        victims = victims_at_cap(list(self.waiting), self.running, cap)
         for victim in victims:
             self._preempt(victim)
         return [victim.request_id for victim in victims]
