@@ -10,10 +10,12 @@ from mace.engine.load import EngineLoad
 from mace.engine.request import RequestOutput, SamplingParams
 from mace.train.adapters import AdapterVersion
 from mace.train.journal import Journal, NewSample
+from mace.train.lease import OwnedElsewhere
 from mace.train.publish_gate import AdapterCatalog
 from mace.train.trainer import TenantStats, TrainStats
 
 __all__ = [
     "AdapterCatalog", "AdapterVersion", "Admission", "AsyncEngine", "EngineLoad", "Journal", "NewSample",
-    "Overloaded", "RequestOutput", "RequestRejected", "SamplingParams", "ShuttingDown", "TenantStats", "TrainStats",
+    "Overloaded", "OwnedElsewhere", "RequestOutput", "RequestRejected", "SamplingParams", "ShuttingDown",
+    "TenantStats", "TrainStats",
 ]

@@ -147,7 +147,9 @@ class EngineCore:
         under the same guard as a step."""
         self._run_guarded(self.scheduler.schedule())
         if self.trainer is not None:  # tenants on disk with untrained samples come back while all is quiet
+            self.trainer.follow_store()
             self.trainer.bring_back_pending()
+            self._note_versions()
         self.load = self.read_load()
 
     def _run_guarded(self, plan: IterationPlan) -> RunnerOutput:
@@ -169,13 +171,18 @@ class EngineCore:
             return
         with self.runner.streams.training():  # the optimizer reads gradients the training stream wrote
             self.trainer.after_step()
+        self._note_versions()
+        pinned = {(r.tenant, r.adapter_version) for r in [*self.scheduler.running, *self.scheduler.waiting]}
+        self.trainer.release_versions(pinned)
+
+    def _note_versions(self) -> None:
+        """A version published or followed since the last step is fenced before requests read it."""
+        assert self.trainer is not None
         active = self.trainer.active_versions()
         if active != self._active_versions:
             self.runner.streams.publish_fence()
         self._active_versions = active
         self.adapter_version = self.trainer.active_version
-        pinned = {(r.tenant, r.adapter_version) for r in [*self.scheduler.running, *self.scheduler.waiting]}
-        self.trainer.release_versions(pinned)
 
     def _account(self, step_time_s: float, output: RunnerOutput) -> None:
         self.num_steps += 1

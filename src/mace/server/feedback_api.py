@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 from pydantic import Field, model_validator
 
-from mace.engine.api import Journal, NewSample, RequestRejected
+from mace.engine.api import Journal, NewSample, OwnedElsewhere, RequestRejected
 from mace.server.auth import GUARD, PRINCIPAL, Guard, Principal, check_lineage, resolve_tenant
 from mace.server.errors import ApiError, dumps
 from mace.server.keys import RUNTIME
@@ -190,4 +190,6 @@ async def activate_adapter(request: web.Request) -> web.Response:
             await engine.activate(version, tenant=tenant)
     except RequestRejected as exc:
         raise ApiError(400, str(exc), param="version") from None
+    except OwnedElsewhere as exc:  # replicas on one data dir: the lineage's owner activates its versions
+        raise ApiError(409, str(exc), param="version", code="lineage_owned_elsewhere") from None
     return web.json_response({"object": "adapter.activated", "tenant": tenant, "active": version}, dumps=dumps)

@@ -9,6 +9,9 @@ boundary on the engine thread, and disk I/O there would land in the interval the
 on. The directory is read once, when the store opens; after that the versions are known from memory
 (a version is listed from its `write` on, and dropped again if that write fails), so listing them
 never reads the disk. `flush` waits for the writer.
+
+A store opened `read_only` is a follower's (train/lease.py: another server owns the lineage): it
+never writes, and `reload` takes the owner's versions and active version from the disk.
 """
 
 from __future__ import annotations
@@ -57,8 +60,9 @@ def _scan(root: Path) -> list[AdapterVersion]:
 
 
 class AdapterStore:
-    def __init__(self, root: Path, writer: DiskWriter | None = None) -> None:
+    def __init__(self, root: Path, writer: DiskWriter | None = None, read_only: bool = False) -> None:
         self.root = root
+        self.read_only = read_only
         root.mkdir(parents=True, exist_ok=True)
         self._owns_writer = writer is None
         self._writer = writer if writer is not None else DiskWriter("mace-adapters")
@@ -83,6 +87,8 @@ class AdapterStore:
 
         `save` runs on the writer thread, so it must only read data copied off the model.
         """
+        if self.read_only:
+            raise PermissionError(f"another server owns the lineage under {self.root.parent}")
         with self._lock:
             self._versions[meta.version] = meta
         return self._writer.submit(lambda: self._write(meta, save))
@@ -110,8 +116,11 @@ class AdapterStore:
         return int(marker.read_text()) if marker.is_file() else 0
 
     def set_active(self, version: int) -> None:
-        """Make `version` the one a restart serves, once every write queued before has landed."""
+        """Make `version` the one a restart serves, once every write queued before has landed (a
+        read-only store: the one this server serves, until the owner's next `reload`)."""
         self._active = version
+        if self.read_only:
+            return
         self._writer.submit(lambda: self._write_active(version))
 
     def _write_active(self, version: int) -> None:
@@ -124,6 +133,12 @@ class AdapterStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.root / "ACTIVE")
+
+    def reload(self, versions: list[AdapterVersion], active: int) -> None:
+        """A read-only store takes what `read_catalog` read from the disk (the owner's writes)."""
+        with self._lock:
+            self._versions = {v.version: v for v in versions}
+        self._active = active
 
     def exists(self, version: int) -> bool:
         with self._lock:

@@ -31,6 +31,7 @@ from mace.train.drift import DriftSignal
 from mace.train.intake import Intake, SampleReader
 from mace.train.journal import StoredSample
 from mace.train.learner import LEARNER, Learner, LearnerState, read_adapter
+from mace.train.lease import LineageLease
 from mace.train.publish_gate import PublishGate
 from mace.train.replay import ReplayBuffer, TrainSample
 from mace.train.writer import DiskWriter
@@ -46,6 +47,7 @@ class LineageFiles:
     learner_state: LearnerState | None
     window: list[tuple[StoredSample, TrainSample]]
     active_weights: dict[str, torch.Tensor] | None  # the active version's, None for version 0
+    lease: LineageLease | None  # None: another server owns the lineage, this one follows it (train/lease.py)
     evictions: int = 0  # the tenant's eviction count when the read was asked for (`Trainer.install`)
 
 
@@ -54,12 +56,20 @@ def read_lineage(tenant: str, config: MaceConfig, writer: DiskWriter, reader: Sa
     """Disk only (any thread). `tenancy_journal_filter`: the journal rows of this lineage (None: all of
     them, for the one lineage of `train.tenancy = "shared"`)."""
     root = tenant_dir(config.data_dir, tenant)
-    store = AdapterStore(root / "adapters", writer)
-    checkpoints = Checkpoints(root / "checkpoints" / "learner.pt", writer)
-    active = store.active()
-    weights = read_adapter(store.path(active)) if active and store.exists(active) else None
-    return LineageFiles(tenant, store, checkpoints, checkpoints.read(parameter_names),
-                        reader.window(tenancy_journal_filter), weights)
+    lease = LineageLease.try_take(root)
+    try:
+        store = AdapterStore(root / "adapters", writer, read_only=lease is None)
+        checkpoints = Checkpoints(root / "checkpoints" / "learner.pt", writer)
+        active = store.active()
+        weights = read_adapter(store.path(active)) if active and store.exists(active) else None
+        if lease is None:  # a follower trains nothing: no learner state, no samples
+            return LineageFiles(tenant, store, checkpoints, None, [], weights, None)
+        return LineageFiles(tenant, store, checkpoints, checkpoints.read(parameter_names),
+                            reader.window(tenancy_journal_filter), weights, lease)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
 
 
 class LineageLearner:
@@ -131,6 +141,7 @@ class Lineage:
     virtual_s: float = 0.0
     share: float = 1.0
     was_eligible: bool = False
+    lease: LineageLease | None = None  # None: a follower of the server that owns it (train/lease.py)
     gate: PublishGate = field(init=False)  # built once the lineage exists: the gate's learner view reads it
     learner: Learner = field(init=False)  # the model's learner, on which its state sits while `on_learner`
 
@@ -140,12 +151,17 @@ class Lineage:
         replay = ReplayBuffer(config.replay_window, config.freshness_half_life_s)
         drift = DriftSignal(loss_floor=config.converged_loss)
         intake = Intake(config, replay, drift)
-        lineage = cls(files.tenant, intake, files.checkpoints, parked=files.learner_state)
+        lineage = cls(files.tenant, intake, files.checkpoints, parked=files.learner_state, lease=files.lease)
         lineage.learner = learner
         lineage.gate = PublishGate(LineageLearner(learner, lineage), files.store, drift, config)
         lineage.gate.restore(files.active_weights)
         intake.resume(files.window)
         return lineage
+
+    @property
+    def is_owned(self) -> bool:
+        """Whether this server trains it and writes its versions (else it follows the owner's)."""
+        return self.lease is not None
 
     @property
     def store(self) -> AdapterStore:
@@ -185,7 +201,7 @@ class Lineage:
         return plateau or self.replay.all_fit(config.converged_loss)
 
     def is_trainable(self, config: TrainConfig) -> bool:
-        return len(self.replay) > 0 and not self.is_converged(config)
+        return self.is_owned and len(self.replay) > 0 and not self.is_converged(config)
 
     def expected_gain(self) -> float:
         """What training it now stands to gain: its drift times the weight of samples not trained yet

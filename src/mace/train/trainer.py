@@ -18,6 +18,11 @@ requests without a tenant) learns from its own samples only. The learner is lent
 optimizer step, chosen by expected gain with a floor (`fair_share.py`); gates open one at a time;
 lineages past `max_resident_tenants` go to disk, least recently used first, and come back off the
 engine thread (`request_lineage`, `install`).
+
+Servers sharing one data dir (replicas on one adapter store): each lineage is trained by the server
+holding its lease (train/lease.py) and followed by the others, which serve the versions it publishes
+(train/follow.py) and take it over when its owner is gone. The journal is shared (SQLite, WAL): every
+server reads every sample and scores those of the lineages it owns.
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ from mace.train import fair_share
 from mace.train.adapters import AdapterStore
 from mace.train.checkpoint import Checkpoints
 from mace.train.drift import DriftSignal
+from mace.train.follow import FOLLOW_S, FollowerSync
 from mace.train.intake import Intake, NewTrainSample, SampleReader
 from mace.train.journal import Journal
 from mace.train.layered import LayeredLoss
 from mace.train.learner import AdapterKey, Learner
+from mace.train.lease import OwnedElsewhere, holder
 from mace.train.lineage import Lineage, LineageFiles, checkpoint_state, journal_filter, lineage_of, read_lineage
 from mace.train.policy import RetrainPolicy, make_policy
 from mace.train.publish_gate import AdapterCatalog, PublishGate
@@ -130,6 +137,8 @@ class Trainer:
         # Called (on the writer thread) when a lineage has been read: the engine sends itself an Ingest,
         # so an idle engine wakes to install it and score its samples.
         self.on_lineage_read: Callable[[], None] = lambda: None
+        self._followers = FollowerSync(self.writer, config.data_dir, lambda: self.on_lineage_read())
+        self._journal_polled_s = time.monotonic()
         self.reader.start()
         # Their samples never trained are scored from the first `ingest` (AsyncEngine.start), after warm-up.
         self.focus = self.install(self.read_files(SHARED), score_now=False)
@@ -207,7 +216,7 @@ class Trainer:
         asks every step, and an idle engine every wake, so a learner's last steps before it rests, or
         before the learner moves to another lineage, are judged too."""
         if not any(lineage.gate.is_pending for lineage in self.lineages.values()):
-            due = [lineage for lineage in self.lineages.values() if lineage.gate.is_due()]
+            due = [lineage for lineage in self.lineages.values() if lineage.is_owned and lineage.gate.is_due()]
             for lineage in sorted(due, key=lambda lineage: lineage.gate.last_publish_s)[:1]:
                 for request in lineage.gate.open(lineage.intake.gate_slice()):
                     self._queue_loss(lineage, request)
@@ -291,11 +300,25 @@ class Trainer:
             self._loading.pop(files.tenant, None)
             stale = files.evictions != self._evictions.get(files.tenant, 0)
         present = self.lineages.get(files.tenant)
-        if present is not None:
+        taking_over = present is not None and not present.is_owned and files.lease is not None
+        if present is not None and not taking_over:
+            if files.lease is not None and files.lease is not present.lease:
+                files.lease.release()
             return present
         if stale:
+            if files.lease is not None:
+                files.lease.release()
             files = self.read_files(files.tenant)
         lineage = self.lineages[files.tenant] = Lineage.build(files, self.learner, self.config)
+        if present is not None and present is self.focus and lineage.is_owned:
+            # A follower never trains, so no gradient is half-accumulated: its owner's state takes the learner.
+            self.learner.unpark(lineage.parked)
+            lineage.parked, lineage.on_learner, self.focus = None, True, lineage
+        if not lineage.is_owned:  # its owner scores and trains its samples; this server serves its versions
+            self._waiting.pop(files.tenant, None)
+            log.info("lineage followed: another server owns it", tenant=files.tenant,
+                     owner=holder(files.store.root.parent))
+            return lineage
         if files.tenant != SHARED:
             self._tenants_seen.add(files.tenant)
         gone = self._gone.pop(files.tenant, None)
@@ -351,13 +374,21 @@ class Trainer:
         for lineage in ranked[:excess]:
             if lineage.changed_since_checkpoint and lineage.parked is not None:
                 lineage.checkpoints.save(lineage.parked, self.reader.cursor)
-            for version in lineage.gate.learner.loaded_versions:
-                self.learner.unload_version(version, lineage.tenant)
-            del self.lineages[lineage.tenant]
+            self._drop(lineage)
             self._gone[lineage.tenant] = replace(self._tenant_stats(lineage), resident=False)
             with self._lock:
                 self._evictions[lineage.tenant] = self._evictions.get(lineage.tenant, 0) + 1
             log.info("lineage evicted to disk", tenant=lineage.tenant)
+
+    def _drop(self, lineage: Lineage) -> None:
+        """`lineage` leaves memory; its lease goes once the writes queued for it (checkpoint, versions)
+        have landed, so a server taking it over reads them."""
+        for version in lineage.gate.learner.loaded_versions:
+            self.learner.unload_version(version, lineage.tenant)
+        del self.lineages[lineage.tenant]
+        lease = lineage.lease
+        if lease is not None:
+            self.writer.submit(lease.release)
 
     def _idle_tenants(self, pinned: Collection[str], on_learner_too: bool = False) -> list[Lineage]:
         """Resident tenants' lineages that may leave memory: not on the learner (or, `on_learner_too`,
@@ -407,6 +438,33 @@ class Trainer:
             self.request_lineage(tenant)
             room -= 1
 
+    def follow_store(self) -> None:
+        """Engine thread, between steps: serve the versions owners published for the lineages this
+        server follows, take over those whose owner is gone, and read samples other servers journaled."""
+        now = time.monotonic()
+        if now - self._journal_polled_s >= FOLLOW_S:
+            self._journal_polled_s = now
+            if self.journal.last_id() > self.reader.cursor:
+                self.ingest()
+        serving = {t: lineage.active_version for t, lineage in self.lineages.items() if not lineage.is_owned}
+        try:
+            states = self._followers.poll(serving)
+        except Exception:
+            log.exception("followed lineages could not be read; read again later")
+            return
+        for state in states:
+            lineage = self.lineages.get(state.tenant)
+            if lineage is None or lineage.is_owned:
+                continue
+            if state.owner_gone:  # read again as its owner; it serves as a follower until then
+                log.info("lineage's owner is gone; taking it over", tenant=state.tenant)
+                self.request_lineage(state.tenant)
+                continue
+            lineage.store.reload(state.versions, state.active)
+            if state.active != lineage.active_version:
+                lineage.gate.activate(state.active, state.weights)
+                log.info("followed lineage serves its owner's version", tenant=state.tenant, version=state.active)
+
     # ---- on the engine thread ----
 
     def ingest(self) -> int:
@@ -415,6 +473,8 @@ class Trainer:
         self._install_loaded()
         count = 0
         for lineage in self.lineages.values():
+            if not lineage.is_owned:
+                continue
             for new in lineage.intake.take_unscored():
                 self._score(lineage, new)
                 count += 1
@@ -422,7 +482,8 @@ class Trainer:
             name = self.lineage_of(tenant)
             resident = self.lineages.get(name)
             if resident is not None:
-                self._score(resident, new)
+                if resident.is_owned:  # else its owner, reading the same journal, scores it
+                    self._score(resident, new)
             else:  # its lineage is on disk: the samples wait for it to come back
                 self._waiting.setdefault(name, []).append(new)
                 self.request_lineage(name)
@@ -474,6 +535,7 @@ class Trainer:
             else:
                 self._account(job)
         self._install_loaded()
+        self.follow_store()
         if time.monotonic() - self.shared.checkpoints.last_saved_s > self.config.checkpoint_interval_s:
             self.checkpoint()
 
@@ -511,7 +573,11 @@ class Trainer:
     # ---- versions, on the engine thread ----
 
     def activate(self, version: int, tenant: str = SHARED) -> None:
-        self.resident(tenant).gate.activate(version)
+        lineage = self.resident(tenant)
+        if not lineage.is_owned:
+            raise OwnedElsewhere(f"another server owns this lineage ({holder(lineage.store.root.parent)}); "
+                                 "activate the version there")
+        lineage.gate.activate(version)
 
     def release_versions(self, in_use: set[AdapterKey]) -> None:
         """Unload versions no request is pinned to, keeping every resident lineage's active version and
@@ -537,7 +603,7 @@ class Trainer:
     def checkpoint(self) -> None:
         """Every resident lineage's learner that changed (and the shared one's, always)."""
         for lineage in list(self.lineages.values()):
-            if lineage.tenant != SHARED and not lineage.changed_since_checkpoint:
+            if not lineage.is_owned or (lineage.tenant != SHARED and not lineage.changed_since_checkpoint):
                 continue
             state = checkpoint_state(lineage, self.learner)
             if state is not None:
@@ -549,9 +615,12 @@ class Trainer:
         self.writer.flush()
 
     def close(self) -> None:
-        """Checkpoint, and wait for every write still queued."""
+        """Checkpoint, wait for every write still queued, then give the leases up."""
         self.checkpoint()
         self.writer.close()
+        for lineage in self.lineages.values():
+            if lineage.lease is not None:
+                lineage.lease.release()
 
     def stats(self) -> TrainStats:
         lineages = list(self.lineages.values())
