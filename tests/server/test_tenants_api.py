@@ -299,5 +299,5 @@ def test_top_tenants_in_stats_and_metrics() -> None:
     assert [t["tenant"] for t in _tenants(train, key("ops", "admin"))["top"]] == ["acme/carol", "bob", SHARED]
     assert seen["top"][0] == {"tenant": "acme/carol", "active_version": 1, "optimizer_steps": 3,
                               "train_seconds_total": 5.0, "tokens_total": 100, "drift": 1.0, "pending_samples": 2,
-                              "resting": False, "resident": True, "serving_heldout_loss": 2.5,
+                              "resting": False, "resident": True, "owned": True, "serving_heldout_loss": 2.5,
                               "learner_heldout_loss": 2.25}

@@ -168,6 +168,7 @@ def _tenant(tenant: TenantStats) -> dict[str, Any]:
         "pending_samples": tenant.num_trainable,
         "resting": tenant.resting,
         "resident": tenant.resident,
+        "owned": tenant.owned,
         "serving_heldout_loss": _finite(tenant.serving_heldout_loss),
         "learner_heldout_loss": _finite(tenant.learner_heldout_loss),
     }

@@ -13,6 +13,8 @@ the same batched greedy decode users get), and the trainer caches them in the da
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +78,10 @@ def _read(path: Path, model_key: str) -> list[AnchorPair] | None:
 def _write(path: Path, model_key: str, anchors: list[AnchorPair]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model": model_key, "questions": list(ANCHOR_QUESTIONS), "anchors": anchors}))
-        tmp.replace(path)
+        # A name of its own: servers sharing the data dir may warm up at the same moment.
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=".rehearsal-")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps({"model": model_key, "questions": list(ANCHOR_QUESTIONS), "anchors": anchors}))
+        os.replace(name, path)
     except OSError as exc:  # a read-only data dir costs a regeneration at the next start, nothing more
         log.warning("rehearsal anchors not cached", error=str(exc))

@@ -80,6 +80,7 @@ class TenantStats:
     # Its held-out samples' mean loss under its serving version and under its learner (NaN until judged).
     serving_heldout_loss: float = math.nan
     learner_heldout_loss: float = math.nan
+    owned: bool = True  # False: another server on the same data dir trains it; this one serves its versions
 
 
 @dataclass(frozen=True)
@@ -647,4 +648,4 @@ class Trainer:
         return TenantStats(lineage.tenant, lineage.active_version, lineage.num_optimizer_steps,
                            lineage.train_seconds_total, lineage.train_tokens_total, lineage.drift.ratio,
                            len(lineage.replay), lineage.is_converged(self.config) or not len(lineage.replay), True,
-                           lineage.gate.serving_heldout_loss, lineage.gate.learner_heldout_loss)
+                           lineage.gate.serving_heldout_loss, lineage.gate.learner_heldout_loss, lineage.is_owned)

@@ -117,7 +117,8 @@ function renderTenants(tenants) {
   show("tenants-resident", tenants ? String(tenants.resident) : "—");
   $("tenants-top").replaceChildren(...(tenants?.top ?? []).map((tenant) => {
     const item = document.createElement("li");
-    const state = [tenant.resident ? "in memory" : "on disk", tenant.resting ? "resting" : null].filter(Boolean);
+    const state = [tenant.resident ? "in memory" : "on disk", tenant.resting ? "resting" : null,
+      tenant.owned === false ? "trained by another server" : null].filter(Boolean);
     // textContent: a tenant's name is the client's text, never markup
     item.textContent = `${tenant.tenant || "(shared)"} · v${tenant.active_version} · ${ms(tenant.train_seconds_total)}`
       + ` training · ${tenant.optimizer_steps} steps · ${state.join(", ")}`;
