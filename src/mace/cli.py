@@ -1,4 +1,5 @@
-"""The `mace` command: `mace serve [--config PATH] [--model M] [--dtype ...] [--device ...] [--host H] [--port P]`.
+"""The `mace` command: `mace serve [--config PATH] [--model M] [--dtype ...] [--device ...] [--host H] [--port P]
+[--replicas N]`.
 
 SIGTERM or SIGINT stops admission (new API requests get 503), lets running streams finish for up to
 `server.drain_timeout_s`, then stops the engine, which checkpoints the trainer, and exits 0. A second
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help=f"(default: {defaults.server.port})")
     serve.add_argument("--allow-unauthenticated", action="store_true", default=None,
                        help="serve a non-loopback host without API keys (anyone who reaches it is admin)")
+    serve.add_argument("--replicas", type=int, metavar="N",
+                       help="run N replicas under Ray Serve behind this port (joins $RAY_ADDRESS, else starts a "
+                            "local Ray); they share data_dir. Default: one process, no Ray")
     serve.add_argument("--log-level", default=os.environ.get("MACE_LOG_LEVEL", "info").lower(),
                        choices=["debug", "info", "warning", "error"],
                        help="debug adds a line per engine step (default: $MACE_LOG_LEVEL or info)")
@@ -129,7 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     if refusal is not None:
         print(f"mace: {refusal}", file=sys.stderr)
         return 2
+    if args.replicas is not None:
+        return _serve_replicas(config, args.replicas, args.log_level)
     serve(config)
+    return 0
+
+
+def _serve_replicas(config: MaceConfig, replicas: int, log_level: str) -> int:
+    if replicas < 1:
+        print("mace: --replicas must be at least 1", file=sys.stderr)
+        return 2
+    from mace.cluster.launch import ClusterUnavailable, serve_cluster  # Ray is imported only here
+
+    try:
+        serve_cluster(config, replicas, log_level)
+    except ClusterUnavailable as exc:
+        print(f"mace: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,99 @@
+"""Starting and stopping the cluster: Ray (joined at `RAY_ADDRESS`, else a local one), the replicas'
+deployment, and the front end on the configured host and port.
+
+Every replica gets the same configuration, the one `mace serve` resolved from its defaults, config
+file, variables and flags, so `data_dir` must be a directory every replica reaches (on one host it
+is; across hosts, a shared file system with working `flock`, train/lease.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any, cast
+
+import structlog
+import uvloop
+from aiohttp import web
+
+from mace.config import MaceConfig
+
+log = structlog.get_logger("mace.cluster")
+
+APP_NAME = "mace"
+STOP_MARGIN_S = 30.0  # past the drain: the engine's stop and the trainer's last checkpoint
+
+
+class ClusterUnavailable(RuntimeError):
+    """`--replicas` cannot start: Ray is not installed, or it did not start."""
+
+
+def serve_cluster(config: MaceConfig, replicas: int, log_level: str = "info") -> None:
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise ClusterUnavailable(f"--replicas needs Ray Serve, which is not installed ({exc}); install it with "
+                                 "`pip install 'mace[cluster]'`, or run `mace serve` without --replicas") from None
+    address = os.environ.get("RAY_ADDRESS") or None
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        serve.start(proxy_location="Disabled")  # the front end is the only ingress
+    except Exception as exc:
+        raise ClusterUnavailable(f"Ray did not start ({type(exc).__name__}: {exc})") from None
+    try:
+        handle = _deploy(config, replicas, address is None, log_level)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_serve_front(config, handle, replicas))
+    finally:
+        try:  # each replica drains, as `mace serve` does on SIGTERM, and checkpoints its trainer
+            serve.delete(APP_NAME, _blocking=True)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    log.info("stopped")
+
+
+def _deploy(config: MaceConfig, replicas: int, local: bool, log_level: str) -> Any:
+    import ray
+    from ray import serve
+
+    from mace.cluster.replica import MaceReplica
+
+    gpus = ray.cluster_resources().get("GPU", 0) if config.model.device != "cpu" else 0
+    options: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1 if gpus >= 1 else 0}
+    if config.model.num_threads == 0 and not options["num_gpus"]:
+        # One CPU per replica: torch's default of every core per process would oversubscribe them.
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        config = config.model_copy(update={"model": config.model.model_copy(
+            update={"num_threads": max(1, cpus // replicas)})})
+    deployment = cast(Any, MaceReplica).options(
+        num_replicas=replicas, ray_actor_options=options,
+        graceful_shutdown_timeout_s=config.server.drain_timeout_s + STOP_MARGIN_S)
+    log.info("starting replicas", replicas=replicas, ray=ray.get_runtime_context().gcs_address, **options)
+    # On a local cluster the replicas listen on loopback; joined to a cluster, on their node's address.
+    return serve.run(deployment.bind(config, "127.0.0.1" if local else "", log_level), name=APP_NAME, route_prefix=None)
+
+
+async def _serve_front(config: MaceConfig, handle: Any, replicas: int) -> None:
+    from mace.cluster import registry
+    from mace.cluster.front import create_front
+
+    async def registered() -> list[dict[str, Any]]:
+        return await asyncio.to_thread(registry.registered, config.data_dir)
+
+    app = create_front(config, handle, registered, replicas)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.server.host, config.server.port).start()
+        log.info("cluster front end listening", host=config.server.host, port=config.server.port, replicas=replicas)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(number, stop.set)
+        await stop.wait()
+        log.info("signal received; stopping the replicas")
+    finally:
+        await runner.cleanup()
