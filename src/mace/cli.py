@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--replicas", type=int, metavar="N",
                        help="run N replicas under Ray Serve behind this port (joins $RAY_ADDRESS, else starts a "
                             "local Ray); they share data_dir. Default: one process, no Ray")
+    serve.add_argument("--attach", action="store_true",
+                       help="with --replicas: serve the front end of the `mace` Serve app already deployed on "
+                            "$RAY_ADDRESS (a RayService, deploy/) instead of deploying one")
     serve.add_argument("--log-level", default=os.environ.get("MACE_LOG_LEVEL", "info").lower(),
                        choices=["debug", "info", "warning", "error"],
                        help="debug adds a line per engine step (default: $MACE_LOG_LEVEL or info)")
@@ -134,19 +137,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mace: {refusal}", file=sys.stderr)
         return 2
     if args.replicas is not None:
-        return _serve_replicas(config, args.replicas, args.log_level)
+        return _serve_replicas(config, args.replicas, args.log_level, args.attach)
+    if args.attach:
+        print("mace: --attach serves the front end of replicas: give --replicas N", file=sys.stderr)
+        return 2
     serve(config)
     return 0
 
 
-def _serve_replicas(config: MaceConfig, replicas: int, log_level: str) -> int:
+def _serve_replicas(config: MaceConfig, replicas: int, log_level: str, attach: bool) -> int:
     if replicas < 1:
         print("mace: --replicas must be at least 1", file=sys.stderr)
         return 2
     from mace.cluster.launch import ClusterUnavailable, serve_cluster  # Ray is imported only here
 
     try:
-        serve_cluster(config, replicas, log_level)
+        serve_cluster(config, replicas, log_level, attach)
     except ClusterUnavailable as exc:
         print(f"mace: {exc}", file=sys.stderr)
         return 2

@@ -97,7 +97,11 @@ class _Front:
         return web.json_response({"status": "ok", "replicas": self.expected})
 
     async def list_replicas(self, _: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": await self._probe("/ready")})
+        """Each replica: its id, address, whether it is ready, and its load (from its own /metrics)."""
+        probed = await self._probe("/ready")
+        scraped = dict(await asyncio.gather(*(self._scrape(replica) for replica in probed)))
+        data = [{**replica, **load_of(scraped.get(replica["replica"], ""))} for replica in probed]
+        return web.json_response({"object": "list", "data": data})
 
     async def ready(self, _: web.Request) -> web.Response:
         probed = await self._probe("/ready")
@@ -117,17 +121,17 @@ class _Front:
 
         return list(await asyncio.gather(*(probe(replica) for replica in await self.replicas())))
 
+    async def _scrape(self, replica: dict[str, Any]) -> tuple[str, str]:
+        try:
+            async with self.session.get(f"http://{replica['address']}/metrics",
+                                        timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as response:
+                return replica["replica"], await response.text() if response.status == 200 else ""
+        except (aiohttp.ClientError, TimeoutError):
+            return replica["replica"], ""
+
     async def metrics(self, _: web.Request) -> web.Response:
         """Every replica's metrics, each sample labelled with its `replica`."""
-        async def scrape(replica: dict[str, Any]) -> tuple[str, str]:
-            try:
-                async with self.session.get(f"http://{replica['address']}/metrics",
-                                            timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as response:
-                    return replica["replica"], await response.text() if response.status == 200 else ""
-            except (aiohttp.ClientError, TimeoutError):
-                return replica["replica"], ""
-
-        scraped = await asyncio.gather(*(scrape(replica) for replica in await self.replicas()))
+        scraped = await asyncio.gather(*(self._scrape(replica) for replica in await self.replicas()))
         return web.Response(text=merge_metrics(scraped), content_type="text/plain", charset="utf-8")
 
     # ---- the API, relayed ----
@@ -218,6 +222,18 @@ def merge_metrics(scraped: list[tuple[str, str]]) -> str:
         out.append(f"# TYPE {exposed} {'untyped' if kind == 'unknown' else kind}")
         out.extend(lines)
     return "\n".join(out) + "\n"
+
+
+# The load a replica reports, by the /metrics gauge it comes from.
+LOAD_GAUGES = {"running": "mace:num_requests_running", "waiting": "mace:num_requests_waiting",
+               "kv_usage": "mace:kv_cache_usage_perc", "adapter_version": "mace:adapter_active_version"}
+
+
+def load_of(metrics_text: str) -> dict[str, float | None]:
+    """A replica's load from its /metrics text (None for what it did not report)."""
+    values = {family.name: family.samples[0].value
+              for family in text_string_to_metric_families(metrics_text) if family.samples}
+    return {field: values.get(gauge) for field, gauge in LOAD_GAUGES.items()}
 
 
 def _escape(value: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from typing import Any, cast
+from typing import Any
 
 import structlog
 import uvloop
@@ -21,15 +21,14 @@ from mace.config import MaceConfig
 
 log = structlog.get_logger("mace.cluster")
 
-APP_NAME = "mace"
-STOP_MARGIN_S = 30.0  # past the drain: the engine's stop and the trainer's last checkpoint
-
 
 class ClusterUnavailable(RuntimeError):
     """`--replicas` cannot start: Ray is not installed, or it did not start."""
 
 
-def serve_cluster(config: MaceConfig, replicas: int, log_level: str = "info") -> None:
+def serve_cluster(config: MaceConfig, replicas: int, log_level: str = "info", attach: bool = False) -> None:
+    """Deploy `replicas` replicas and serve the front end until SIGTERM or SIGINT, then stop them; or,
+    `attach`, serve the front end of replicas deployed already (a RayService) and leave them running."""
     try:
         import ray
         from ray import serve
@@ -42,15 +41,20 @@ def serve_cluster(config: MaceConfig, replicas: int, log_level: str = "info") ->
         serve.start(proxy_location="Disabled")  # the front end is the only ingress
     except Exception as exc:
         raise ClusterUnavailable(f"Ray did not start ({type(exc).__name__}: {exc})") from None
+    from mace.cluster.app import APP_NAME
+
     try:
-        handle = _deploy(config, replicas, address is None, log_level)
+        local = address is None
+        handle = serve.get_app_handle(APP_NAME) if attach else _deploy(config, replicas, local, log_level)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(_serve_front(config, handle, replicas))
     finally:
         try:  # each replica drains, as `mace serve` does on SIGTERM, and checkpoints its trainer
-            serve.delete(APP_NAME, _blocking=True)
+            if not attach:
+                serve.delete(APP_NAME, _blocking=True)
         finally:
-            serve.shutdown()
+            if not attach:
+                serve.shutdown()
             ray.shutdown()
     log.info("stopped")
 
@@ -59,21 +63,12 @@ def _deploy(config: MaceConfig, replicas: int, local: bool, log_level: str) -> A
     import ray
     from ray import serve
 
-    from mace.cluster.replica import MaceReplica
+    from mace.cluster.app import APP_NAME, replicas_app
 
-    gpus = ray.cluster_resources().get("GPU", 0) if config.model.device != "cpu" else 0
-    options: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1 if gpus >= 1 else 0}
-    if config.model.num_threads == 0 and not options["num_gpus"]:
-        # One CPU per replica: torch's default of every core per process would oversubscribe them.
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        config = config.model_copy(update={"model": config.model.model_copy(
-            update={"num_threads": max(1, cpus // replicas)})})
-    deployment = cast(Any, MaceReplica).options(
-        num_replicas=replicas, ray_actor_options=options,
-        graceful_shutdown_timeout_s=config.server.drain_timeout_s + STOP_MARGIN_S)
-    log.info("starting replicas", replicas=replicas, ray=ray.get_runtime_context().gcs_address, **options)
+    log.info("starting replicas", replicas=replicas, ray=ray.get_runtime_context().gcs_address)
     # On a local cluster the replicas listen on loopback; joined to a cluster, on their node's address.
-    return serve.run(deployment.bind(config, "127.0.0.1" if local else "", log_level), name=APP_NAME, route_prefix=None)
+    app = replicas_app(config, replicas, "127.0.0.1" if local else "", log_level)
+    return serve.run(app, name=APP_NAME, route_prefix=None)
 
 
 async def _serve_front(config: MaceConfig, handle: Any, replicas: int) -> None:

@@ -33,7 +33,7 @@ export async function requestJSON(path, options = {}) {
   } catch {
     body = null;
   }
-  return { status: response.status, ok: response.ok, body };
+  return { status: response.status, ok: response.ok, body, headers: response.headers };
 }
 
 /** The server's OpenAI-shaped error message, or the status when there is none. */

@@ -165,9 +165,30 @@ function setConnection(state, problem = null) {
   $("banner").textContent = problem ?? "";
 }
 
+// Behind `mace serve --replicas N` (responses name their replica) the front end lists the replicas.
+async function pollReplicas() {
+  try {
+    const result = await requestJSON("/cluster/replicas");
+    $("replicas-card").hidden = !result.ok;
+    if (result.ok) {
+      $("replicas").replaceChildren(...result.body.data.map((replica) => {
+        const item = document.createElement("li");
+        const kv = replica.kv_usage == null ? "—" : `${Math.round(replica.kv_usage * 100)}%`;
+        item.textContent = `${replica.replica} · ${replica.ready ? "ready" : "not ready"} · `
+          + `${replica.running ?? "—"} running, ${replica.waiting ?? "—"} waiting · KV ${kv}`;
+        return item;
+      }));
+    }
+  } catch (error) {
+    $("replicas-card").hidden = true;
+  }
+}
+
 async function poll() {
   try {
     const result = await requestJSON(`/v1/stats?window_s=${STATS_WINDOW_S}`);
+    // The replica that answered is named only behind a cluster's front end, which lists them all.
+    if (result.headers.get("X-Mace-Replica")) pollReplicas();
     if (!result.ok) {
       setConnection("closed", keyAdvice(result) ?? errorMessage(result));
     } else {
