@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 from typing import Any
 
 import structlog
@@ -49,14 +50,26 @@ def serve_cluster(config: MaceConfig, replicas: int, log_level: str = "info", at
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(_serve_front(config, handle, replicas))
     finally:
-        try:  # each replica drains, as `mace serve` does on SIGTERM, and checkpoints its trainer
-            if not attach:
-                serve.delete(APP_NAME, _blocking=True)
-        finally:
-            if not attach:
-                serve.shutdown()
-            ray.shutdown()
+        if not attach:
+            _stop_replicas(config)
+            serve.shutdown()
+        ray.shutdown()
     log.info("stopped")
+
+
+def _stop_replicas(config: MaceConfig) -> None:
+    """Each replica drains, as `mace serve` does on SIGTERM, and checkpoints its trainer; bounded, since
+    a Ray whose own processes were signalled too (a process group's Ctrl-C) never answers."""
+    from ray import serve
+
+    from mace.cluster.app import APP_NAME, STOP_MARGIN_S
+
+    deleting = threading.Thread(target=serve.delete, args=(APP_NAME,), kwargs={"_blocking": True}, daemon=True)
+    deleting.start()
+    deleting.join(config.server.drain_timeout_s + STOP_MARGIN_S)
+    if deleting.is_alive():
+        log.warning("the replicas did not stop in time; Ray stops under them (their journals are safe, "
+                    "learner steps since the last checkpoint are not)")
 
 
 def _deploy(config: MaceConfig, replicas: int, local: bool, log_level: str) -> Any:
