@@ -171,7 +171,11 @@ class _Front:
         return response
 
     async def _pipe_websocket(self, request: web.Request) -> web.StreamResponse:
-        info = await self.handle.options(multiplexed_model_id=self.affinity.key(request, b"")).info.remote()
+        try:
+            info = await self.handle.options(multiplexed_model_id=self.affinity.key(request, b"")).info.remote()
+        except ray_exceptions.RayError as exc:
+            log.warning("no replica for a websocket", error=type(exc).__name__)
+            return _unavailable()
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "origin", "cookie")}
         client = web.WebSocketResponse(max_msg_size=0)
         try:
