@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from mace.model.loader import ModelBundle
@@ -14,8 +15,9 @@ from mace.train.work import StageKind
 from tests.conftest import tiny_config
 
 
-def _learner(tmp_path: Path, bundle: ModelBundle) -> Learner:
-    config = tiny_config(tmp_path, train={"batch_size": 4})
+def _learner(tmp_path: Path, bundle: ModelBundle, layer_fraction: float = 1.0) -> Learner:
+    config = tiny_config(tmp_path, train={"batch_size": 4, "lora_layer_fraction": layer_fraction,
+                                          "target_modules": ["q_proj", "v_proj", "down_proj"]})
     learner = Learner(bundle.causal_lm, config.train)
     torch.manual_seed(0)
     for param in learner._learner_params():  # LoRA B starts at zero; make every gradient non-trivial
@@ -23,8 +25,11 @@ def _learner(tmp_path: Path, bundle: ModelBundle) -> Learner:
     return learner
 
 
-def test_staged_gradients_equal_whole_model_backward(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
-    learner = _learner(tmp_path, tiny_bundle)
+@pytest.mark.parametrize("layer_fraction", [1.0, 0.5])
+def test_staged_gradients_equal_whole_model_backward(tmp_path: Path, tiny_bundle: ModelBundle,
+                                                     layer_fraction: float) -> None:
+    """With LoRA on the upper layers only, the backward stops below them and the gradients still match."""
+    learner = _learner(tmp_path, tiny_bundle, layer_fraction)
     try:
         samples = [TrainSample(1, list(range(5, 45)), 12, 0.0), TrainSample(2, list(range(50, 70)), 5, 0.0, weight=2.0)]
         params = learner._learner_params()
@@ -41,8 +46,10 @@ def test_staged_gradients_equal_whole_model_backward(tmp_path: Path, tiny_bundle
 
         step = learner.micro_step(samples)
         num_layers = len(step.layers)
+        trained = round(num_layers * layer_fraction)
+        assert step.first_trained == num_layers - trained
         kinds = [stage.kind for stage in step.remaining]
-        assert kinds == ([StageKind.FORWARD] * num_layers + [StageKind.HEAD] + [StageKind.BACKWARD] * num_layers) * 2
+        assert kinds == ([StageKind.FORWARD] * num_layers + [StageKind.HEAD] + [StageKind.BACKWARD] * trained) * 2
         while not step.is_done:
             step.run_next()
         staged = [p.grad for p in params if p.grad is not None]

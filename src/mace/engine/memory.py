@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from mace.config import MaceConfig
+from mace.config import MaceConfig, TrainConfig
 from mace.engine.kv_blocks import BlockPool
 from mace.engine.kv_pruning import KVPruner
 from mace.engine.prefix_cache import PrefixCache
-from mace.train.learner import num_slots, resident_tenants
+from mace.train.learner import lora_layers, num_slots, resident_tenants
 
 TRAIN_OWNER = "<training>"
 LOGITS_BYTES_PER_VOCAB = 8  # float32 logits and their gradient
@@ -53,7 +53,7 @@ def plan_memory(config: MaceConfig, causal_lm: Any, kv_bytes_per_token: int, bud
     if config.train.policy == "none":
         return MemoryPlan(budget_bytes, 0, 0, 0, 0, block_bytes)
     train = config.train
-    adapter = _lora_bytes(causal_lm, train.target_modules, train.lora_rank)
+    adapter = _lora_bytes(causal_lm, train)
     per_token = _activation_bytes_per_token(causal_lm)
     max_tokens = max(train.chunk_tokens, train.idle_chunk_tokens, train.max_sample_tokens)
     return MemoryPlan(
@@ -70,12 +70,14 @@ def plan_memory(config: MaceConfig, causal_lm: Any, kv_bytes_per_token: int, bud
     )
 
 
-def _lora_bytes(causal_lm: Any, target_modules: tuple[str, ...], rank: int) -> int:
+def _lora_bytes(causal_lm: Any, train: TrainConfig) -> int:
     element_size: int = next(causal_lm.parameters()).element_size()
+    layers = lora_layers(causal_lm.config.num_hidden_layers, train.lora_layer_fraction)
     total = 0
-    for name, module in causal_lm.named_modules():
-        if name.rsplit(".", 1)[-1] in target_modules and hasattr(module, "in_features"):
-            total += rank * int(module.in_features + module.out_features)
+    for index in layers:
+        for name, module in causal_lm.model.layers[index].named_modules():
+            if name.rsplit(".", 1)[-1] in train.target_modules and hasattr(module, "in_features"):
+                total += train.lora_rank * int(module.in_features + module.out_features)
     return total * element_size
 
 

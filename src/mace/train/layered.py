@@ -52,28 +52,31 @@ class _SamplePass:
     def num_answer_tokens(self) -> int:
         return self.sample.num_tokens - self.sample.num_prompt_tokens
 
-    def stages(self, num_layers: int) -> list[TrainStage]:
+    def stages(self, num_layers: int, first_trained: int = 0) -> list[TrainStage]:
         tokens = self.sample.num_tokens
         if not self.keep_graph:
             return loss_stages(self.sample, num_layers)
         return [
             *[TrainStage(StageKind.FORWARD, tokens)] * num_layers,
             TrainStage(StageKind.HEAD, self.num_answer_tokens),
-            *[TrainStage(StageKind.BACKWARD, tokens)] * num_layers,
+            *[TrainStage(StageKind.BACKWARD, tokens)] * (num_layers - first_trained),
         ]
 
-    def forward_layer(self, layer: Any) -> None:
+    def forward_layer(self, layer: Any, needs_graph: bool = True) -> None:
         decoder = self.causal_lm.model
         if self.carry is None:
             with torch.no_grad():  # the embeddings are frozen: layer 0's input needs no gradient
                 self.carry = decoder.embed_tokens(self.ids)
                 self.rotary = decoder.rotary_emb(self.carry, self.positions)
         layer_input = self.carry
+        if not (self.keep_graph and needs_graph):
+            # Below the lowest trained layer nothing needs a gradient: no graph, nothing kept.
+            with torch.no_grad():
+                self.carry = layer(layer_input, attention_mask=None, position_ids=self.positions,
+                                   position_embeddings=self.rotary)
+            return
         output = layer(layer_input, attention_mask=None, position_ids=self.positions,
                        position_embeddings=self.rotary)  # no mask: causal attention over the whole sample
-        if not self.keep_graph:
-            self.carry = output
-            return
         self.saved.append((layer_input, output))
         self.carry = output.detach().requires_grad_(True)
 
@@ -118,6 +121,14 @@ class _Staged:
         return self._next == len(self._stages)
 
 
+def lowest_trained_layer(layers: list[Any]) -> int:
+    """The index of the lowest decoder layer holding a weight that requires grad (len(layers): none)."""
+    for index, layer in enumerate(layers):
+        if any(p.requires_grad for p in layer.parameters()):
+            return index
+    return len(layers)
+
+
 class LayeredMicroStep(_Staged):
     """The stages of `samples`' forward and backward, run one at a time in order."""
 
@@ -125,7 +136,9 @@ class LayeredMicroStep(_Staged):
         super().__init__(causal_lm)
         self.samples = samples
         self._passes = [_SamplePass(causal_lm, s, s.weight / batch_size) for s in samples]
-        self._stages = [stage for p in self._passes for stage in p.stages(len(self.layers))]
+        # The backward stops at the lowest layer with trained weights (LoRA on the upper layers only).
+        self.first_trained = lowest_trained_layer(self.layers)
+        self._stages = [stage for p in self._passes for stage in p.stages(len(self.layers), self.first_trained)]
         self._done: torch.cuda.Event | None = None  # recorded after the last stage's kernels on CUDA
         # A bf16 base model trains under bf16 autocast; the LoRA weights and AdamW's state stay fp32.
         self._is_bf16 = causal_lm.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -140,13 +153,13 @@ class LayeredMicroStep(_Staged):
         return [math.nan if p.loss_value is None else float(p.loss_value) for p in self._passes]
 
     def run_next(self) -> None:
-        stages_per_sample = 2 * len(self.layers) + 1
+        stages_per_sample = 2 * len(self.layers) + 1 - self.first_trained
         sample_pass = self._passes[self._next // stages_per_sample]
         within = self._next % stages_per_sample
         device_type = sample_pass.ids.device.type
         with torch.enable_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=self._is_bf16):
             if within < len(self.layers):
-                sample_pass.forward_layer(self.layers[within])
+                sample_pass.forward_layer(self.layers[within], needs_graph=within >= self.first_trained)
             elif within == len(self.layers):
                 sample_pass.head()
             else:

@@ -91,6 +91,7 @@ class Learner:
         lora = LoraConfig(
             r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             target_modules=list(config.target_modules), task_type="CAUSAL_LM",
+            layers_to_transform=lora_layers(causal_lm.config.num_hidden_layers, config.lora_layer_fraction),
         )
         self.lora_config = lora
         self.config = config
@@ -270,9 +271,9 @@ class Learner:
 
     def _write_weights(self, adapter: str, weights: dict[str, torch.Tensor]) -> None:
         params = self._adapter_params(adapter)
-        missing = [name for name, _ in params if name not in weights]
-        if missing:
-            raise ValueError(f"adapter weights lack {len(missing)} tensors, e.g. {missing[0]}")
+        if {name for name, _ in params} != set(weights) or any(
+                weights[name].shape != param.shape for name, param in params):
+            raise AdapterShapeMismatch(describe_lora(weights), describe_lora(dict(params)))
         with torch.no_grad():
             for name, param in params:
                 param.copy_(weights[name])
@@ -332,6 +333,41 @@ class Learner:
     def parameter_names(self) -> list[str]:
         """The learner's parameter names in the optimizer's order (old checkpoints index moments by it)."""
         return [name for name, _ in self._adapter_params(LEARNER)]
+
+
+class AdapterShapeMismatch(ValueError):
+    """Stored adapter weights (a checkpoint or a version in the data dir) that the configured LoRA cannot hold."""
+
+    def __init__(self, stored: str, configured: str) -> None:
+        super().__init__(
+            f"the data dir holds adapters with LoRA {stored}, but this server is configured for LoRA "
+            f"{configured}; set train.target_modules, train.lora_rank and train.lora_layer_fraction to "
+            "what the data dir was trained with, or start with another data_dir")
+
+
+def describe_lora(weights: dict[str, torch.Tensor]) -> str:
+    """`rank 8 on q_proj, v_proj of layers 0-29` from LoRA weights' names and shapes."""
+    modules: set[str] = set()
+    layers: set[int] = set()
+    ranks: set[int] = set()
+    for name, value in weights.items():
+        parts = name.split(".")
+        if "lora_A" not in parts or "layers" not in parts:
+            continue
+        at = parts.index("lora_A")
+        modules.add(parts[at - 1])
+        layers.add(int(parts[parts.index("layers") + 1]))
+        ranks.add(int(value.shape[0]))
+    if not layers:
+        return "with no LoRA weights"
+    rank = "/".join(str(r) for r in sorted(ranks))
+    return f"rank {rank} on {', '.join(sorted(modules))} of layers {min(layers)}-{max(layers)}"
+
+
+def lora_layers(num_layers: int, fraction: float) -> list[int]:
+    """The top `fraction` of `num_layers` decoder layers (at least one), the ones that get LoRA."""
+    count = min(num_layers, max(1, round(num_layers * fraction)))
+    return list(range(num_layers - count, num_layers))
 
 
 def num_slots(config: TrainConfig) -> int:
