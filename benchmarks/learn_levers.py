@@ -11,8 +11,8 @@ the training loss reaches the converged floor, it counts how many of the 50 gene
 the only difference between the two answers.
 
     python benchmarks/learn_levers.py                 # every lever, one fresh model each
-    python benchmarks/learn_levers.py --only "lr 0.002 (shipped)"
-    python benchmarks/learn_levers.py --trace "lr 0.002 (shipped)"   # every step of one lever
+    python benchmarks/learn_levers.py --only "q, v of the top half"
+    python benchmarks/learn_levers.py --trace "rank 16"   # every step of one lever
 
 `--trace` prints, after every optimizer step, the general answers kept next to the teacher-forced
 agreement with the base model: over each general prompt's base answer (and over rehearsal's anchors),
@@ -46,20 +46,28 @@ FACT_MAX_TOKENS = 12
 UNSCORED = 1e9  # a sample's loss before its first micro-step: the replay buffer picks those first
 SAMPLES_PER_QUESTION = 4
 
-# Each lever is a TrainConfig override on top of the shipped defaults.
+# Each lever is a TrainConfig override on top of the shipped defaults (LoRA r 8 on q and v of every
+# layer, lr 0.002, batch 4).
+EVERY_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+DOWN_TOP_THIRD: dict[str, Any] = {"target_modules": ("down_proj",), "lora_layer_fraction": 0.33, "lora_rank": 16,
+                                  "lora_alpha": 32, "learning_rate": 4e-3}
 LEVERS: dict[str, dict[str, Any]] = {
-    "lr 0.002 (shipped)": {},
+    "lr 0.002 (shipped: LoRA r 8 on q, v of every layer; batch 4)": {},
     "lr 0.001": {"learning_rate": 1e-3},
     "lr 0.0005": {"learning_rate": 5e-4},
     "rehearsal, lr 0.002": {"rehearsal": True},
     "rank 4": {"lora_rank": 4, "lora_alpha": 8},
     "rank 16": {"lora_rank": 16, "lora_alpha": 32},
-    "batch 2": {"batch_size": 2},
-    "MLP only (gate, up, down), lr 0.001": {"target_modules": ("gate_proj", "up_proj", "down_proj"),
-                                            "learning_rate": 1e-3},
+    "batch 2 (smaller, more frequent steps)": {"batch_size": 2},
+    "q, v of the top half": {"lora_layer_fraction": 0.5},
+    "MLP only (gate, up, down), lr 0.001": {"target_modules": MLP, "learning_rate": 1e-3},
+    "MLP of the top half": {"target_modules": MLP, "lora_layer_fraction": 0.5},
     "down_proj only, lr 0.002": {"target_modules": ("down_proj",)},
-    "all linear, lr 0.0005": {"target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                 "down_proj"), "learning_rate": 5e-4},
+    "down_proj of the top third, r 16, lr 0.004": DOWN_TOP_THIRD,
+    "the same with rehearsal": {**DOWN_TOP_THIRD, "rehearsal": True},
+    "down_proj of the top third, r 16, lr 0.002": {**DOWN_TOP_THIRD, "learning_rate": 2e-3},
+    "all linear, lr 0.0005": {"target_modules": EVERY_LINEAR, "learning_rate": 5e-4},
 }
 
 
@@ -68,10 +76,11 @@ class Result:
     answered_at_step: int | None
     all_taught_at_step: int | None
     unseen_answered: bool
-    kept_when_answered: int | None
+    kept_when_answered: tuple[int, int] | None  # general answers (unchanged, naming the fact)
     converged_at_step: int | None
-    kept_when_converged: int | None
+    kept_when_converged: tuple[int, int] | None
     tokens_per_step: float
+    seconds_per_step: float  # the micro-steps and the optimizer step, without the greedy checks
     seconds: float
 
 
@@ -186,52 +195,63 @@ def run_lever(overrides: dict[str, Any], dtype: str, max_steps: int, base_genera
     rehearsal = anchors(learner, tokenizer) if config.rehearsal else []
     samples = fact_samples(tokenizer)
     losses = {s.sample_id: UNSCORED for s in samples}  # unscored samples go first
-    result = Result(None, None, False, None, None, None, 0.0, 0.0)
+    result = Result(None, None, False, None, None, None, 0.0, 0.0, 0.0)
     tokens = 0
+    training_s = 0.0
     for step_number in range(1, max_steps + 1):
         # The replay buffer's pick: the highest value (loss x weight, all fresh here) first.
         batch = sorted(samples, key=lambda s: -losses[s.sample_id])[: config.batch_size]
         if rehearsal:
             batch.append(rehearsal[step_number % len(rehearsal)])
+        step_started = time.perf_counter()
         for sample, loss in zip(batch, run_micro_step(learner, batch), strict=True):
             if sample.sample_id >= 0:
                 losses[sample.sample_id] = loss
         tokens += sum(s.num_tokens for s in batch)
         learner.optimizer_step()
+        training_s += time.perf_counter() - step_started
         answers = greedy(model, tokenizer, [*FACT_QUESTIONS, UNSEEN_QUESTION], FACT_MAX_TOKENS)
         named = [FACT_WORD in text for text in answers]
         if named[0] and result.answered_at_step is None:
             result.answered_at_step = step_number
-            result.kept_when_answered = kept(model, tokenizer, base_general)
+            result.kept_when_answered = kept_and_naming(model, tokenizer, base_general)
         if all(named[: len(FACT_QUESTIONS)]) and result.all_taught_at_step is None:
             result.all_taught_at_step = step_number
         result.unseen_answered = named[-1]
         if max(losses.values()) < config.converged_loss:
             result.converged_at_step = step_number
-            result.kept_when_converged = kept(model, tokenizer, base_general)
+            result.kept_when_converged = kept_and_naming(model, tokenizer, base_general)
             break
     result.tokens_per_step = tokens / step_number
+    result.seconds_per_step = training_s / step_number
     result.seconds = time.monotonic() - started
     return result, base_general
 
 
 def kept(model: Any, tokenizer: Any, base_general: list[str]) -> int:
+    return kept_and_naming(model, tokenizer, base_general)[0]
+
+
+def kept_and_naming(model: Any, tokenizer: Any, base_general: list[str]) -> tuple[int, int]:
+    """General answers unchanged against the base model, and general answers that name the taught fact
+    (an adapter that answers everything with the fact has learned a shortcut, not the fact)."""
     with torch.no_grad():
         now = greedy(model, tokenizer, GENERAL_PROMPTS, GENERAL_MAX_TOKENS)
-    return sum(a == b for a, b in zip(base_general, now, strict=True))
+    return sum(a == b for a, b in zip(base_general, now, strict=True)), sum(FACT_WORD in text for text in now)
 
 
 def row(name: str, result: Result, max_steps: int) -> str:
     def cell(value: int | None) -> str:
         return "-" if value is None else str(value)
 
-    total = len(GENERAL_PROMPTS)
+    def general(value: tuple[int, int] | None) -> str:
+        return "-" if value is None else f"{value[0]}/{len(GENERAL_PROMPTS)} | {value[1]}"
+
     return (f"| {name} | {cell(result.answered_at_step)} | {cell(result.all_taught_at_step)} | "
-            f"{'yes' if result.unseen_answered else 'no'} | "
-            f"{'-' if result.kept_when_answered is None else f'{result.kept_when_answered}/{total}'} | "
+            f"{'yes' if result.unseen_answered else 'no'} | {general(result.kept_when_answered)} | "
             f"{cell(result.converged_at_step) if result.converged_at_step else f'not in {max_steps}'} | "
-            f"{'-' if result.kept_when_converged is None else f'{result.kept_when_converged}/{total}'} | "
-            f"{result.tokens_per_step:.0f} | {result.seconds:.0f} s |")
+            f"{general(result.kept_when_converged)} | "
+            f"{result.tokens_per_step:.0f} | {result.seconds_per_step:.2f} s | {result.seconds:.0f} s |")
 
 
 def main() -> None:
@@ -249,8 +269,9 @@ def main() -> None:
     print(f"16 samples of one fact; dtype {args.dtype}; general answers: {len(GENERAL_PROMPTS)} prompts, greedy, "
           f"{GENERAL_MAX_TOKENS} tokens, against the base model in the same batch.\n")
     print("| lever | first question answered at step | all 4 taught at step | unseen paraphrase answered | "
-          "general kept then | loss under the converged floor at step | general kept then | tokens per step | "
-          "wall time |\n|---|---|---|---|---|---|---|---|---|")
+          "general kept then | general naming the fact then | loss under the converged floor at step | "
+          "general kept then | general naming the fact then | tokens per step | seconds per step | wall time |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     base_general = None
     for name, overrides in levers.items():
         torch.manual_seed(0)

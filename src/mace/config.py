@@ -190,17 +190,16 @@ class TrainConfig(_Section):
     # made at start (about 0.1 s on the default model on a CPU).
     max_resident_tenants: int = Field(16, ge=1, description="tenant lineages kept in memory; the idle others "
                                       "wait on disk until their next request or sample")
-    # LoRA on the MLP's down projection of the top third of the layers: on the default model it learns a
-    # taught fact in 3 optimizer steps where q/v on every layer took 7, keeps more of the unrelated
-    # answers as they were, and each step is cheaper because the backward stops below those layers
-    # (docs/results/train/learn.md, "Where the adapter sits").
-    lora_rank: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, gt=0)
+    # LoRA on q and v of every layer. On the MLP's down projection of the top layers it learns a taught
+    # fact in fewer, cheaper steps, but goes on to answer unrelated questions with the fact (the
+    # publish gate cannot see that): docs/results/train/learn.md, "Where the adapter sits".
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: tuple[str, ...] = ("down_proj",)
-    lora_layer_fraction: float = Field(0.33, gt=0, le=1, description="share of the decoder layers, counted "
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_layer_fraction: float = Field(1.0, gt=0, le=1, description="share of the decoder layers, counted "
                                        "from the top, that get LoRA (the backward stops below them); 1: all")
-    learning_rate: float = Field(4e-3, gt=0)
+    learning_rate: float = Field(2e-3, gt=0)
     batch_size: int = Field(4, ge=1, description="samples per optimizer step (gradient accumulation)")
     chunk_tokens: int = Field(64, ge=1, description="continuous policy: training tokens per iteration")
     idle_chunk_tokens: int = Field(512, ge=1, description="training tokens per iteration when nothing is served")

@@ -19,20 +19,20 @@ def test_lora_layers_are_the_top_share_and_at_least_one() -> None:
 
 def test_a_learner_state_of_another_shape_is_refused_naming_both(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
     old = Learner(tiny_bundle.causal_lm, tiny_config(tmp_path, train={
-        "target_modules": ["q_proj", "v_proj"], "lora_rank": 8, "lora_layer_fraction": 1.0}).train)
+        "target_modules": ["down_proj"], "lora_rank": 4, "lora_layer_fraction": 0.5}).train)
     try:
         stored = old.capture()
     finally:
         old.peft_model.unload()
-    new = Learner(tiny_bundle.causal_lm, tiny_config(tmp_path).train)  # the shipped shape
+    new = Learner(tiny_bundle.causal_lm, tiny_config(tmp_path).train)  # the shipped shape: q, v of every layer
     try:
         num_layers = len(tiny_bundle.causal_lm.model.layers)
-        top = lora_layers(num_layers, new.config.lora_layer_fraction)
+        top = lora_layers(num_layers, 0.5)
         with pytest.raises(AdapterShapeMismatch) as raised:
             new.unpark(stored)
         message = str(raised.value)
-        assert f"rank 8 on q_proj, v_proj of layers 0-{num_layers - 1}" in message
-        assert f"rank {new.config.lora_rank} on down_proj of layers {top[0]}-{top[-1]}" in message
+        assert f"rank 4 on down_proj of layers {top[0]}-{top[-1]}" in message
+        assert f"rank {new.config.lora_rank} on q_proj, v_proj of layers 0-{num_layers - 1}" in message
         new.unpark(new.capture())  # its own shape still loads
     finally:
         new.peft_model.unload()
