@@ -215,6 +215,9 @@ class TrainConfig(_Section):
     # quarter of training's tokens (docs/results/train/learn.md); a lever, not yet a guard.
     rehearsal: bool = Field(False, description="train one of the base model's own answers to a general question "
                             "with each optimizer step, against overwriting the rest")
+    retention_guard: float = Field(
+        0.4, ge=0, description="publish gate: hold back a candidate whose mean loss on the anchors (version 0's "
+        "own answers to general questions) is this much higher than version 0's, per token; 0: off")
     converged_loss: float = Field(0.1, ge=0, description="mace: per-token loss the drift ratios add to both sides, "
                                   "so a version that already answers its users nearly surely rests")
     rest_after_held_back: int = Field(3, ge=1, description="mace: rest once the publish gate has held the "

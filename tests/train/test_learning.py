@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from mace.config import TrainConfig
 from mace.model.loader import ModelBundle
 from tests.conftest import start_server, tiny_config, wait_until
 from tests.server.test_health_metrics import metric_values
@@ -90,12 +91,42 @@ async def test_served_answer_changes_after_feedback(tmp_path: Path, tiny_bundle:
         await runner.cleanup()
 
 
+async def test_the_retention_guard_serves_no_version_that_forgets_general_answers(tmp_path: Path) -> None:
+    """On the random model any update moves its answers to the anchors' general questions far: with the
+    guard on, every better candidate is held back, and the answers stay version 0's."""
+    from mace.model.loader import load_model
+
+    config = tiny_config(tmp_path, train={**TRAIN, "policy": "mace", "retention_guard": 0.05})
+    runner, url = await start_server(config, load_model(config.model, config.cache_dir))
+    try:
+        async with aiohttp.ClientSession() as session:
+            before = await ask(session, url)
+            samples = [{"messages": [*QUESTION, {"role": "assistant", "content": ANSWER}]}] * 8
+            async with session.post(url + "/v1/feedback", json=samples) as response:
+                assert response.status == 202
+
+            async def held_back() -> bool:
+                async with session.get(url + "/v1/stats") as response:
+                    train = (await response.json())["train"]
+                return bool(train["held_back_for_forgetting"] >= 2 and train["anchor_loss_rise"] > 0.05)
+
+            await wait_until(held_back, timeout_s=120, what="the guard to hold back two candidates")
+            async with session.get(url + "/v1/adapters") as response:
+                adapters = await response.json()
+            assert adapters["active"] == 0 and [v["version"] for v in adapters["data"]] == [0]
+            assert await ask(session, url) == before
+    finally:
+        await runner.cleanup()
+
+
 @pytest.mark.slow
 async def test_default_model_learns_a_fact(tmp_path: Path) -> None:
     from mace.model.loader import load_model
     from tests.model.test_smollm2 import shared_cache_dir
 
-    train = {**TRAIN, "policy": "mace", "learning_rate": 0.002, "lora_rank": 8}
+    # The shipped learning rate, rank and retention guard (the tests' configs/tiny.toml turns it off).
+    train = {**TRAIN, "policy": "mace", "learning_rate": 0.002, "lora_rank": 8,
+             "retention_guard": TrainConfig().retention_guard}
     config = tiny_config(tmp_path, model={"name": "builtin:smollm2"}, cache_dir=str(shared_cache_dir()),
                          train=train)
     runner, url = await start_server(config, load_model(config.model, config.cache_dir))

@@ -1,14 +1,17 @@
 """The publish gate: its held-out mean weighs what users say now more than answers they have since
-corrected, the held-out figures it reports follow the version that serves, and a learner it keeps
-holding back rests."""
+corrected, the held-out figures it reports follow the version that serves, a learner it keeps
+holding back rests, and its retention guard holds back a candidate that forgets general answers."""
 
 from __future__ import annotations
 
 import math
 
+from mace.train.intake import GateSlice
 from mace.train.journal import NewSample
 from mace.train.publish_gate import Evaluation, recency_weighted_mean
+from mace.train.rehearsal import FIRST_ANCHOR_ID
 from mace.train.replay import TrainSample
+from mace.train.tasks import LossPurpose, LossResult
 from mace.train.trainer import Trainer
 
 
@@ -60,3 +63,50 @@ def test_a_learner_held_back_again_and_again_rests_until_a_publish_or_new_sample
         trainer.gate.decide(_evaluation(trainer, serving_loss=3.0, learner_loss=2.99))
     trainer.gate.decide(_evaluation(trainer, serving_loss=3.0, learner_loss=2.0))
     assert trainer.active_version == 1 and not trainer.is_converged
+
+
+def _anchors(count: int) -> list[TrainSample]:
+    return [TrainSample(FIRST_ANCHOR_ID - index, [9, 10, 11, 12, 13], 2, created_at=0.0) for index in range(count)]
+
+
+def _with_anchors(evaluation: Evaluation, anchors: list[TrainSample], base: float, candidate: float) -> Evaluation:
+    evaluation.anchors = anchors
+    evaluation.anchor_base_losses = {a.sample_id: base for a in anchors}
+    evaluation.anchor_losses = {a.sample_id: candidate for a in anchors}
+    return evaluation
+
+
+def test_the_retention_guard_holds_back_a_better_candidate_that_forgets_general_answers(trainer: Trainer) -> None:
+    anchors = _anchors(3)
+    guard = trainer.config.retention_guard
+    assert guard > 0  # on by default
+    forgetting = _with_anchors(_evaluation(trainer, serving_loss=3.0, learner_loss=1.0), anchors,
+                               base=0.6, candidate=0.6 + guard * 1.5)
+    assert trainer.gate.decide(forgetting) is None and trainer.active_version == 0
+    stats = trainer.stats()
+    assert stats.num_held_back_forgetting == 1 and math.isclose(stats.anchor_loss_rise, guard * 1.5)
+    keeping = _with_anchors(_evaluation(trainer, serving_loss=3.0, learner_loss=1.0), anchors,
+                            base=0.6, candidate=0.6 + guard / 2)
+    assert trainer.gate.decide(keeping) == 1 and trainer.active_version == 1
+    assert trainer.stats().num_held_back_forgetting == 1
+
+
+def test_an_evaluation_asks_for_the_candidates_anchor_losses_and_version_0s_once(trainer: Trainer) -> None:
+    trainer.anchors.samples = _anchors(2)
+    gate = trainer.gate
+    held_out = GateSlice([TrainSample(1000, [5, 6, 7, 8], 2, created_at=0.0)], held_out=True)
+
+    def open_evaluation() -> list[LossPurpose]:
+        trainer.learner.num_optimizer_steps += 1  # something new to judge
+        gate.last_publish_s -= trainer.config.min_publish_interval_s
+        requests = gate.open(held_out)
+        for request in requests:  # every pass answers, as the trainer's upkeep would
+            gate.record(LossResult(request, 1.0 if request.purpose is LossPurpose.ANCHOR else 0.5))
+        return sorted(request.purpose for request in requests)
+
+    assert open_evaluation() == sorted([LossPurpose.CANDIDATE, LossPurpose.SERVING, *[LossPurpose.ANCHOR] * 2,
+                                        *[LossPurpose.ANCHOR_BASE] * 2])
+    assert not gate.is_pending and math.isclose(gate.anchor_loss_rise, 0.5)
+    # Version 0 does not change: its anchor losses are not asked again (the serving version's are, as
+    # candidate and serving losses were equal, nothing published).
+    assert LossPurpose.ANCHOR_BASE not in open_evaluation()

@@ -69,7 +69,9 @@ def warm_up(engine: EngineCore) -> WarmUpReport:
             engine.scheduler.latency.forget_samples()
             steps, max_decodes = _serve(engine, lengths, first_index=len(lengths))
             steps += first_steps
-        if engine.trainer is not None and engine.config.train.rehearsal and not engine.trainer.anchors.samples:
+        train = engine.config.train
+        wants_anchors = train.rehearsal or train.retention_guard > 0
+        if engine.trainer is not None and wants_anchors and not engine.trainer.anchors.samples:
             steps += _generate_anchors(engine, engine.trainer.anchors)
     finally:
         engine.scheduler.is_measuring = False

@@ -195,6 +195,9 @@ def _train(stats: EngineLoad, now: Snapshot, then: Snapshot, span_s: float,
         "serving_heldout_loss": _finite(train.serving_heldout_loss),
         # what the gate's two losses were measured on: until a sample is held out, the newest training samples
         "gate_slice": "held_out" if train.judged_on_heldout else "training_samples",
+        # the retention guard: the last candidate's loss on version 0's own general answers, over version 0's
+        "anchor_loss_rise": _finite(train.anchor_loss_rise),
+        "held_back_for_forgetting": train.num_held_back_forgetting,
         "drift": _finite(train.drift),
         "optimizer_steps": train.num_optimizer_steps,
         "tokens_total": train.train_tokens_total,

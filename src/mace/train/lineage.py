@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,14 +147,15 @@ class Lineage:
     learner: Learner = field(init=False)  # the model's learner, on which its state sits while `on_learner`
 
     @classmethod
-    def build(cls, files: LineageFiles, learner: Learner, config: TrainConfig) -> Lineage:
+    def build(cls, files: LineageFiles, learner: Learner, config: TrainConfig,
+              anchors: Callable[[], list[TrainSample]] = list) -> Lineage:
         """On the engine thread: the lineage from its files (tensor copies only)."""
         replay = ReplayBuffer(config.replay_window, config.freshness_half_life_s)
         drift = DriftSignal(loss_floor=config.converged_loss)
         intake = Intake(config, replay, drift)
         lineage = cls(files.tenant, intake, files.checkpoints, parked=files.learner_state, lease=files.lease)
         lineage.learner = learner
-        lineage.gate = PublishGate(LineageLearner(learner, lineage), files.store, drift, config)
+        lineage.gate = PublishGate(LineageLearner(learner, lineage), files.store, drift, config, anchors)
         lineage.gate.restore(files.active_weights)
         intake.resume(files.window)
         return lineage

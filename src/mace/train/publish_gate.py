@@ -7,6 +7,12 @@ held out yet (`Intake.gate_slice`). When the last loss is in (`record`), it judg
 published if better by `publish_margin`, or no worse after `max_staleness_s`, at most every
 `min_publish_interval_s`. Version numbers are counted in memory from the store's newest at start.
 
+The retention guard: the same evaluation also asks for the candidate's loss on the anchors, version
+0's own greedy answers to general questions (train/rehearsal.py), and holds back a candidate whose mean
+anchor loss exceeds version 0's by more than `train.retention_guard` per token. The held-out slice
+only holds what users taught; an adapter trained on it until it fits can learn a shortcut (answer
+everything with the taught fact) that the slice scores as better. The anchors see that.
+
 Each lineage (train/lineage.py) has its own gate, store and version numbers; the gate sees the learner
 through `GateLearner`, bound to its lineage. One candidate adapter serves every gate, so one
 evaluation is open at a time (`Trainer.upkeep_stages`).
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -28,7 +35,7 @@ from mace.config import TrainConfig
 from mace.train.adapters import AdapterStore, AdapterVersion
 from mace.train.drift import DriftSignal
 from mace.train.intake import GateSlice
-from mace.train.learner import CANDIDATE, LEARNER, save_adapter
+from mace.train.learner import BASE, CANDIDATE, LEARNER, save_adapter
 from mace.train.replay import TrainSample, half_life_decay
 from mace.train.tasks import LossPurpose, LossRequest, LossResult
 
@@ -52,10 +59,21 @@ class Evaluation:
     held_out: bool = True  # False: judged on training samples, no sample being held out yet
     learner_losses: dict[int, float] = field(default_factory=dict)  # by sample id
     serving_losses: dict[int, float] = field(default_factory=dict)
+    anchors: list[TrainSample] = field(default_factory=list)  # the retention guard's; empty: guard off
+    anchor_losses: dict[int, float] = field(default_factory=dict)  # the candidate's, by anchor id
+    anchor_base_losses: dict[int, float] = field(default_factory=dict)  # version 0's
 
     @property
     def is_complete(self) -> bool:
-        return len(self.learner_losses) == len(self.serving_losses) == len(self.samples)
+        return (len(self.learner_losses) == len(self.serving_losses) == len(self.samples)
+                and len(self.anchor_losses) == len(self.anchor_base_losses) == len(self.anchors))
+
+    def anchor_loss_rise(self) -> float:
+        """How much higher the candidate's mean anchor loss is than version 0's (nan: no anchors)."""
+        if not self.anchors:
+            return math.nan
+        ids = [a.sample_id for a in self.anchors]
+        return (sum(self.anchor_losses[i] for i in ids) - sum(self.anchor_base_losses[i] for i in ids)) / len(ids)
 
 
 @dataclass(frozen=True)
@@ -95,8 +113,10 @@ class GateLearner(Protocol):
 
 
 class PublishGate:
-    def __init__(self, learner: GateLearner, store: AdapterStore, drift: DriftSignal, config: TrainConfig) -> None:
+    def __init__(self, learner: GateLearner, store: AdapterStore, drift: DriftSignal, config: TrainConfig,
+                 anchors: Callable[[], list[TrainSample]] = list) -> None:
         self.learner = learner
+        self.anchors = anchors  # the retention guard's, read when an evaluation opens (made at warm-up)
         self.store = store
         self.drift = drift
         self.config = config
@@ -106,6 +126,9 @@ class PublishGate:
         self.serving_heldout_loss = math.nan
         self.learner_heldout_loss = math.nan
         self.judged_on_heldout = True  # False: the losses above are on training samples (none held out yet)
+        self.anchor_loss_rise = math.nan  # the last candidate's, against version 0 (the retention guard)
+        self.num_held_back_forgetting = 0  # candidates the retention guard held back, since start
+        self._anchor_base_losses: dict[int, float] = {}  # version 0 never changes: measured once
         self._next_version = store.newest() + 1
         self._pending: Evaluation | None = None
         self._serving_losses: dict[int, float] = {}  # held-out sample id -> loss under `_serving_losses_version`
@@ -144,6 +167,14 @@ class PublishGate:
                 evaluation.serving_losses[sample.sample_id] = self._serving_losses[sample.sample_id]
             else:
                 requests.append(LossRequest(sample, LossPurpose.SERVING, serving))
+        if self.config.retention_guard > 0:
+            evaluation.anchors = self.anchors()
+            for anchor in evaluation.anchors:
+                requests.append(LossRequest(anchor, LossPurpose.ANCHOR, CANDIDATE))
+                if anchor.sample_id in self._anchor_base_losses:
+                    evaluation.anchor_base_losses[anchor.sample_id] = self._anchor_base_losses[anchor.sample_id]
+                else:
+                    requests.append(LossRequest(anchor, LossPurpose.ANCHOR_BASE, BASE))
         return requests
 
     def record(self, result: LossResult) -> int | None:
@@ -151,8 +182,13 @@ class PublishGate:
         evaluation = self._pending
         assert evaluation is not None, "a held-out loss arrived with no evaluation open"
         sample_id = result.request.sample.sample_id
-        if result.request.purpose is LossPurpose.CANDIDATE:
+        purpose = result.request.purpose
+        if purpose is LossPurpose.CANDIDATE:
             evaluation.learner_losses[sample_id] = result.loss
+        elif purpose is LossPurpose.ANCHOR:
+            evaluation.anchor_losses[sample_id] = result.loss
+        elif purpose is LossPurpose.ANCHOR_BASE:
+            evaluation.anchor_base_losses[sample_id] = self._anchor_base_losses[sample_id] = result.loss
         else:
             evaluation.serving_losses[sample_id] = self._serving_losses[sample_id] = result.loss
         if not evaluation.is_complete:
@@ -174,6 +210,14 @@ class PublishGate:
         better = learner < serving * (1.0 - self.config.publish_margin)
         stale = time.monotonic() - self.last_publish_s > self.config.max_staleness_s and learner <= serving
         judged_on = "held-out" if evaluation.held_out else "its training samples (none held out yet)"
+        rise = self.anchor_loss_rise = evaluation.anchor_loss_rise()
+        # No anchors (none made yet, or the guard off): nothing to judge. A non-finite anchor loss holds back.
+        if (better or stale) and evaluation.anchors and not rise <= self.config.retention_guard:
+            self.num_held_back += 1
+            self.num_held_back_forgetting += 1
+            log.info("publish gate held the learner back: it forgets general answers", anchor_loss_rise=round(rise, 4),
+                     guard=self.config.retention_guard, serving_loss=round(serving, 4), learner_loss=round(learner, 4))
+            return None
         if not (better or stale):
             self.num_held_back += 1
             log.info("publish gate held the learner back", serving_loss=round(serving, 4),

@@ -26,6 +26,7 @@ from mace.train.journal import Journal
 from mace.train.learner import AdapterKey, Learner
 from mace.train.lease import holder
 from mace.train.lineage import Lineage, LineageFiles, journal_filter, lineage_of, read_lineage
+from mace.train.rehearsal import AnchorStore
 from mace.train.writer import DiskWriter
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class Residency:
     config: TrainConfig
     journal: Journal
     learner: Learner
+    anchors: AnchorStore
     writer: DiskWriter
     reader: SampleReader
     lineages: dict[str, Lineage]
@@ -111,7 +113,9 @@ class Residency:
             if files.lease is not None:
                 files.lease.release()
             files = self.read_files(files.tenant)
-        lineage = self.lineages[files.tenant] = Lineage.build(files, self.learner, self.config)
+        anchors = self.anchors  # the retention guard's, filled at the first warm-up (train/rehearsal.py)
+        lineage = self.lineages[files.tenant] = Lineage.build(files, self.learner, self.config,
+                                                              lambda: anchors.samples)
         if present is not None and present is self.focus and lineage.is_owned:
             # A follower never trains, so no gradient is half-accumulated: its owner's state takes the learner.
             self.learner.unpark(lineage.parked)

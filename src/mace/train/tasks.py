@@ -27,6 +27,8 @@ class LossPurpose(StrEnum):
     SCORE = "score"  # a new sample's value under the serving version (its replay value, the drift)
     CANDIDATE = "candidate"  # the publish gate's candidate on a held-out sample
     SERVING = "serving"  # the serving version on a held-out sample, for the publish gate
+    ANCHOR = "anchor"  # the publish gate's candidate on an anchor: version 0's own answer to a general question
+    ANCHOR_BASE = "anchor_base"  # version 0 on an anchor, once per gate: what the candidate is held to
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,8 @@ class TrainStats:
     num_trainable: int
     is_converged: bool
     judged_on_heldout: bool  # False: the gate's losses are on training samples, no sample held out yet
+    anchor_loss_rise: float = math.nan  # the last candidate's anchor loss over version 0's (retention guard)
+    num_held_back_forgetting: int = 0  # candidates the retention guard held back, every lineage, since start
     num_tenants: int = 0  # tenants' lineages seen since the start (the shared one not counted)
     num_resident_tenants: int = 0
     tenants: tuple[TenantStats, ...] = ()  # the top lineages by training time, at most MAX_TENANTS_LISTED
@@ -440,6 +442,8 @@ class Trainer(Residency):
             seconds_since_publish=time.monotonic() - max(lineage.gate.last_publish_s for lineage in lineages),
             num_trainable=self.num_trainable, is_converged=self.is_converged,
             judged_on_heldout=focus.gate.judged_on_heldout,
+            anchor_loss_rise=focus.gate.anchor_loss_rise,
+            num_held_back_forgetting=sum(lineage.gate.num_held_back_forgetting for lineage in lineages),
             num_tenants=len(self._tenants_seen), num_resident_tenants=len(lineages) - 1,
             tenants=tuple(listed), other_tenants_train_seconds=sum(t.train_seconds_total for t in other),
         )
