@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from mace.config import TrainConfig
 from mace.model.loader import ModelBundle
 from mace.train.intake import held_out_every
 from mace.train.journal import Journal
@@ -15,7 +16,17 @@ from tests.conftest import tiny_config
 @pytest.fixture
 def trainer(tmp_path: Path, tiny_bundle: ModelBundle) -> Iterator[Trainer]:
     """A `mace` trainer on the tiny model, outside an engine."""
-    config = tiny_config(tmp_path, train={"policy": "mace"})
+    yield from _trainer(tmp_path, tiny_bundle, {"policy": "mace"})
+
+
+@pytest.fixture
+def guarded_trainer(tmp_path: Path, tiny_bundle: ModelBundle) -> Iterator[Trainer]:
+    """The same with the retention guard at the shipped value (configs/tiny.toml turns it off)."""
+    yield from _trainer(tmp_path, tiny_bundle, {"policy": "mace", "retention_guard": TrainConfig().retention_guard})
+
+
+def _trainer(tmp_path: Path, tiny_bundle: ModelBundle, train: dict[str, object]) -> Iterator[Trainer]:
+    config = tiny_config(tmp_path, train=train)
     journal = Journal(tmp_path / "journal.sqlite3", held_out_every(config.train.heldout_every))
     trainer = Trainer(tiny_bundle.causal_lm, tiny_bundle.tokenizer, journal, config)
     try:

@@ -76,7 +76,9 @@ def _with_anchors(evaluation: Evaluation, anchors: list[TrainSample], base: floa
     return evaluation
 
 
-def test_the_retention_guard_holds_back_a_better_candidate_that_forgets_general_answers(trainer: Trainer) -> None:
+def test_the_retention_guard_holds_back_a_better_candidate_that_forgets_general_answers(
+        guarded_trainer: Trainer) -> None:
+    trainer = guarded_trainer
     anchors = _anchors(3)
     guard = trainer.config.retention_guard
     assert guard > 0  # on by default
@@ -91,7 +93,8 @@ def test_the_retention_guard_holds_back_a_better_candidate_that_forgets_general_
     assert trainer.stats().num_held_back_forgetting == 1
 
 
-def test_an_evaluation_asks_for_the_candidates_anchor_losses_and_version_0s_once(trainer: Trainer) -> None:
+def test_an_evaluation_asks_for_the_candidates_anchor_losses_and_version_0s_once(guarded_trainer: Trainer) -> None:
+    trainer = guarded_trainer
     trainer.anchors.samples = _anchors(2)
     gate = trainer.gate
     held_out = GateSlice([TrainSample(1000, [5, 6, 7, 8], 2, created_at=0.0)], held_out=True)
