@@ -188,7 +188,9 @@ class PublishGate:
         elif purpose is LossPurpose.ANCHOR:
             evaluation.anchor_losses[sample_id] = result.loss
         elif purpose is LossPurpose.ANCHOR_BASE:
-            evaluation.anchor_base_losses[sample_id] = self._anchor_base_losses[sample_id] = result.loss
+            evaluation.anchor_base_losses[sample_id] = result.loss
+            if math.isfinite(result.loss):  # a failed pass is asked again at the next evaluation
+                self._anchor_base_losses[sample_id] = result.loss
         else:
             evaluation.serving_losses[sample_id] = self._serving_losses[sample_id] = result.loss
         if not evaluation.is_complete:
