@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 
+import pytest
 import torch
 
 from mace.engine.streams import StreamManager
@@ -36,3 +38,43 @@ def test_gpu_coserve_script_runs_every_mode_on_cpu() -> None:
     assert [r.name for r in results] == ["off", "overlapped", "serialized"]
     assert all(len(r.tpot_ms) == 12 and r.decode_tok_s > 0 for r in results)
     assert results[0].train_tok_s == 0
+
+
+def test_cpu_training_work_runs_on_its_own_thread_beside_the_body_and_ends_with_it() -> None:
+    streams = StreamManager(torch.device("cpu"))
+    if not streams.is_threaded:  # one core: the work runs after the body on this thread
+        assert torch.get_num_threads() < 2
+    started, release = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def work() -> None:
+        seen["thread"] = threading.get_ident()
+        started.set()
+        release.wait(timeout=10)
+        seen["done"] = True
+
+    try:
+        with streams.beside(work):
+            if streams.is_threaded:
+                assert started.wait(timeout=10), "the training work did not start beside the body"
+                assert "done" not in seen
+                release.set()
+            else:
+                release.set()
+        assert seen["done"] is True  # the step ends with its training done
+        assert (seen["thread"] != threading.get_ident()) == streams.is_threaded
+    finally:
+        streams.close()
+
+
+def test_a_failure_of_the_training_work_reaches_the_step() -> None:
+    streams = StreamManager(torch.device("cpu"))
+
+    def work() -> None:
+        raise RuntimeError("stage failed")
+
+    try:
+        with pytest.raises(RuntimeError, match="stage failed"), streams.beside(work):
+            pass
+    finally:
+        streams.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -46,6 +47,35 @@ def test_uniform_switches_equal_peft_routing(tmp_path: Path, tiny_bundle: ModelB
 
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
+
+
+def test_an_adapter_choice_holds_on_its_own_thread_only(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+    """Serving (base, one version, mixed versions) on one thread leaves another thread's forward, as the
+    training stages run beside serving on a CPU, on the learner."""
+    learner = Learner(tiny_bundle.causal_lm, tiny_config(tmp_path).train)
+    rows = IDS.T  # six one-token rows: the runner's flat batch, one adapter per row
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return learner.peft_model(input_ids=rows).logits  # type: ignore[no-any-return]
+
+    try:
+        learner.publish(1)
+        _move_learner(learner, seed=1)
+        learner_out = forward()
+        v1 = learner.adapter_for(1)
+        for choice in ([BASE] * 6, [v1] * 6, [BASE, v1] * 3):
+            beside: dict[str, torch.Tensor] = {}
+            with learner.serving(choice):
+                served = forward()
+                thread = threading.Thread(target=lambda found=beside: found.update(logits=forward()))
+                thread.start()
+                thread.join(timeout=60)
+            torch.testing.assert_close(beside["logits"], learner_out)
+            assert not torch.allclose(served, learner_out)
+            torch.testing.assert_close(forward(), learner_out)  # and this thread is back on the learner
+    finally:
+        learner.peft_model.unload()
 
 
 def _logits(learner: Learner, adapter: str) -> torch.Tensor:

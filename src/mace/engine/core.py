@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import structlog
 
@@ -56,6 +57,8 @@ class EngineCore:
             policy=trainer.policy if trainer is not None else None, train_source=trainer,
             prefix_cache=self.memory.prefix_cache, train_memory=self.memory.training, pruner=self.memory.pruner,
         )
+        if self.scheduler.training is not None:
+            self.scheduler.training.beside_share = self.runner.streams.beside_share
         if trainer is not None:
             trainer.on_lineage_read = lambda: self.inbox.put(Ingest())
         self.adapter_version = trainer.active_version if trainer is not None else 0  # the shared lineage's
@@ -138,9 +141,18 @@ class EngineCore:
         if output.forward_time_s > 0:
             # The whole iteration, not the forward alone: what a stream waits between two tokens includes
             # planning, bookkeeping and the optimizer at the step boundary, which grow with the batch.
-            self.scheduler.latency.observe(plan.shape, step_time_s)
+            self.scheduler.latency.observe(self._observed_shape(plan), step_time_s)
         self.load = self.read_load()
         return outputs
+
+    def _observed_shape(self, plan: IterationPlan) -> StepShape:
+        """What the step's time measured: with training on its own thread beside the forward (a CPU),
+        the inference alone, slowed by what ran beside it; the training stages' own costs are learned
+        from the steps that ran them alone (warm-up, idle steps)."""
+        if plan.train is not None and plan.chunks and self.runner.streams.is_threaded:
+            return replace(plan.shape, num_train_forward_tokens=0, num_train_backward_tokens=0,
+                           num_train_head_tokens=0)
+        return plan.shape
 
     def release_idle(self) -> None:
         """With nothing to run, hand back the KV rows released since the last step (an empty plan),

@@ -66,6 +66,7 @@ class AsyncEngine:
         self.core.inbox.stop()
         if self._loop_done is not None:
             concurrent.futures.wait([self._loop_done], timeout=timeout_s)
+        self.core.runner.streams.close()
         if self.core.trainer is not None:
             self.core.trainer.close()
 

@@ -92,14 +92,15 @@ class ModelRunner:
         start = time.perf_counter()
         # Launch order matters on CUDA: inference, then training, then wait for the inference
         # stream alone, so training kernels overlap decode and the sampled tokens come back first.
+        # On a CPU the training stages run on their own thread meanwhile (streams.py).
         logits: _Logits | None = None
-        if plan.chunks:
-            with self.streams.inference(), torch.inference_mode():
-                inputs = self._prepare(plan)
-                logits = self._logits(inputs, self._serve_forward(inputs))
-        if plan.train is not None and self.trainer is not None:
-            with self.streams.training():
-                self.trainer.run_work(plan.train)
+        trainer, work = self.trainer, plan.train
+        with self.streams.beside(None if trainer is None or work is None else lambda: trainer.run_work(work),
+                                 has_body=bool(plan.chunks)):
+            if plan.chunks:
+                with self.streams.inference(), torch.inference_mode():
+                    inputs = self._prepare(plan)
+                    logits = self._logits(inputs, self._serve_forward(inputs))
         sampled: dict[str, int] = {}
         if logits is not None:
             with self.streams.inference(), torch.inference_mode():

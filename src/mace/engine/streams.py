@@ -8,13 +8,19 @@ stream, so before the next inference launch the inference stream waits for the t
 (`publish_fence`). Work done on the default stream (model loading, an operator loading a version
 from disk) is ordered before every launch on either stream.
 
-On CPU (or with overlap off, to measure what it buys) both contexts do nothing: the same calls run
-one after the other on the engine thread.
+On a CPU with two or more cores the training stages run on a thread of their own, beside the
+serving forward, each with its share of the cores (`beside`): a decode step of a small model is bound
+by reading the weights and gains little from a second core, which training's larger matmuls then use
+(docs/results/serving.md, "Training beside decode"). The step ends when both are done, so the
+optimizer step and publishes still happen at the step boundary, as on CUDA. The two threads share
+the model; each chooses its own adapter (train/adapter_switch.py). With one core, or overlap off
+(to measure what it buys), the same calls run one after the other on the engine thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -31,6 +37,49 @@ class StreamManager:
             lowest, highest = torch.cuda.Stream.priority_range()  # type: ignore[call-arg]
             self._inference = torch.cuda.Stream(device, priority=highest)  # type: ignore[no-untyped-call]
             self._training = torch.cuda.Stream(device, priority=lowest)  # type: ignore[no-untyped-call]
+        cores = torch.get_num_threads()
+        self.is_threaded = overlap and device.type == "cpu" and cores >= 2
+        self._cores = cores
+        self._training_threads = cores // 2
+        self._trainer_thread: ThreadPoolExecutor | None = None  # made at the first training work
+
+    @property
+    def beside_share(self) -> float:
+        """The training thread's share of the cores (0: training runs after the forward)."""
+        return self._training_threads / self._cores if self.is_threaded else 0.0
+
+    @contextmanager
+    def beside(self, work: Callable[[], None] | None, has_body: bool = True) -> Iterator[None]:
+        """The body (the serving forward) and `work` (training stages) together: on a CPU on two threads,
+        joined at the end; else (or with no forward to run beside: all cores to training) the body,
+        then `work` launched on the training stream."""
+        if work is None:
+            yield
+            return
+        if not (self.is_threaded and has_body):
+            yield
+            with self.training():
+                work()
+            return
+        if self._trainer_thread is None:
+            self._trainer_thread = ThreadPoolExecutor(
+                1, thread_name_prefix="mace-train", initializer=torch.set_num_threads,
+                initargs=(self._training_threads,))
+        pending = self._trainer_thread.submit(work)
+        torch.set_num_threads(self._cores - self._training_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self._cores)
+            error = pending.exception()  # waits: the step ends with its training done
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Stop the training thread (after the engine loop has stopped)."""
+        if self._trainer_thread is not None:
+            self._trainer_thread.shutdown(wait=True)
+            self._trainer_thread = None
 
     @contextmanager
     def inference(self) -> Iterator[None]:

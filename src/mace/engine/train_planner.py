@@ -78,6 +78,10 @@ class TrainPlanner:
     def __init__(self, source: TrainSource, policy: RetrainPolicy, latency: LatencyModel, slo: SloConfig,
                  train_memory: TrainingReservation | None, clock: Callable[[], float]) -> None:
         self.source = source
+        # Where training runs on its own thread beside the forward (a CPU, engine/streams.py): its share
+        # of the cores. A stage's cost was measured on all of them, so this share of the forward's
+        # predicted time is what it may take there without lengthening the step.
+        self.beside_share = 0.0
         self.policy = policy
         self.latency = latency
         self.slo = slo
@@ -137,7 +141,7 @@ class TrainPlanner:
         """
         if context.has_inference and not context.inference_measured and math.isfinite(decision.budget_s):
             return []  # the streams' own step time is still a guess: a latency-bound policy adds nothing to it
-        upkeep_s = max(context.slack_s * upkeep_share, decision.budget_s)
+        upkeep_s = max((context.slack_s + context.beside_s) * upkeep_share, decision.budget_s)
         taken: list[TrainStage] = []
         cost_s = 0.0  # the latency model is linear: a prefix costs the sum of its stages
         for stage in stages:
@@ -160,10 +164,12 @@ class TrainPlanner:
         return taken
 
     def _context(self, inference: StepShape, limits: StepLimits) -> TrainContext:
+        predicted_inference_s = self.latency.predict(inference) if inference.has_inference else 0.0
         return TrainContext(
             now_s=self.clock(),
             has_inference=inference.has_inference,
-            predicted_inference_s=self.latency.predict(inference) if inference.has_inference else 0.0,
+            predicted_inference_s=predicted_inference_s,
+            beside_s=predicted_inference_s * self.beside_share,
             tpot_s=min(limits.tpot_s, self.slo.tpot_s),
             ttft_s=self.slo.ttft_s,
             num_trainable=self.source.num_trainable,

@@ -24,6 +24,7 @@ does for a batch with one adapter: a row computes the same in a mixed batch as a
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -98,7 +99,11 @@ class MultiLora:
         if not routing.adapters.numel():  # base rows only: nothing to add
             yield
             return
-        handles = [stack.module.register_forward_hook(partial(_add_delta, stack, routing)) for stack in self.stacks]
+        # Hooks belong to the module, so to every thread: another thread's forward (training, on a CPU
+        # beside serving) passes through untouched.
+        owner = threading.get_ident()
+        handles = [stack.module.register_forward_hook(partial(_add_delta, stack, routing, owner))
+                   for stack in self.stacks]
         try:
             yield
         finally:
@@ -106,7 +111,9 @@ class MultiLora:
                 handle.remove()
 
 
-def _add_delta(stack: StackedLora, routing: Routing, module: nn.Module, args: tuple[Any, ...],
-               output: torch.Tensor) -> torch.Tensor:
+def _add_delta(stack: StackedLora, routing: Routing, owner: int, module: nn.Module, args: tuple[Any, ...],
+               output: torch.Tensor) -> torch.Tensor | None:
+    if threading.get_ident() != owner:
+        return None
     # Summed in fp32 (type promotion), rounded once to the base's dtype: peft's one-adapter arithmetic.
     return (output + stack.delta(args[0], routing)).to(output.dtype)

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from mace.config import TrainConfig
 from mace.model.multi_lora import MultiLora, StackedLora
 from mace.tenancy import SHARED
+from mace.train.adapter_switch import choose, make_switchable
 from mace.train.layered import LayeredLoss, LayeredMicroStep
 from mace.train.replay import TrainSample
 
@@ -111,6 +112,8 @@ class Learner:
         self.num_optimizer_steps = 0
         self.num_skipped_steps = 0
         self._lora_layers: list[Any] = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in self._lora_layers:
+            make_switchable(layer)
         self._multi = self._stack_slots()
         # A new lineage's learner starts where peft initialised this one: B = 0, so it adds nothing yet.
         self._initial = LearnerState({name: p.detach().clone() for name, p in self._adapter_params(LEARNER)})
@@ -171,26 +174,15 @@ class Learner:
                               layer.scaling[slots[0]]) for layer in self._lora_layers]
         return MultiLora(stacks, slots)
 
-    @contextmanager
-    def _uniform(self, name: str) -> Iterator[None]:
-        """One adapter (or none) for the whole batch.
+    def _uniform(self, name: str) -> AbstractContextManager[None]:
+        """One adapter (or none) for the whole batch, on this thread only (serving and training run
+        on two threads at once on a CPU: train/adapter_switch.py).
 
         peft's own switches (`disable_adapter`, `set_adapter`) walk every module and toggle
-        requires_grad, which costs as much as a decode step's kernel launches on a GPU; flipping the
-        LoRA layers' two state fields directly is the same switch without the walk.
+        requires_grad, which costs as much as a decode step's kernel launches on a GPU, and would
+        switch the other thread's forward too.
         """
-        layers = self._lora_layers
-        for layer in layers:
-            if name == BASE:
-                layer._disable_adapters = True
-            else:
-                layer._active_adapter = [name]
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer._disable_adapters = False
-                layer._active_adapter = [LEARNER]
+        return choose(disabled=name == BASE, active=[LEARNER if name == BASE else name])
 
     def micro_step(self, samples: list[TrainSample]) -> LayeredMicroStep:
         """Forward and backward of `samples` on the learner, in layer stages; gradients accumulate."""

@@ -29,6 +29,9 @@ class TrainContext:
     # its prompt and those ahead of it prefilled at the predicted rate (inf: none waits).
     ttft_slack_s: float = math.inf
     converged: bool = False  # the learner fits every sample it could train on (Trainer.is_converged)
+    # Training time that runs beside this step's inference without lengthening it (a CPU's training
+    # thread, engine/streams.py; 0 where training runs after the forward).
+    beside_s: float = 0.0
 
     @property
     def slack_s(self) -> float:
@@ -140,7 +143,8 @@ class MacePolicy:
         if not ctx.num_trainable or ctx.converged:
             return TrainDecision()
         intensity = min(1.0, max(0.0, (ctx.drift - 1.0) / (self._config.drift_full_ratio - 1.0)))
-        return TrainDecision(budget_s=ctx.slack_s * intensity, max_job_tokens=self._config.max_sample_tokens)
+        return TrainDecision(budget_s=(ctx.slack_s + ctx.beside_s) * intensity,
+                             max_job_tokens=self._config.max_sample_tokens)
 
     def on_optimizer_step(self, now_s: float) -> None:
         return None
