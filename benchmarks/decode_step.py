@@ -8,10 +8,13 @@ residual, next norm: everything but the attention over the KV cache and the LoRA
 projections), eager against `torch.compile` (inductor, one graph shared by all layers, weights passed
 as arguments), and the compile time per batch shape. `--loop` times the event loop's work per streamed
 token (the engine's queue hand-off, incremental detokenizing, the SSE chunk's JSON) to set beside a
-step's time. Prints; never fails on speed.
+step's time. `--beside` times decode steps and training micro-steps (4 x 64 tokens, the shipped LoRA)
+each alone on `--threads` cores, then together as the engine runs them on a CPU: training on a thread
+of its own with half the cores, decode on the rest (its median step, and training's tokens/s). Prints;
+never fails on speed.
 
     .venv/bin/python benchmarks/decode_step.py [--threads 1] [--dtype float32] [--batches 1,8,32]
-        [--profile] [--compile] [--loop]
+        [--profile] [--compile] [--loop] [--beside]
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -164,6 +169,73 @@ async def loop_s_per_token(tokenizer: Any, num_tokens: int = 512) -> float:
     return (time.perf_counter() - start) / len(token_ids)
 
 
+def beside(bundle: ModelBundle, batches: list[int], seconds: float = 8.0) -> None:
+    """Decode steps and training micro-steps, each alone on every core, then together as the engine runs
+    them on a CPU: training on a thread of its own with half the cores, decode on the rest."""
+    from mace.config import TrainConfig
+    from mace.train.learner import Learner
+    from mace.train.replay import TrainSample
+
+    cores = torch.get_num_threads()
+    learner = Learner(bundle.causal_lm, TrainConfig())
+    vocab = int(bundle.causal_lm.config.vocab_size)
+    samples = [TrainSample(i, [(31 + 97 * i + 13 * t) % vocab for t in range(64)], 48, 0.0) for i in range(4)]
+    micro_step_for_warm_up = True
+    for batch in batches:
+        step = prefilled_stepper(ModelRunner(bundle.causal_lm, 2048, bundle.device), [0] * batch, name="beside")
+        _beside_once(step, learner, samples, batch, cores, seconds, warm_up=micro_step_for_warm_up)
+        micro_step_for_warm_up = False
+
+
+def _beside_once(step: Callable[[int], None], learner: Any, samples: list[Any], batch: int, cores: int,
+                 seconds: float, warm_up: bool) -> None:
+    def micro_step() -> None:
+        work = learner.micro_step(samples)
+        while not work.is_done:
+            work.run_next()
+        learner.discard_gradients()
+
+    def decode_ms() -> float:
+        times = []
+        for _ in range(STEPS):
+            start = time.perf_counter()
+            step(1)
+            times.append(time.perf_counter() - start)
+        return float(statistics.median(times)) * 1e3
+
+    def train_tok_s(stop: Callable[[], bool]) -> float:
+        start, done = time.perf_counter(), 0
+        while not stop():
+            micro_step()
+            done += 1
+        return done * sum(s.num_tokens for s in samples) / (time.perf_counter() - start)
+
+    if warm_up:
+        micro_step()
+    alone_ms = decode_ms()
+    until = time.perf_counter() + seconds
+    alone_tok_s = train_tok_s(lambda: time.perf_counter() > until)
+    finished = threading.Event()
+    result: dict[str, float] = {}
+
+    def train_beside() -> None:
+        torch.set_num_threads(cores // 2)
+        result["tok_s"] = train_tok_s(finished.is_set)
+
+    trainer = threading.Thread(target=train_beside)
+    trainer.start()
+    torch.set_num_threads(cores - cores // 2)
+    try:
+        together_ms = decode_ms()
+    finally:
+        finished.set()
+        trainer.join()
+        torch.set_num_threads(cores)
+    print(f"batch {batch}, {cores} cores: decode step {alone_ms:.1f} ms alone, {together_ms:.1f} ms with training "
+          f"beside ({together_ms / alone_ms:.2f}x); training {alone_tok_s:.0f} tok/s alone, {result['tok_s']:.0f} "
+          f"tok/s beside decode ({result['tok_s'] / alone_tok_s:.0%})", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust to a shared machine)")
@@ -172,6 +244,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of mace's decode steps")
     parser.add_argument("--compile", action="store_true", help="eager against inductor on the layers' dense tails")
     parser.add_argument("--loop", action="store_true", help="the event loop's work per streamed token")
+    parser.add_argument("--beside", action="store_true", help="decode with training on its own thread beside it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache_dir = Path(os.environ.get("MACE_CACHE_DIR", "~/.cache/mace")).expanduser()
@@ -179,6 +252,9 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     if args.compile:
         compare_compile(bundle, batches)
+        return
+    if args.beside:
+        beside(bundle, batches)
         return
     if args.loop:
         best_s = min(asyncio.run(loop_s_per_token(bundle.tokenizer)) for _ in range(5))

@@ -9,7 +9,8 @@ fixed cost of a step, and the decode cap comes out at its maximum); the first ke
 launches and allocations happen here too, not in a user's first token.
 
 With a retraining policy on, a second round serves a few prompts again while a micro-step on
-synthetic samples trains beside them and then alone, its gradients thrown away: otherwise the first
+synthetic samples trains beside them and then alone (where training runs on its own thread, a
+whole micro-step alone too), its gradients thrown away: otherwise the first
 training steps beside users' streams are planned on priors, not on this machine's costs (on the
 default model on a CPU the priors are ten times off). Training then eases in (engine/train_planner.py).
 A few seconds on a CPU.
@@ -135,6 +136,11 @@ def _train_alongside(engine: EngineCore, first_index: int) -> int:
     try:
         with _training_policy(engine, _TrainInTheSlack(sum(len(s.token_ids) for s in samples))):
             steps, _ = _serve(engine, list(PROMPT_LENGTHS), first_index)
+            if engine.runner.streams.is_threaded:
+                # Beside the forward, on its own thread, a stage's time is hidden in the step's; the
+                # planner needs each kind's own cost: one more micro-step with nothing served.
+                trainer.open_warm_up_job(samples)
+                steps += _serve(engine, [], first_index)[0]
     finally:
         trainer.train_seconds_total = seconds_before  # users' training time only, in /metrics
     return steps
