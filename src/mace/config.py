@@ -42,8 +42,9 @@ class ModelConfig(_Section):
 class EngineConfig(_Section):
     max_num_seqs: int = Field(64, ge=1, description="requests running at once")
     max_num_batched_tokens: int = Field(512, ge=16, description="prompt + decode tokens per step")
-    overlap_streams: bool = Field(
-        True, description="training beside inference: on a low-priority CUDA stream, or a CPU thread of its own")
+    overlap_streams: bool = Field(True, description="CUDA: training on a low-priority stream beside inference")
+    train_thread: bool = Field(
+        False, description="CPU: training stages on a thread of their own (half the cores) beside the serving forward")
     scheduling: Literal["slo", "fcfs"] = Field("slo", description="waiting order: earliest TTFT deadline, or arrival")
     shed_queue_depth: int = Field(
         4, ge=0, description="past this many waiting requests, one predicted to miss its TTFT gets 429"

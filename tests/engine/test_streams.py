@@ -41,7 +41,7 @@ def test_gpu_coserve_script_runs_every_mode_on_cpu() -> None:
 
 
 def test_cpu_training_work_runs_on_its_own_thread_beside_the_body_and_ends_with_it() -> None:
-    streams = StreamManager(torch.device("cpu"))
+    streams = StreamManager(torch.device("cpu"), train_thread=True)
     if not streams.is_threaded:  # one core: the work runs after the body on this thread
         assert torch.get_num_threads() < 2
     started, release = threading.Event(), threading.Event()
@@ -68,7 +68,7 @@ def test_cpu_training_work_runs_on_its_own_thread_beside_the_body_and_ends_with_
 
 
 def test_a_failure_of_the_training_work_reaches_the_step() -> None:
-    streams = StreamManager(torch.device("cpu"))
+    streams = StreamManager(torch.device("cpu"), train_thread=True)
 
     def work() -> None:
         raise RuntimeError("stage failed")

@@ -49,7 +49,7 @@ class _Logits:
 class ModelRunner:
     def __init__(
         self, causal_lm: Any, max_model_len: int, device: torch.device, overlap_streams: bool = True,
-        kv_block_size: int = 16,
+        kv_block_size: int = 16, train_thread: bool = False,
     ) -> None:
         # Any: Hugging Face modules expose their submodules as dynamic attributes.
         decoder: Any = causal_lm.model
@@ -69,7 +69,7 @@ class ModelRunner:
             )
         self.block_store = BlockStore(kv_block_size)
         self.sampler = Sampler()
-        self.streams = StreamManager(device, overlap=overlap_streams)
+        self.streams = StreamManager(device, overlap=overlap_streams, train_thread=train_thread)
         self.trainer: Trainer | None = None  # set when a retraining policy is on
 
     def kv_bytes_per_token(self) -> int:

@@ -8,13 +8,14 @@ stream, so before the next inference launch the inference stream waits for the t
 (`publish_fence`). Work done on the default stream (model loading, an operator loading a version
 from disk) is ordered before every launch on either stream.
 
-On a CPU with two or more cores the training stages run on a thread of their own, beside the
-serving forward, each with its share of the cores (`beside`): a decode step of a small model is bound
-by reading the weights and gains little from a second core, which training's larger matmuls then use
-(docs/results/serving.md, "Training beside decode"). The step ends when both are done, so the
-optimizer step and publishes still happen at the step boundary, as on CUDA. The two threads share
-the model; each chooses its own adapter (train/adapter_switch.py). With one core, or overlap off
-(to measure what it buys), the same calls run one after the other on the engine thread.
+On a CPU with two or more cores and `engine.train_thread` on, the training stages run on a thread of
+their own, beside the serving forward, each with its share of the cores (`beside`): a decode step of
+a small model is bound by reading the weights and gains little from a second core, which training's
+larger matmuls then use (docs/results/serving.md, "Training beside decode on a CPU"). The step ends
+when both are done, so the optimizer step and publishes still happen at the step boundary, as on
+CUDA. The two threads share the model; each chooses its own adapter (train/adapter_switch.py).
+Otherwise (the default, one core, or overlap off to measure what it buys) the same calls run one
+after the other on the engine thread.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 
 class StreamManager:
-    def __init__(self, device: torch.device, overlap: bool = True) -> None:
+    def __init__(self, device: torch.device, overlap: bool = True, train_thread: bool = False) -> None:
         self.device = device
         self.is_overlapping = overlap and device.type == "cuda"
         self._inference: torch.cuda.Stream | None = None
@@ -38,7 +39,7 @@ class StreamManager:
             self._inference = torch.cuda.Stream(device, priority=highest)  # type: ignore[no-untyped-call]
             self._training = torch.cuda.Stream(device, priority=lowest)  # type: ignore[no-untyped-call]
         cores = torch.get_num_threads()
-        self.is_threaded = overlap and device.type == "cpu" and cores >= 2
+        self.is_threaded = train_thread and device.type == "cpu" and cores >= 2
         self._cores = cores
         self._training_threads = cores // 2
         self._trainer_thread: ThreadPoolExecutor | None = None  # made at the first training work
