@@ -241,6 +241,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust to a shared machine)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--linear-layout", choices=["auto", "standard", "transposed"], default="auto",
+                        help="the GEMM layout of mace's decode-sized batches (the bare forward keeps nn.Linear's)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of mace's decode steps")
     parser.add_argument("--compile", action="store_true", help="eager against inductor on the layers' dense tails")
     parser.add_argument("--loop", action="store_true", help="the event loop's work per streamed token")
@@ -248,7 +250,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache_dir = Path(os.environ.get("MACE_CACHE_DIR", "~/.cache/mace")).expanduser()
-    bundle = load_model(ModelConfig(dtype=args.dtype, device="cpu"), cache_dir)
+    bundle = load_model(ModelConfig(dtype=args.dtype, device="cpu", linear_layout=args.linear_layout), cache_dir)
     batches = [int(b) for b in args.batches.split(",")]
     if args.compile:
         compare_compile(bundle, batches)

@@ -36,6 +36,8 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_model_len: int = Field(2048, ge=16)
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
+    linear_layout: Literal["auto", "standard", "transposed"] = Field(
+        "auto", description="CPU: the GEMM layout of decode-sized batches; auto measures both at load")
     seed: int = 0
 
 
@@ -44,7 +46,7 @@ class EngineConfig(_Section):
     max_num_batched_tokens: int = Field(512, ge=16, description="prompt + decode tokens per step")
     overlap_streams: bool = Field(True, description="CUDA: training on a low-priority stream beside inference")
     train_thread: bool = Field(
-        False, description="CPU: training stages on a thread of their own (half the cores) beside the serving forward")
+        True, description="CPU: training stages on a thread of their own (half the cores) beside the serving forward")
     scheduling: Literal["slo", "fcfs"] = Field("slo", description="waiting order: earliest TTFT deadline, or arrival")
     shed_queue_depth: int = Field(
         4, ge=0, description="past this many waiting requests, one predicted to miss its TTFT gets 429"

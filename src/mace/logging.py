@@ -9,10 +9,15 @@ import orjson
 import structlog
 
 
+def _dumps(obj: object, **_: object) -> str:
+    # A log line must never raise: integer keys and odd values are written as text.
+    return orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def configure_logging(level: str = "info", json: bool = True) -> None:
     logging.basicConfig(stream=sys.stderr, level=level.upper(), format="%(message)s")
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer(serializer=lambda obj, **_: orjson.dumps(obj).decode())
+        structlog.processors.JSONRenderer(serializer=_dumps)
         if json
         else structlog.dev.ConsoleRenderer()
     )

@@ -58,9 +58,11 @@ async def run_staggered(engine: AsyncEngine, prompts: list[list[int]], max_token
         engine.shutdown()
 
 
+@pytest.mark.parametrize("layout", ["standard", "transposed"])  # each GEMM layout of decode-sized batches
 @pytest.mark.parametrize("batched_tokens", [256, 24])  # 24 forces chunked prefill of the longer prompts
-async def test_greedy_equals_generate_on_tiny(tmp_path: Path, batched_tokens: int) -> None:
-    config = tiny_config(tmp_path, engine={"max_num_batched_tokens": batched_tokens})
+async def test_greedy_equals_generate_on_tiny(tmp_path: Path, batched_tokens: int, layout: str) -> None:
+    config = tiny_config(tmp_path, engine={"max_num_batched_tokens": batched_tokens},
+                         model={"linear_layout": layout})
     bundle = load_model(config.model, config.cache_dir)
     engine = AsyncEngine(bundle, config)
     prompts = [chat_ids(bundle, text) for text in PROMPTS]
@@ -76,7 +78,8 @@ async def test_greedy_equals_generate_on_default_model(tmp_path_factory: pytest.
 
     config = tiny_config(
         tmp_path_factory.mktemp("smol"),
-        model={"name": "builtin:smollm2", "max_model_len": 2048},
+        # The layout `auto` picks where it measures faster: the one that is not nn.Linear's own.
+        model={"name": "builtin:smollm2", "max_model_len": 2048, "linear_layout": "transposed"},
         cache_dir=str(shared_cache_dir()),
     )
     bundle = load_model(config.model, config.cache_dir)

@@ -78,3 +78,26 @@ def test_a_failure_of_the_training_work_reaches_the_step() -> None:
             pass
     finally:
         streams.close()
+
+
+def test_a_thread_made_during_an_overlapped_step_still_claims_every_core() -> None:
+    """PyTorch hands the last count set by any thread to threads started later: one made while the
+    engine thread holds its share of a step (an executor's new worker, a restarted engine) begins with it."""
+    streams = StreamManager(torch.device("cpu"), train_thread=True, num_threads=2)
+    assert streams.is_threaded
+    counts: dict[str, int] = {}
+
+    def later_engine_thread() -> None:
+        counts["began"] = torch.get_num_threads()
+        streams.claim_cores()
+        counts["claimed"] = torch.get_num_threads()
+
+    try:
+        with streams.beside(lambda: None):
+            thread = threading.Thread(target=later_engine_thread)
+            thread.start()
+            thread.join(timeout=10)
+        assert counts["began"] == 1  # the leak this guards against
+        assert counts["claimed"] == 2
+    finally:
+        streams.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import structlog.testing
 import torch
 
@@ -13,9 +14,9 @@ from mace.engine.request import SamplingParams
 from mace.engine.warmup import warm_up
 from mace.model.loader import ModelBundle
 from mace.train.intake import held_out_every
-from mace.train.journal import Journal
+from mace.train.journal import Journal, NewSample
 from mace.train.trainer import Trainer
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, wait_until
 
 
 async def test_warm_up_measures_prefill_and_decode_and_leaves_the_engine_idle(
@@ -67,6 +68,34 @@ async def test_warm_up_measures_training_beside_serving_and_learns_nothing(
         engine.shutdown()
         trainer.learner.peft_model.unload()
         journal.close()
+
+
+@pytest.mark.parametrize("train_thread", [False, True])
+async def test_warm_up_leaves_samples_from_before_a_restart_to_the_served_loop(
+    tmp_path: Path, tiny_bundle: ModelBundle, train_thread: bool
+) -> None:
+    """A restart's pending samples wait for warm-up's synthetic micro-steps: one of theirs opened
+    between two of those would still be open when warm-up opens the next (on its own thread, training
+    is measured alone too). Then they are trained without a POST."""
+    config = tiny_config(tmp_path, train={"policy": "mace"}, engine={"train_thread": train_thread})
+    journal = Journal(tmp_path / "journal.sqlite3", held_out_every(config.train.heldout_every))
+    journal.append([NewSample(f"question {i}", f"answer {i}") for i in range(8)])
+    trainer = Trainer(tiny_bundle.causal_lm, tiny_bundle.tokenizer, journal, config)
+    engine = AsyncEngine(tiny_bundle, config, trainer)
+    try:
+        trainer.ingest()
+        warm_up(engine.core)
+        assert not trainer.is_warming_up and journal.counts().trained == 0
+        engine.start()
+        await wait_until(lambda: _trained_some(journal), timeout_s=120, what="the pending samples to be trained")
+    finally:
+        engine.shutdown()
+        trainer.learner.peft_model.unload()
+        journal.close()
+
+
+async def _trained_some(journal: Journal) -> bool:
+    return journal.counts().trained > 0
 
 
 def test_debug_logging_gives_a_line_per_engine_step(tmp_path: Path, tiny_bundle: ModelBundle) -> None:

@@ -43,7 +43,7 @@ class EngineCore:
         self.config = config
         self.runner = ModelRunner(bundle.causal_lm, config.model.max_model_len, bundle.device,
                                   overlap_streams=config.engine.overlap_streams, kv_block_size=config.memory.block_size,
-                                  train_thread=config.engine.train_thread)
+                                  train_thread=config.engine.train_thread, num_threads=config.model.num_threads)
         self.memory = Memory.build(config, bundle.causal_lm, self.runner.kv_bytes_per_token(), bundle.device)
         self.blocks = self.memory.pool
         # A request that fits alone must always be servable, so the context never exceeds the budget.

@@ -49,7 +49,7 @@ class _Logits:
 class ModelRunner:
     def __init__(
         self, causal_lm: Any, max_model_len: int, device: torch.device, overlap_streams: bool = True,
-        kv_block_size: int = 16, train_thread: bool = False,
+        kv_block_size: int = 16, train_thread: bool = False, num_threads: int = 0,
     ) -> None:
         # Any: Hugging Face modules expose their submodules as dynamic attributes.
         decoder: Any = causal_lm.model
@@ -69,7 +69,8 @@ class ModelRunner:
             )
         self.block_store = BlockStore(kv_block_size)
         self.sampler = Sampler()
-        self.streams = StreamManager(device, overlap=overlap_streams, train_thread=train_thread)
+        self.streams = StreamManager(device, overlap=overlap_streams, train_thread=train_thread,
+                                     num_threads=num_threads)
         self.trainer: Trainer | None = None  # set when a retraining policy is on
 
     def kv_bytes_per_token(self) -> int:
@@ -83,6 +84,7 @@ class ModelRunner:
                 self.sampler.release(request_id)
 
     def run(self, plan: IterationPlan) -> RunnerOutput:
+        self.streams.claim_cores()
         self.release(self._copy_blocks(plan.kv_copies, plan.released_request_ids))
         if plan.kv_prunes:
             with self.streams.inference(), torch.inference_mode():

@@ -8,14 +8,15 @@ stream, so before the next inference launch the inference stream waits for the t
 (`publish_fence`). Work done on the default stream (model loading, an operator loading a version
 from disk) is ordered before every launch on either stream.
 
-On a CPU with two or more cores and `engine.train_thread` on, the training stages run on a thread of
+On a CPU with two or more cores (and `engine.train_thread`, on by default), the training stages run on a thread of
 their own, beside the serving forward, each with its share of the cores (`beside`): a decode step of
 a small model is bound by reading the weights and gains little from a second core, which training's
 larger matmuls then use (docs/results/serving.md, "Training beside decode on a CPU"). The step ends
 when both are done, so the optimizer step and publishes still happen at the step boundary, as on
 CUDA. The two threads share the model; each chooses its own adapter (train/adapter_switch.py).
-Otherwise (the default, one core, or overlap off to measure what it buys) the same calls run one
-after the other on the engine thread.
+Otherwise (one core, or `train_thread = false` to measure what it buys) the same calls run one
+after the other on the engine thread. How the cores are split, and why the engine thread claims its
+count at every step, is in `mace/threads.py`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ from contextlib import contextmanager
 
 import torch
 
+from mace import threads
+
 
 class StreamManager:
-    def __init__(self, device: torch.device, overlap: bool = True, train_thread: bool = False) -> None:
+    def __init__(self, device: torch.device, overlap: bool = True, train_thread: bool = False,
+                 num_threads: int = 0) -> None:
         self.device = device
         self.is_overlapping = overlap and device.type == "cuda"
         self._inference: torch.cuda.Stream | None = None
@@ -38,16 +42,21 @@ class StreamManager:
             lowest, highest = torch.cuda.Stream.priority_range()  # type: ignore[call-arg]
             self._inference = torch.cuda.Stream(device, priority=highest)  # type: ignore[no-untyped-call]
             self._training = torch.cuda.Stream(device, priority=lowest)  # type: ignore[no-untyped-call]
-        cores = torch.get_num_threads()
+        cores = threads.engine_threads(num_threads)
         self.is_threaded = train_thread and device.type == "cpu" and cores >= 2
         self._cores = cores
-        self._training_threads = cores // 2
+        self._forward_threads, self._training_threads = threads.split(cores)
         self._trainer_thread: ThreadPoolExecutor | None = None  # made at the first training work
 
     @property
     def beside_share(self) -> float:
         """The training thread's share of the cores (0: training runs after the forward)."""
         return self._training_threads / self._cores if self.is_threaded else 0.0
+
+    def claim_cores(self) -> None:
+        """Give the calling thread (the engine's) every core, whatever count it began with."""
+        if torch.get_num_threads() != self._cores:
+            torch.set_num_threads(self._cores)
 
     @contextmanager
     def beside(self, work: Callable[[], None] | None, has_body: bool = True) -> Iterator[None]:
@@ -67,7 +76,7 @@ class StreamManager:
                 1, thread_name_prefix="mace-train", initializer=torch.set_num_threads,
                 initargs=(self._training_threads,))
         pending = self._trainer_thread.submit(work)
-        torch.set_num_threads(self._cores - self._training_threads)
+        torch.set_num_threads(self._forward_threads)
         try:
             yield
         finally:

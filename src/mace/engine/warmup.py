@@ -33,6 +33,7 @@ from mace.train.replay import TrainSample
 
 if TYPE_CHECKING:
     from mace.engine.core import EngineCore
+    from mace.train.trainer import Trainer
 
 log = structlog.get_logger(__name__)
 
@@ -109,14 +110,19 @@ def _serve(engine: EngineCore, lengths: list[int], first_index: int) -> tuple[in
 
 
 class _TrainInTheSlack:
-    """Warm-up's retraining policy: the synthetic micro-step takes whatever slack each step leaves."""
+    """Warm-up's retraining policy: the synthetic micro-step takes whatever slack each step leaves.
+    Users' samples (a restart brings some back) wait for the server to be ready: a micro-step of
+    theirs opened here would still be open when warm-up opens its next synthetic one."""
 
     name = "warm-up"
 
-    def __init__(self, max_job_tokens: int) -> None:
+    def __init__(self, trainer: Trainer, max_job_tokens: int) -> None:
+        self.trainer = trainer
         self.max_job_tokens = max_job_tokens
 
     def decide(self, ctx: TrainContext) -> TrainDecision:
+        if not self.trainer.is_warming_up:
+            return TrainDecision()
         return TrainDecision(budget_s=ctx.slack_s, max_job_tokens=self.max_job_tokens)
 
     def on_optimizer_step(self, now_s: float) -> None:
@@ -134,7 +140,7 @@ def _train_alongside(engine: EngineCore, first_index: int) -> int:
     trainer.open_warm_up_job(samples)
     seconds_before = trainer.train_seconds_total
     try:
-        with _training_policy(engine, _TrainInTheSlack(sum(len(s.token_ids) for s in samples))):
+        with _training_policy(engine, _TrainInTheSlack(trainer, sum(len(s.token_ids) for s in samples))):
             steps, _ = _serve(engine, list(PROMPT_LENGTHS), first_index)
             if engine.runner.streams.is_threaded:
                 # Beside the forward, on its own thread, a stage's time is hidden in the step's; the

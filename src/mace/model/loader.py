@@ -10,8 +10,9 @@ import structlog
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mace import threads
 from mace.config import ModelConfig
-from mace.model import smollm2, tiny
+from mace.model import linear_layout, smollm2, tiny
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +81,9 @@ def load_model(config: ModelConfig, cache_dir: Path) -> ModelBundle:
         model, tokenizer = _load_checkpoint(path, dtype)
     _check_architecture(model)
     model.to(device).eval()
+    if device.type == "cpu" and config.linear_layout != "standard":
+        cores = threads.engine_threads(config.num_threads)
+        linear_layout.apply(model, config.linear_layout, {cores, threads.split(cores)[0]})
     return ModelBundle(
         name=config.name,
         causal_lm=model,
