@@ -155,19 +155,22 @@ def test_a_tenant_moves_with_its_version_when_its_replica_is_killed(cluster: Clu
     while _get(cluster, "/v1/adapters?user=alice")["active"] < 1:
         assert time.monotonic() < deadline, "alice's replica to publish a version"
         time.sleep(0.5)
-    taught, version, holder = _ask(cluster, "alice")
+    # The owner trains and publishes; the other replica follows within its poll and may answer meanwhile.
+    owner_pid = int((cluster.data / "tenants" / "alice" / "OWNER").read_text().rsplit(" pid ", 1)[1])
+    replicas = _get(cluster, "/cluster/replicas")["data"]
+    holder = next(entry["replica"] for entry in replicas if entry["pid"] == owner_pid)
+    taught, version = _ask_replica(next(e["address"] for e in replicas if e["replica"] == holder), "alice")
     assert version >= 1
     # On both replicas, the one that trains alice and the one that follows her: bob's answer and version
     # are his own, and alice's follower serves her owner's version.
-    for replica in _get(cluster, "/cluster/replicas")["data"]:
+    for replica in replicas:
         assert _ask_replica(replica["address"], "bob") == before_bob[:2]
         deadline = time.monotonic() + 30
         while _ask_replica(replica["address"], "alice")[1] < version:
             assert time.monotonic() < deadline, "every replica to serve alice's published version"
             time.sleep(0.5)
 
-    pids = {entry["replica"]: entry["pid"] for entry in _get(cluster, "/cluster/replicas")["data"]}
-    os.kill(pids[holder], signal.SIGKILL)
+    os.kill(owner_pid, signal.SIGKILL)
     killed_at = time.monotonic()
     while True:
         try:
