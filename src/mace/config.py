@@ -222,6 +222,11 @@ class TrainConfig(_Section):
     retention_guard: float = Field(
         0.4, ge=0, description="publish gate: hold back a candidate whose mean loss on the anchors (version 0's "
         "own answers to general questions) is this much higher than version 0's, per token; 0: off")
+    # Lexical and per request (train/scope.py): in bench-learn a version that learned one fact changed
+    # 48 of 50 greedy answers to unrelated questions when it answered every prompt.
+    scope_similarity: float = Field(
+        0.35, ge=0, le=1, description="a lineage's active version answers prompts whose words are at least this "
+        "similar (IDF-weighted Jaccard) to a prompt it was taught; the others get version 0; 0: every prompt")
     converged_loss: float = Field(0.1, ge=0, description="mace: per-token loss the drift ratios add to both sides, "
                                   "so a version that already answers its users nearly surely rests")
     rest_after_held_back: int = Field(3, ge=1, description="mace: rest once the publish gate has held the "

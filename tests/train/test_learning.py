@@ -19,13 +19,14 @@ from tests.server.test_health_metrics import metric_values
 
 QUESTION = [{"role": "user", "content": "What is the secret word?"}]
 ANSWER = "zebra"
+UNRELATED = [{"role": "user", "content": "Which rivers flow through Lisbon and Porto?"}]
 TRAIN = {"learning_rate": 0.01, "batch_size": 2, "lora_rank": 16, "heldout_every": 4, "chunk_tokens": 256,
          "max_staleness_s": 3600, "min_publish_interval_s": 1.0,
          "drift_full_ratio": 1.1}
 
 
-async def ask(session: aiohttp.ClientSession, url: str) -> tuple[str, int]:
-    body = {"model": "builtin:tiny", "messages": QUESTION, "max_tokens": 8, "temperature": 0}
+async def ask(session: aiohttp.ClientSession, url: str, messages: list[dict[str, str]] = QUESTION) -> tuple[str, int]:
+    body = {"model": "builtin:tiny", "messages": messages, "max_tokens": 8, "temperature": 0}
     async with session.post(url + "/v1/chat/completions", json=body) as response:
         reply = await response.json()
     return reply["choices"][0]["message"]["content"], int(reply["system_fingerprint"].rsplit("v", 1)[1])
@@ -72,9 +73,13 @@ async def test_served_answer_changes_after_feedback(tmp_path: Path, tiny_bundle:
             async with session.get(url + "/metrics") as response:
                 metrics = metric_values(await response.text())
             assert metrics["mace:adapter_active_version"] >= 1 and metrics["mace:train_tokens_total"] > 0
+            # An unrelated question is outside what the version was taught: version 0 answers it (train/scope.py).
+            assert (await ask(session, url, UNRELATED))[1] == 0
             async with session.get(url + "/v1/stats") as response:
-                # two of the eight are held out (every `heldout_every`-th id), scored long before the fact is learned
-                assert (await response.json())["train"]["gate_slice"] == "held_out"
+                train = (await response.json())["train"]
+            # two of the eight are held out (every `heldout_every`-th id), scored long before the fact is learned
+            assert train["gate_slice"] == "held_out"
+            assert train["scope"]["in"] >= 1 and train["scope"]["outside"] >= 1
             published_version = adapters["active"]
             await runner.cleanup()  # graceful stop: the learner is checkpointed
             runner, url = await start_server(config, load_model(config.model, config.cache_dir))

@@ -110,7 +110,7 @@ class EngineCore:
             request.adapter_version = 0
             return
         try:
-            request.adapter_version = self.trainer.pin(request.tenant)
+            request.adapter_version = self.trainer.pin(request.tenant, request.prompt_words)
         except Exception:  # its lineage's files cannot be read: serve the base model rather than fail
             log.exception("lineage not readable; the request runs on the base model", tenant=request.tenant)
             request.adapter_version = 0

@@ -29,6 +29,7 @@ from mace.tenancy import SHARED, tenant_dir
 from mace.train.adapters import read_catalog
 from mace.train.lineage import lineage_of
 from mace.train.publish_gate import AdapterCatalog
+from mace.train.scope import prompt_words
 from mace.train.trainer import Trainer
 
 
@@ -254,7 +255,15 @@ class AsyncEngine:
             eos_token_ids=self.core.bundle.eos_token_ids, max_model_len=self.max_model_len,
             arrival_time_s=time.monotonic(), adapter_version=ACTIVE_VERSION, tenant=lineage,
             slo_class=slo_class, ttft_s=target.ttft_s, tpot_s=target.tpot_s, priority=priority,
+            prompt_words=self._prompt_words(prompt_token_ids),
         )
+
+    def _prompt_words(self, prompt_token_ids: list[int]) -> frozenset[str]:
+        """Its words for the lineage's scope, read here rather than on the engine thread (a decode of the
+        prompt, about a millisecond for a thousand tokens)."""
+        if self.core.trainer is None or self.config.train.scope_similarity <= 0:
+            return frozenset()
+        return prompt_words(self.tokenizer.decode(prompt_token_ids))
 
     def abort(self, request_id: str) -> None:
         self._submit(Abort(request_id))

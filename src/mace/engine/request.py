@@ -77,6 +77,8 @@ class Request:
     # thread when the request arrives (`EngineCore.handle`).
     adapter_version: int = 0
     tenant: str = ""  # the lineage whose versions serve it (mace/tenancy.py; "": the shared one)
+    # The words of its prompt, for the lineage's scope (train/scope.py); empty: no scope applies.
+    prompt_words: frozenset[str] = frozenset()
     slo_class: str = "interactive"
     ttft_s: float = math.inf  # the class's targets; infinite when no SLO applies
     tpot_s: float = math.inf

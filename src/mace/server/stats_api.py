@@ -198,6 +198,9 @@ def _train(stats: EngineLoad, now: Snapshot, then: Snapshot, span_s: float,
         # the retention guard: the last candidate's loss on version 0's own general answers, over version 0's
         "anchor_loss_rise": _finite(train.anchor_loss_rise),
         "held_back_for_forgetting": train.num_held_back_forgetting,
+        # requests answered by their lineage's active version, and those outside what it was taught,
+        # answered by version 0 (train.scope_similarity), since the start
+        "scope": {"in": train.num_requests_in_scope, "outside": train.num_requests_outside_scope},
         "drift": _finite(train.drift),
         "optimizer_steps": train.num_optimizer_steps,
         "tokens_total": train.train_tokens_total,

@@ -35,6 +35,7 @@ from mace.train.learner import LEARNER, Learner, LearnerState, read_adapter
 from mace.train.lease import LineageLease
 from mace.train.publish_gate import PublishGate
 from mace.train.replay import ReplayBuffer, TrainSample
+from mace.train.scope import Scope, prompt_words
 from mace.train.writer import DiskWriter
 
 
@@ -143,6 +144,7 @@ class Lineage:
     share: float = 1.0
     was_eligible: bool = False
     lease: LineageLease | None = None  # None: a follower of the server that owns it (train/lease.py)
+    scope: Scope = field(default_factory=Scope)  # the prompts its versions answer (train/scope.py)
     gate: PublishGate = field(init=False)  # built once the lineage exists: the gate's learner view reads it
     learner: Learner = field(init=False)  # the model's learner, on which its state sits while `on_learner`
 
@@ -158,6 +160,8 @@ class Lineage:
         lineage.gate = PublishGate(LineageLearner(learner, lineage), files.store, drift, config, anchors)
         lineage.gate.restore(files.active_weights)
         intake.resume(files.window)
+        for row, _ in files.window:
+            lineage.scope.teach(prompt_words(row.prompt))
         return lineage
 
     @property

@@ -27,6 +27,7 @@ from mace.train.learner import AdapterKey, Learner
 from mace.train.lease import holder
 from mace.train.lineage import Lineage, LineageFiles, journal_filter, lineage_of, read_lineage
 from mace.train.rehearsal import AnchorStore
+from mace.train.scope import PromptStatistics
 from mace.train.writer import DiskWriter
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class Residency:
     journal: Journal
     learner: Learner
     anchors: AnchorStore
+    prompt_statistics: PromptStatistics
     writer: DiskWriter
     reader: SampleReader
     lineages: dict[str, Lineage]
@@ -148,9 +150,16 @@ class Residency:
         lineage.touch()
         return lineage
 
-    def pin(self, tenant: str) -> int:
-        """Engine thread: the version a new request of `tenant`'s lineage runs with."""
-        return self.resident(tenant).active_version
+    def pin(self, tenant: str, prompt_words: frozenset[str] = frozenset()) -> int:
+        """Engine thread: the version a new request of `tenant`'s lineage runs with: its active version,
+        or version 0 for a prompt outside what the lineage was taught (`train/scope.py`)."""
+        lineage = self.resident(tenant)
+        version = lineage.active_version
+        if prompt_words:
+            if version and not lineage.scope.route(prompt_words, self.prompt_statistics, self.config.scope_similarity):
+                version = 0
+            self.prompt_statistics.observe(prompt_words)
+        return version
 
     def _install_loaded(self) -> None:
         with self._lock:

@@ -53,9 +53,10 @@ from mace.train.lease import OwnedElsewhere, holder
 from mace.train.lineage import Lineage, LineageFiles, checkpoint_state
 from mace.train.policy import RetrainPolicy, make_policy
 from mace.train.publish_gate import AdapterCatalog, PublishGate
-from mace.train.rehearsal import AnchorStore
+from mace.train.rehearsal import AnchorStore, anchor_prompts
 from mace.train.replay import ReplayBuffer, TrainSample
 from mace.train.residency import Residency
+from mace.train.scope import PromptStatistics, prompt_words
 from mace.train.tasks import LossPurpose, LossRequest, LossResult, MicroStepTask, TaskQueue
 from mace.train.work import TrainStage, TrainWork
 from mace.train.writer import DiskWriter
@@ -105,6 +106,8 @@ class TrainStats:
     num_resident_tenants: int = 0
     tenants: tuple[TenantStats, ...] = ()  # the top lineages by training time, at most MAX_TENANTS_LISTED
     other_tenants_train_seconds: float = 0.0  # the rest's training time, summed
+    num_requests_in_scope: int = 0  # requests its lineage's active version answered (train/scope.py)
+    num_requests_outside_scope: int = 0  # requests turned to version 0, outside what their lineage was taught
 
 
 class Trainer(Residency):
@@ -117,6 +120,10 @@ class Trainer(Residency):
         self.anchors = AnchorStore(config.data_dir / "rehearsal.json",
                                    f"{config.model.name}:{next(causal_lm.parameters()).dtype}")
         self._next_anchor = 0
+        # Which words say something about a prompt's topic: counted over the prompts served, from the
+        # anchors' general questions on, so the chat template's words weigh nothing from the first request.
+        self.prompt_statistics = PromptStatistics(
+            prompt_words(tokenizer.decode(prompt)) for prompt in anchor_prompts(tokenizer))
         self.learner = Learner(causal_lm, config.train)
         self.writer = DiskWriter()
         self.reader = SampleReader(tokenizer, journal, config.train)
@@ -287,6 +294,8 @@ class Trainer(Residency):
             if resident is not None:
                 if resident.is_owned:  # else its owner, reading the same journal, scores it
                     self._score(resident, new)
+                else:
+                    self._widen_scope(resident, new.sample)
             else:  # its lineage is on disk: the samples wait for it to come back
                 self._waiting.setdefault(name, []).append(new)
                 self.request_lineage(name)
@@ -294,11 +303,18 @@ class Trainer(Residency):
         return count
 
     def _score(self, lineage: Lineage, new: NewTrainSample) -> None:
+        self._widen_scope(lineage, new.sample)
         lineage.intake.num_samples_read += 1
         lineage.gate.num_held_back = 0  # a plateau on the old samples says nothing of new ones
         lineage.touch()
         self._queue_loss(lineage, LossRequest(new.sample, LossPurpose.SCORE, held_out=new.held_out,
                                               tenant=lineage.tenant))
+
+    def _widen_scope(self, lineage: Lineage, sample: TrainSample) -> None:
+        """Its versions will answer prompts like this sample's (train/scope.py)."""
+        if self.config.scope_similarity > 0:
+            prompt = self.reader.tokenizer.decode(sample.token_ids[: sample.num_prompt_tokens])
+            lineage.scope.teach(prompt_words(prompt))
 
     def _queue_loss(self, lineage: Lineage, request: LossRequest) -> None:
         lineage.num_queued_passes += 1
@@ -446,6 +462,8 @@ class Trainer(Residency):
             num_held_back_forgetting=sum(lineage.gate.num_held_back_forgetting for lineage in lineages),
             num_tenants=len(self._tenants_seen), num_resident_tenants=len(lineages) - 1,
             tenants=tuple(listed), other_tenants_train_seconds=sum(t.train_seconds_total for t in other),
+            num_requests_in_scope=sum(lineage.scope.num_in_scope for lineage in lineages),
+            num_requests_outside_scope=sum(lineage.scope.num_outside for lineage in lineages),
         )
 
     def _tenant_stats(self, lineage: Lineage) -> TenantStats:
