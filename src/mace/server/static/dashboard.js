@@ -103,6 +103,10 @@ function renderTraining(t, train) {
   document.getElementById("training-off").hidden = Boolean(train);
   document.getElementById("training-resting").hidden = !train?.resting;
   document.getElementById("gate-on-training").hidden = train?.gate_slice !== "training_samples";
+  const scope = train?.scope;
+  document.getElementById("train-scope").hidden = !scope || scope.in + scope.outside === 0;
+  show("scope-outside", scope ? String(scope.outside) : "—");
+  show("scope-total", scope ? String(scope.in + scope.outside) : "—");
   show("loss-learner", plain(3)(train?.learner_heldout_loss));
   show("loss-serving", plain(3)(train?.serving_heldout_loss));
   show("drift", plain(2)(train?.drift));
