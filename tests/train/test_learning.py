@@ -85,6 +85,7 @@ async def test_served_answer_changes_after_feedback(tmp_path: Path, tiny_bundle:
             runner, url = await start_server(config, load_model(config.model, config.cache_dir))
             answer, version = await ask(session, url)
             assert answer == ANSWER and version >= published_version  # the restart serves it (or a newer one)
+            assert (await ask(session, url, UNRELATED))[1] == 0  # the scope is rebuilt from the journal's window
             async with session.post(url + "/v1/adapters/0/activate") as response:
                 assert response.status == 200
             assert (await ask(session, url)) == (before, 0)  # rolled back; auto-publish holds until told
