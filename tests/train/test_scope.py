@@ -79,3 +79,12 @@ def test_the_oldest_taught_and_counted_prompts_leave_past_the_bounds(monkeypatch
     # The first taught prompt left: only the two newer ones (both about "my cat") remain.
     assert scope.similarity(rendered(TAUGHT[0]), statistics) == pytest.approx(
         taught(TAUGHT[1:]).similarity(rendered(TAUGHT[0]), statistics))
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.35, 0.6, 1.0])
+def test_the_early_stops_decide_as_the_full_search_does(threshold: float) -> None:
+    statistics, scope = served(GENERAL), taught([*TAUGHT, *GENERAL[:3]])
+    for question in [*GENERAL, *TAUGHT, "What name does my cat have?", "How old is my cat?", "Who is Japan's cat?"]:
+        best = scope.similarity(rendered(question), statistics)
+        assert best is not None
+        assert scope.covers(rendered(question), statistics, threshold) == (best >= threshold), question

@@ -84,23 +84,45 @@ class Scope:
         if len(self._taught) > MAX_TAUGHT_PROMPTS:
             self._forget(next(iter(self._taught)))
 
-    def similarity(self, words: frozenset[str], statistics: PromptStatistics) -> float | None:
+    def similarity(self, words: frozenset[str], statistics: PromptStatistics,
+                   threshold: float | None = None) -> float | None:
         """The best weighted Jaccard similarity to a taught prompt; None where it says nothing (nothing
-        taught here, or no word of `words` weighs anything)."""
+        taught here, or no word of `words` weighs anything). With a `threshold` it answers only on
+        which side of it the best lies: the first similarity at least that, or one below it.
+
+        The shared weight of every taught prompt comes from the index in one pass; a prompt's union is
+        worked out only when its shared weight over the query's alone (a bound on its similarity) could
+        beat the best so far, so a common word shared by hundreds of taught prompts costs little."""
         weights = {word: statistics.weight(word) for word in words}
-        if not self._taught or sum(weights.values()) <= 0:
+        query_weight = sum(weights.values())
+        if not self._taught or query_weight <= 0:
             return None
+        shared: dict[frozenset[str], float] = {}
+        for word, weight in weights.items():
+            if weight > 0:
+                for taught in self._holding.get(word, ()):
+                    shared[taught] = shared.get(taught, 0.0) + weight
         best = 0.0
-        for taught in {taught for word in words if weights[word] > 0 for taught in self._holding.get(word, ())}:
-            shared = sum(weights[word] for word in words & taught)
-            union = sum(weights.values()) + sum(statistics.weight(word) for word in taught - words)
-            best = max(best, shared / union)
+        for taught, shared_weight in sorted(shared.items(), key=lambda item: item[1], reverse=True):
+            bound = shared_weight / query_weight  # its union weighs at least the query's
+            if bound <= best or (threshold is not None and bound < threshold):
+                break  # ranked by shared weight: no later prompt can beat the best, or reach the threshold
+            union = query_weight
+            for word in taught:
+                if word not in words:
+                    known = weights.get(word)
+                    if known is None:
+                        known = weights[word] = statistics.weight(word)
+                    union += known
+            best = max(best, shared_weight / union)
+            if threshold is not None and best >= threshold:
+                break
         return best
 
     def covers(self, words: frozenset[str], statistics: PromptStatistics, threshold: float) -> bool:
         if threshold <= 0:
             return True
-        similarity = self.similarity(words, statistics)
+        similarity = self.similarity(words, statistics, threshold)
         return similarity is None or similarity >= threshold
 
     def route(self, words: frozenset[str], statistics: PromptStatistics, threshold: float) -> bool:
