@@ -113,3 +113,23 @@ def test_an_evaluation_asks_for_the_candidates_anchor_losses_and_version_0s_once
     # Version 0 does not change: its anchor losses are not asked again (the serving version's are, as
     # candidate and serving losses were equal, nothing published).
     assert LossPurpose.ANCHOR_BASE not in open_evaluation()
+
+
+def test_after_a_publish_the_new_versions_losses_are_the_candidates_not_asked_again(trainer: Trainer) -> None:
+    gate = trainer.gate
+    first, second = (TrainSample(sample_id, [5, 6, 7, 8], 2, created_at=0.0) for sample_id in (1000, 1001))
+
+    def evaluate(samples: list[TrainSample], candidate_loss: float) -> list[LossPurpose]:
+        trainer.learner.num_optimizer_steps += 1  # something new to judge
+        gate.last_publish_s -= trainer.config.min_publish_interval_s
+        requests = gate.open(GateSlice(samples, held_out=True))
+        for request in requests:
+            gate.record(LossResult(request, candidate_loss if request.purpose is LossPurpose.CANDIDATE else 3.0))
+        return [request.purpose for request in requests]
+
+    assert evaluate([first], candidate_loss=1.0) == [LossPurpose.CANDIDATE, LossPurpose.SERVING]
+    assert trainer.active_version == 1
+    # Version 1 is that candidate: its loss on `first` is known; only the new sample is asked of it.
+    assert evaluate([first, second], candidate_loss=0.5) == [LossPurpose.CANDIDATE, LossPurpose.CANDIDATE,
+                                                             LossPurpose.SERVING]
+    assert trainer.active_version == 2 and gate.serving_heldout_loss == 0.5

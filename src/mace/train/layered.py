@@ -7,8 +7,15 @@ walks the layers from the last down, handing each input's gradient to the layer 
 gradients equal those of one whole-model backward (tests/train/test_layered.py), but the work is
 cut into stages of a few milliseconds that the scheduler spreads over iterations.
 
+Samples go through the layers together, a few per pass (`passes`): right-padded to the longest, so
+causal attention never lets a real token see a pad and each sample's loss and gradient are its own.
+Identical samples (a correction sent several times) take one row: its loss is each one's, and its
+gradient counts once per copy (`distinct`).
+A CPU runs a layer over four 48-token samples at about 1.5x (forward and backward) to 2x (forward
+only) the tokens/s of one at a time (docs/results/train/learn.md, "Samples in one pass").
+
 `LayeredLoss` is the forward-only counterpart (scoring and held-out evaluation): the same layer
-stages under a chosen adapter, without a graph, ending with the answer's loss.
+stages under a chosen adapter, without a graph, ending with each sample's answer loss.
 """
 
 from __future__ import annotations
@@ -24,38 +31,79 @@ import torch.nn.functional as F
 from mace.train.replay import TrainSample
 from mace.train.work import StageKind, TrainStage
 
+# A pass's padded size: what one sample of `train.max_sample_tokens` (512 by default) costs alone, so a
+# pass never holds more activations than the longest single sample did, and a layer's stage stays a
+# few tens of milliseconds on a 2-core CPU.
+MAX_PASS_TOKENS = 256
 
-def loss_stages(sample: TrainSample, num_layers: int) -> list[TrainStage]:
-    """The upkeep stages of a forward-only loss: each layer, then the head on the answer."""
-    return [*[TrainStage(StageKind.FORWARD, sample.num_tokens, is_upkeep=True)] * num_layers,
-            TrainStage(StageKind.HEAD, sample.num_tokens - sample.num_prompt_tokens, is_upkeep=True)]
+
+def passes(samples: list[TrainSample], max_tokens: int = MAX_PASS_TOKENS) -> list[list[TrainSample]]:
+    """`samples` in order, cut into runs whose padded size (rows x longest) stays within `max_tokens`;
+    a longer sample goes alone."""
+    groups: list[list[TrainSample]] = []
+    for sample in samples:
+        group = groups[-1] if groups else None
+        if group and (len(group) + 1) * max(sample.num_tokens, *(s.num_tokens for s in group)) <= max_tokens:
+            group.append(sample)
+        else:
+            groups.append([sample])
+    return groups
 
 
-class _SamplePass:
-    """The state of one sample between its stages."""
+def distinct(samples: list[TrainSample]) -> tuple[list[TrainSample], list[int]]:
+    """The samples with different tokens (first copies, in order), and each sample's place among them."""
+    rows: dict[tuple[int, tuple[int, ...]], int] = {}
+    unique: list[TrainSample] = []
+    places = []
+    for sample in samples:
+        key = (sample.num_prompt_tokens, tuple(sample.token_ids))
+        if key not in rows:
+            rows[key] = len(unique)
+            unique.append(sample)
+        places.append(rows[key])
+    return unique, places
 
-    def __init__(self, causal_lm: Any, sample: TrainSample, scale: float, keep_graph: bool = True) -> None:
+
+def padded_tokens(samples: list[TrainSample]) -> int:
+    return len(samples) * max(s.num_tokens for s in samples)
+
+
+def loss_stages(samples: list[TrainSample], num_layers: int) -> list[TrainStage]:
+    """The upkeep stages of a forward-only loss: each layer, then the head on the answers."""
+    return [*[TrainStage(StageKind.FORWARD, padded_tokens(samples), is_upkeep=True)] * num_layers,
+            TrainStage(StageKind.HEAD, sum(s.num_tokens - s.num_prompt_tokens for s in samples), is_upkeep=True)]
+
+
+class _Pass:
+    """The state of one pass (a few samples, right-padded into one batch) between its stages."""
+
+    def __init__(self, causal_lm: Any, samples: list[TrainSample], scales: list[float],
+                 keep_graph: bool = True) -> None:
         self.causal_lm = causal_lm
         self.keep_graph = keep_graph  # False: forward only, nothing kept for a backward
-        self.sample = sample
-        self.scale = scale  # sample weight / batch size: the accumulated gradient is the batch mean
+        self.samples = samples
+        # Per sample: weight / batch size, so the accumulated gradient is the batch mean.
+        self.scales = torch.tensor(scales, dtype=torch.float32)
         device = causal_lm.lm_head.weight.device
-        self.ids = torch.tensor([sample.token_ids], device=device)  # [1, T]
-        self.positions = torch.arange(sample.num_tokens, device=device)[None]  # [1, T]
-        self.carry: torch.Tensor | None = None  # the next layer's input, [1, T, hidden]
+        longest = max(s.num_tokens for s in samples)
+        # Pads repeat each sample's last token: any id would do, no real position attends to them.
+        rows = [s.token_ids + [s.token_ids[-1]] * (longest - s.num_tokens) for s in samples]
+        self.ids = torch.tensor(rows, device=device)  # [B, T]
+        self.positions = torch.arange(longest, device=device)[None]  # [1, T]
+        self.carry: torch.Tensor | None = None  # the next layer's input, [B, T, hidden]
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (layer input, layer output) per layer
         self.grad: torch.Tensor | None = None  # d loss / d the output of the layer to back-propagate next
-        self.loss_value: torch.Tensor | None = None  # kept on the device: reading it would wait for the GPU
+        self.loss_values: torch.Tensor | None = None  # [B], kept on the device: reading waits for the GPU
 
     @property
     def num_answer_tokens(self) -> int:
-        return self.sample.num_tokens - self.sample.num_prompt_tokens
+        return sum(s.num_tokens - s.num_prompt_tokens for s in self.samples)
 
     def stages(self, num_layers: int, first_trained: int = 0) -> list[TrainStage]:
-        tokens = self.sample.num_tokens
         if not self.keep_graph:
-            return loss_stages(self.sample, num_layers)
+            return loss_stages(self.samples, num_layers)
+        tokens = padded_tokens(self.samples)
         return [
             *[TrainStage(StageKind.FORWARD, tokens)] * num_layers,
             TrainStage(StageKind.HEAD, self.num_answer_tokens),
@@ -76,25 +124,33 @@ class _SamplePass:
                                    position_embeddings=self.rotary)
             return
         output = layer(layer_input, attention_mask=None, position_ids=self.positions,
-                       position_embeddings=self.rotary)  # no mask: causal attention over the whole sample
+                       position_embeddings=self.rotary)  # no mask: causal attention, pads only at the end
         self.saved.append((layer_input, output))
         self.carry = output.detach().requires_grad_(True)
 
-    def answer_loss(self) -> torch.Tensor:
+    def answer_losses(self) -> torch.Tensor:
+        """Each sample's mean loss over its answer tokens, [B]."""
         assert self.carry is not None
-        start = self.sample.num_prompt_tokens - 1  # the position whose logits predict the first answer token
-        hidden = self.carry[:, start:-1]  # [1, A, hidden]
-        logits = self.causal_lm.lm_head(self.causal_lm.model.norm(hidden))  # [1, A, vocab]
-        loss = F.cross_entropy(logits[0].float(), self.ids[0, start + 1 :])
-        self.loss_value = loss.detach()
-        return loss
+        hidden, targets, owners = [], [], []
+        for row, sample in enumerate(self.samples):
+            start = sample.num_prompt_tokens - 1  # the position whose logits predict the first answer token
+            hidden.append(self.carry[row, start : sample.num_tokens - 1])  # [A_row, hidden]
+            targets.append(self.ids[row, start + 1 : sample.num_tokens])
+            owners.append(torch.full((sample.num_tokens - sample.num_prompt_tokens,), row))
+        logits = self.causal_lm.lm_head(self.causal_lm.model.norm(torch.cat(hidden)))  # [A, vocab]
+        per_token = F.cross_entropy(logits.float(), torch.cat(targets), reduction="none")
+        owner = torch.cat(owners).to(per_token.device)
+        counts = torch.bincount(owner, minlength=len(self.samples)).to(per_token.dtype)
+        losses = torch.zeros(len(self.samples), device=per_token.device).index_add_(0, owner, per_token) / counts
+        self.loss_values = losses.detach()
+        return losses
 
     def head(self) -> None:
         carry = self.carry
         assert carry is not None
-        loss = self.answer_loss()
+        losses = self.answer_losses()
         # A non-finite loss back-propagates non-finite gradients; the optimizer then skips the step.
-        (loss * self.scale).backward()  # type: ignore[no-untyped-call]
+        (losses * self.scales.to(losses.device)).sum().backward()  # type: ignore[no-untyped-call]
         self.grad = carry.grad
         self.carry = None
 
@@ -102,6 +158,11 @@ class _SamplePass:
         layer_input, output = self.saved.pop()
         torch.autograd.backward(output, self.grad)
         self.grad = layer_input.grad if layer_input.requires_grad else None
+
+    def losses(self) -> list[float]:
+        if self.loss_values is None:
+            return [math.nan] * len(self.samples)
+        return [float(value) for value in self.loss_values.tolist()]
 
 
 class _Staged:
@@ -130,15 +191,26 @@ def lowest_trained_layer(layers: list[Any]) -> int:
 
 
 class LayeredMicroStep(_Staged):
-    """The stages of `samples`' forward and backward, run one at a time in order."""
+    """The stages of `samples`' forward and backward, a few samples per pass, run one at a time in order."""
 
-    def __init__(self, causal_lm: Any, samples: list[TrainSample], batch_size: int) -> None:
+    def __init__(self, causal_lm: Any, samples: list[TrainSample], batch_size: int,
+                 max_pass_tokens: int = MAX_PASS_TOKENS) -> None:
         super().__init__(causal_lm)
         self.samples = samples
-        self._passes = [_SamplePass(causal_lm, s, s.weight / batch_size) for s in samples]
+        unique, self._places = distinct(samples)
+        scales = [0.0] * len(unique)
+        for sample, place in zip(samples, self._places, strict=True):
+            scales[place] += sample.weight / batch_size
+        by_row = dict(zip((id(s) for s in unique), scales, strict=True))
+        self._passes = [_Pass(causal_lm, group, [by_row[id(s)] for s in group])
+                        for group in passes(unique, max_pass_tokens)]
         # The backward stops at the lowest layer with trained weights (LoRA on the upper layers only).
         self.first_trained = lowest_trained_layer(self.layers)
-        self._stages = [stage for p in self._passes for stage in p.stages(len(self.layers), self.first_trained)]
+        self._stages, self._owners = [], []
+        for sample_pass in self._passes:
+            stages = sample_pass.stages(len(self.layers), self.first_trained)
+            self._stages += stages
+            self._owners += [(sample_pass, within) for within in range(len(stages))]
         self._done: torch.cuda.Event | None = None  # recorded after the last stage's kernels on CUDA
         # A bf16 base model trains under bf16 autocast; the LoRA weights and AdamW's state stay fp32.
         self._is_bf16 = causal_lm.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -150,12 +222,12 @@ class LayeredMicroStep(_Staged):
 
     @property
     def losses(self) -> list[float]:
-        return [math.nan if p.loss_value is None else float(p.loss_value) for p in self._passes]
+        """Each sample's answer loss, in the order of `samples`."""
+        rows = [loss for sample_pass in self._passes for loss in sample_pass.losses()]
+        return [rows[place] for place in self._places]
 
     def run_next(self) -> None:
-        stages_per_sample = 2 * len(self.layers) + 1 - self.first_trained
-        sample_pass = self._passes[self._next // stages_per_sample]
-        within = self._next % stages_per_sample
+        sample_pass, within = self._owners[self._next]
         device_type = sample_pass.ids.device.type
         with torch.enable_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=self._is_bf16):
             if within < len(self.layers):
@@ -171,31 +243,31 @@ class LayeredMicroStep(_Staged):
 
 
 class LayeredLoss(_Staged):
-    """One sample's answer loss under one adapter, forward only, in the same layer stages.
+    """Some samples' answer losses under one adapter, forward only, in one pass of layer stages.
 
     `adapter` opens the adapter choice around each stage: other work (serving, training) runs
     between the stages with its own.
     """
 
-    def __init__(self, causal_lm: Any, sample: TrainSample,
+    def __init__(self, causal_lm: Any, samples: list[TrainSample],
                  adapter: Callable[[], AbstractContextManager[None]]) -> None:
         super().__init__(causal_lm)
-        self.sample = sample
+        self.samples = samples
         self._adapter = adapter
-        self._pass = _SamplePass(causal_lm, sample, 1.0, keep_graph=False)
+        self._pass = _Pass(causal_lm, samples, [1.0] * len(samples), keep_graph=False)
         self._stages = self._pass.stages(len(self.layers))
 
     @property
-    def loss(self) -> float:
-        """The loss once done (reading it waits for the device: call it at a step boundary)."""
-        value = self._pass.loss_value
-        return math.nan if value is None else float(value)
+    def losses(self) -> list[float]:
+        """Each sample's loss once done, NaN before (reading them waits for the device: call it at a
+        step boundary)."""
+        return self._pass.losses() if self.is_done else [math.nan] * len(self.samples)
 
     def run_next(self) -> None:
         with torch.no_grad(), self._adapter():
             if self._next < len(self.layers):
                 self._pass.forward_layer(self.layers[self._next])
             else:
-                self._pass.answer_loss()
+                self._pass.answer_losses()
                 self._pass.carry = None
         self._next += 1

@@ -214,9 +214,9 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         self.num_accumulated = 0
 
-    def loss_pass(self, sample: TrainSample, adapter: str) -> LayeredLoss:
-        """`sample`'s answer loss under `adapter` (a `v<N>`, BASE, CANDIDATE or LEARNER), in layer stages."""
-        return LayeredLoss(self.peft_model.base_model.model, sample, lambda: self._uniform(adapter))
+    def loss_pass(self, samples: list[TrainSample], adapter: str) -> LayeredLoss:
+        """`samples`' answer losses under `adapter` (a `v<N>`, BASE, CANDIDATE or LEARNER), in layer stages."""
+        return LayeredLoss(self.peft_model.base_model.model, samples, lambda: self._uniform(adapter))
 
     def snapshot_candidate(self, parked: LearnerState | None = None) -> None:
         """Freeze the learner's weights as they are now as the `candidate` adapter (or a parked lineage's)."""

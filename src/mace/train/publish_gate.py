@@ -226,7 +226,10 @@ class PublishGate:
                      learner_loss=round(learner, 4), drift=round(self.drift.ratio, 3), judged_on=judged_on)
             return None
         reason = f"better on {judged_on}" if better else f"stale, no worse on {judged_on}"
-        return self.publish(serving, learner, reason, source=CANDIDATE)
+        version = self.publish(serving, learner, reason, source=CANDIDATE)
+        # The candidate's weights serve now: its losses on the slice are the new version's, not asked again.
+        self._serving_losses, self._serving_losses_version = dict(evaluation.learner_losses), version
+        return version
 
     def publish(self, serving_loss: float, learner_loss: float, reason: str, source: str = LEARNER) -> int:
         version, self._next_version = self._next_version, self._next_version + 1

@@ -1,7 +1,9 @@
 """The trainer's staged tasks and their typed results (engine thread).
 
-A task is one loss pass (forward only: scoring a new sample, or one side of the publish gate's
-held-out evaluation) or one micro-step (forward and backward on the learner). Each hands out its
+A task is one loss pass (forward only: scoring new samples, or one side of the publish gate's
+held-out evaluation) or one micro-step (forward and backward on the learner). Loss requests under the
+same adapter of the same lineage join one queued pass that has not started, up to its padded size
+(`layered.passes`): scoring 16 new samples is four passes, not sixteen. Each hands out its
 stages labelled with its id (train/work.py); the scheduler plans a prefix of them and `TaskQueue.run`
 runs each planned stage on the task it names, checking it is that task's next one.
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from mace.tenancy import SHARED
-from mace.train.layered import LayeredLoss, LayeredMicroStep, loss_stages
+from mace.train.layered import MAX_PASS_TOKENS, LayeredLoss, LayeredMicroStep, distinct, loss_stages, padded_tokens
 from mace.train.replay import TrainSample
 from mace.train.work import TrainStage
 
@@ -77,27 +79,46 @@ class _Task:
 
 
 class LossTask(_Task):
-    """A sample's loss under an adapter; the pass is built at its first stage, so a score is taken
-    under the version serving by then."""
+    """Some samples' losses under one adapter of one lineage; the pass is built at its first stage, so a
+    score is taken under the version serving by then. Requests join it until that first stage; a sample
+    identical to one already in it takes no row of its own."""
 
     def __init__(self, task_id: int, request: LossRequest, num_layers: int,
-                 begin: Callable[[LossRequest], LayeredLoss]) -> None:
-        super().__init__(task_id, loss_stages(request.sample, num_layers))
-        self.request = request
+                 begin: Callable[[LossRequest, list[TrainSample]], LayeredLoss]) -> None:
+        super().__init__(task_id, loss_stages([request.sample], num_layers))
+        self.requests = [request]
+        self._num_layers = num_layers
         self._begin = begin
         self._pass: LayeredLoss | None = None
+        self._places: list[int] = []  # each request's row in the pass
+
+    def can_join(self, request: LossRequest, max_tokens: int = MAX_PASS_TOKENS) -> bool:
+        first = self.requests[0]
+        rows, _ = distinct([*(r.sample for r in self.requests), request.sample])
+        return (self._next == 0 and (request.adapter, request.tenant) == (first.adapter, first.tenant)
+                and padded_tokens(rows) <= max_tokens)
+
+    def join(self, request: LossRequest) -> None:
+        self.requests.append(request)
+        rows, _ = distinct([r.sample for r in self.requests])
+        stages = loss_stages(rows, self._num_layers)
+        self._stages = [replace(stage, task_id=self.task_id, index=index) for index, stage in enumerate(stages)]
 
     def _run_next(self) -> None:
         if self._pass is None:
-            self._pass = self._begin(self.request)
+            rows, self._places = distinct([r.sample for r in self.requests])
+            self._pass = self._begin(self.requests[0], rows)
         self._pass.run_next()
 
-    def result(self) -> LossResult:
-        """The loss (reading it waits for the device: call it at a step boundary)."""
-        return LossResult(self.request, self._pass.loss if self._pass is not None and self.is_done else math.nan)
+    def results(self) -> list[LossResult]:
+        """The losses (reading them waits for the device: call it at a step boundary)."""
+        if self._pass is None or not self.is_done:
+            return [LossResult(request, math.nan) for request in self.requests]
+        losses = self._pass.losses
+        return [LossResult(request, losses[place]) for request, place in zip(self.requests, self._places, strict=True)]
 
     def abandon(self) -> None:
-        """A stage failed: the task ends now, its result NaN."""
+        """A stage failed: the task ends now, its results NaN."""
         self._pass = None
         self._next = len(self._stages)
 
@@ -115,7 +136,7 @@ class MicroStepTask(_Task):
 class TaskQueue:
     """Loss passes first (upkeep, in the order queued), then at most one open micro-step."""
 
-    def __init__(self, num_layers: int, begin_loss: Callable[[LossRequest], LayeredLoss]) -> None:
+    def __init__(self, num_layers: int, begin_loss: Callable[[LossRequest, list[TrainSample]], LayeredLoss]) -> None:
         self._num_layers = num_layers
         self._begin_loss = begin_loss
         self._ids = itertools.count(1)
@@ -125,7 +146,11 @@ class TaskQueue:
         self.finished_jobs: list[MicroStepTask] = []  # accounted once settled, in order
 
     def queue_loss(self, request: LossRequest) -> None:
-        self._upkeep.append(LossTask(next(self._ids), request, self._num_layers, self._begin_loss))
+        joinable = next((task for task in self._upkeep if task.can_join(request)), None)
+        if joinable is not None:
+            joinable.join(request)
+        else:
+            self._upkeep.append(LossTask(next(self._ids), request, self._num_layers, self._begin_loss))
 
     def open_job(self, step: LayeredMicroStep, warm_up: bool = False) -> None:
         assert self.job is None, "one micro-step at a time"
@@ -178,7 +203,7 @@ class TaskQueue:
 
     def take_results(self) -> list[LossResult]:
         done, self._done_upkeep = self._done_upkeep, []
-        return [task.result() for task in done]
+        return [result for task in done for result in task.results()]
 
     def take_settled_jobs(self) -> list[MicroStepTask]:
         """Finished micro-steps whose kernels are done (reading their losses does not stall), in order."""

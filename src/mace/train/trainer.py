@@ -322,10 +322,11 @@ class Trainer(Residency):
                               else LossRequest(request.sample, request.purpose, request.adapter, request.held_out,
                                                lineage.tenant))
 
-    def _begin_loss(self, request: LossRequest) -> LayeredLoss:
+    def _begin_loss(self, request: LossRequest, samples: list[TrainSample]) -> LayeredLoss:
+        """One pass for `samples`, whose requests share `request`'s lineage and adapter (`LossTask.can_join`)."""
         lineage = self.lineages[request.tenant]
         adapter = request.adapter or self.learner.adapter_for(lineage.active_version, lineage.tenant)
-        return self.learner.loss_pass(request.sample, adapter)
+        return self.learner.loss_pass(samples, adapter)
 
     def run_work(self, work: TrainWork) -> None:
         """Run the planned stages, in order. A failure drops the open micro-step, never the engine."""
