@@ -13,6 +13,7 @@ the batch and cache layout around a request, which differ between two server pro
     python benchmarks/learn.py                                   # the product as shipped
     python benchmarks/learn.py --sweep                           # the levers, one server each
     python benchmarks/learn.py --set MACE_TRAIN__LEARNING_RATE=0.004
+    python benchmarks/learn.py --no-chat                         # the fact alone: the machine's best
 
 Prints figures; passes or fails nothing.
 """
@@ -167,7 +168,7 @@ async def teach(client: AsyncClient, timeout_s: float) -> tuple[float | None, fl
     return None, first_publish_s, checked
 
 
-async def run_once(env: dict[str, str], measure_noise: bool, timeout_s: float) -> Outcome:
+async def run_once(env: dict[str, str], measure_noise: bool, timeout_s: float, chat: bool = True) -> Outcome:
     port = free_port()
     data_dir = tempfile.mkdtemp(prefix="mace-learn-")
     argv = [str(BIN / "mace"), "serve", "--port", str(port)]
@@ -178,15 +179,15 @@ async def run_once(env: dict[str, str], measure_noise: bool, timeout_s: float) -
         await server.wait_ready(300)
         client = AsyncClient(server.base_url, timeout_s=120)
         try:
-            quiet = ChatTimings()
+            quiet, learning = ChatTimings(), ChatTimings()
+            if chat:
+                stop = asyncio.Event()
+                traffic = asyncio.create_task(chat_traffic(client, quiet, stop))
+                await asyncio.sleep(10 * CHAT_EVERY_S)  # the same chat, nothing to learn
+                stop.set()
+                await traffic
             stop = asyncio.Event()
-            traffic = asyncio.create_task(chat_traffic(client, quiet, stop))
-            await asyncio.sleep(10 * CHAT_EVERY_S)  # the same chat, nothing to learn
-            stop.set()
-            await traffic
-            learning = ChatTimings()
-            stop = asyncio.Event()
-            traffic = asyncio.create_task(chat_traffic(client, learning, stop))
+            traffic = asyncio.create_task(chat_traffic(client, learning, stop) if chat else stop.wait())
             learned_s, first_publish_s, versions = await teach(client, timeout_s)
             stop.set()
             await traffic
@@ -239,14 +240,17 @@ async def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="MACE_KEY=VALUE",
                         help="an environment override for the server (repeatable)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the fact to be learned")
+    parser.add_argument("--no-chat", action="store_true", help="teach the fact with no chat traffic at all "
+                        "(what the machine can learn at best)")
     args = parser.parse_args()
     runs = SWEEP if args.sweep else {"shipped defaults" if not args.set else ", ".join(args.set):
                                      dict(item.split("=", 1) for item in args.set)}
-    print(f"{len(FACT_QUESTIONS) * 4} samples of one fact; one {CHAT_MAX_TOKENS}-token chat stream every "
-          f"{CHAT_EVERY_S:.0f} s; {len(GENERAL_PROMPTS)} general prompts, greedy, {GENERAL_MAX_TOKENS} tokens.\n")
+    chat = "no chat" if args.no_chat else f"one {CHAT_MAX_TOKENS}-token chat stream every {CHAT_EVERY_S:.0f} s"
+    print(f"{len(FACT_QUESTIONS) * 4} samples of one fact; {chat}; {len(GENERAL_PROMPTS)} general prompts, "
+          f"greedy, {GENERAL_MAX_TOKENS} tokens.\n")
     print(HEADER)
     for index, (name, env) in enumerate(runs.items()):
-        outcome = await run_once(env, measure_noise=index == 0, timeout_s=args.timeout)
+        outcome = await run_once(env, measure_noise=index == 0, timeout_s=args.timeout, chat=not args.no_chat)
         print(report(name, outcome), flush=True)
 
 

@@ -11,6 +11,7 @@ from mace.engine.latency import StepShape
 from mace.engine.plan import IterationPlan, RunnerOutput, shape_of
 from mace.engine.scheduler import Scheduler
 from mace.engine.train_planner import EASE_IN_STEPS, StepLimits
+from mace.train.layered import MAX_PASS_TOKENS
 from mace.train.policy import make_policy
 from mace.train.work import StageKind, TrainStage
 from tests.engine.test_scheduler import make_request
@@ -31,6 +32,7 @@ class FakeSource:
     upkeep: list[TrainStage] = field(default_factory=list)
 
     converged: bool = False
+    pass_sizes: list[int] = field(default_factory=list)  # max_pass_tokens of every job_stages call
 
     @property
     def num_trainable(self) -> int:
@@ -46,7 +48,8 @@ class FakeSource:
     def upkeep_stages(self) -> list[TrainStage]:
         return list(self.upkeep)
 
-    def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
+    def job_stages(self, max_job_tokens: int, max_pass_tokens: int = 256) -> list[TrainStage]:
+        self.pass_sizes.append(max_pass_tokens)
         return MICRO_STEP * max(1, max_job_tokens // SAMPLE_TOKENS)
 
 
@@ -205,7 +208,7 @@ def test_a_stage_kind_never_measured_is_probed_now_and_then() -> None:
     huge = [TrainStage(StageKind.FORWARD, 100_000)]  # the prior prices it far past any slack
 
     class HugeSource(FakeSource):
-        def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
+        def job_stages(self, max_job_tokens: int, max_pass_tokens: int = 256) -> list[TrainStage]:
             return huge * 4
 
     scheduler = make("mace", HugeSource(drift=5.0), tpot_s=0.3)
@@ -315,3 +318,20 @@ def test_mace_rests_once_the_learner_fits_every_sample_whatever_the_drift() -> N
         idle = scheduler.training is not None and scheduler.training.has_work(StepLimits(math.inf, math.inf))
         # continuous is the baseline that trains every iteration whatever it has learned
         assert (budget > 0 and idle) == (not converged or policy == "continuous"), (policy, converged)
+
+
+def test_a_busy_steps_micro_step_gets_passes_its_training_budget_holds() -> None:
+    """Samples together run faster per token, but one backward stage of the pass must fit a busy step's
+    slack; with nothing to serve the pass is as large as it goes."""
+    busy_source = FakeSource(drift=5.0)
+    scheduler = make("mace", busy_source)
+    teach_latency(scheduler)
+    plan = decoding_plan(scheduler, 4)
+    assert plan.train is not None
+    # 0.1 s target, 18 ms predicted inference: at most ~82 ms of budget at 1 ms per backward layer-token.
+    assert 1 <= busy_source.pass_sizes[-1] <= 82
+    idle_source = FakeSource(drift=5.0)
+    idle = make("continuous", idle_source)
+    teach_latency(idle)
+    assert idle.schedule().train is not None
+    assert idle_source.pass_sizes[-1] == MAX_PASS_TOKENS

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from mace.config import SloConfig
 from mace.engine.latency import LatencyModel, StepShape
 from mace.engine.plan import shape_of
+from mace.train.layered import MAX_PASS_TOKENS
 from mace.train.policy import RetrainPolicy, TrainContext, TrainDecision
 from mace.train.work import TrainStage, TrainWork
 
@@ -55,8 +56,9 @@ class TrainSource(Protocol):
         """Forward-only work waiting: scoring new samples, evaluating the publish gate."""
         ...
 
-    def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
-        """The current micro-step's remaining stages, starting one of up to `max_job_tokens` if none is open."""
+    def job_stages(self, max_job_tokens: int, max_pass_tokens: int = MAX_PASS_TOKENS) -> list[TrainStage]:
+        """The current micro-step's remaining stages, starting one of up to `max_job_tokens` if none is open,
+        its samples in passes of at most `max_pass_tokens` padded tokens (train/layered.py)."""
         ...
 
 
@@ -118,7 +120,7 @@ class TrainPlanner:
         stages = self.source.upkeep_stages()
         max_job_tokens = self._max_train_tokens(decision.max_job_tokens)
         if decision.budget_s > 0 and max_job_tokens > 0:
-            stages += self.source.job_stages(max_job_tokens)
+            stages += self.source.job_stages(max_job_tokens, self._max_pass_tokens(decision.budget_s))
         taken = self._fit_stages(stages, context, decision, upkeep_share=share)
         if self._ease_in_left and context.has_inference and taken:
             self._ease_in_left -= 1
@@ -126,6 +128,15 @@ class TrainPlanner:
             return TrainPlan(None)
         pause = decision.pause_serving and any(not stage.is_upkeep for stage in taken)
         return TrainPlan(TrainWork(tuple(taken)), pause_serving=pause)
+
+    def _max_pass_tokens(self, budget_s: float) -> int:
+        """A new micro-step's passes no larger than one backward stage this step's training budget holds:
+        samples together run faster per token, but a stage of a busy step's few milliseconds of slack
+        must still fit in it, or training there stops altogether."""
+        per_token_s = self.latency.coefficients()["train_backward_token"]
+        if not math.isfinite(budget_s) or per_token_s <= 0:
+            return MAX_PASS_TOKENS
+        return max(1, min(MAX_PASS_TOKENS, int(budget_s / per_token_s)))
 
     def _max_train_tokens(self, wanted: int) -> int:
         """Training tokens the memory budget's training reservation holds now (KV pressure shrinks it)."""

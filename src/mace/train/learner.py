@@ -35,7 +35,7 @@ from mace.config import TrainConfig
 from mace.model.multi_lora import MultiLora, StackedLora
 from mace.tenancy import SHARED
 from mace.train.adapter_switch import choose, make_switchable
-from mace.train.layered import LayeredLoss, LayeredMicroStep
+from mace.train.layered import MAX_PASS_TOKENS, LayeredLoss, LayeredMicroStep
 from mace.train.replay import TrainSample
 
 LEARNER = "learner"
@@ -184,9 +184,9 @@ class Learner:
         """
         return choose(disabled=name == BASE, active=[LEARNER if name == BASE else name])
 
-    def micro_step(self, samples: list[TrainSample]) -> LayeredMicroStep:
+    def micro_step(self, samples: list[TrainSample], max_pass_tokens: int = MAX_PASS_TOKENS) -> LayeredMicroStep:
         """Forward and backward of `samples` on the learner, in layer stages; gradients accumulate."""
-        return LayeredMicroStep(self.peft_model.base_model.model, samples, self.config.batch_size)
+        return LayeredMicroStep(self.peft_model.base_model.model, samples, self.config.batch_size, max_pass_tokens)
 
     def accumulated(self, num_samples: int) -> None:
         self.num_accumulated += num_samples

@@ -47,7 +47,7 @@ from mace.train.drift import DriftSignal
 from mace.train.follow import FollowerSync
 from mace.train.intake import Intake, NewTrainSample, SampleReader
 from mace.train.journal import Journal
-from mace.train.layered import LayeredLoss
+from mace.train.layered import MAX_PASS_TOKENS, LayeredLoss
 from mace.train.learner import AdapterKey, Learner
 from mace.train.lease import OwnedElsewhere, holder
 from mace.train.lineage import Lineage, LineageFiles, checkpoint_state
@@ -232,7 +232,7 @@ class Trainer(Residency):
                     self._queue_loss(lineage, request)
         return self.tasks.upkeep_stages()
 
-    def job_stages(self, max_job_tokens: int) -> list[TrainStage]:
+    def job_stages(self, max_job_tokens: int, max_pass_tokens: int = MAX_PASS_TOKENS) -> list[TrainStage]:
         if self.tasks.job is None and self.tasks.finished_jobs:
             return []  # the optimizer may have to step on the finished one before more gradients accumulate
         if self.tasks.job is None:
@@ -244,7 +244,7 @@ class Trainer(Residency):
             if batch is None:
                 return []
             self.focus.touch()
-            self.tasks.open_job(self.learner.micro_step([*batch.samples, *self._rehearsal()]))
+            self.tasks.open_job(self.learner.micro_step([*batch.samples, *self._rehearsal()], max_pass_tokens))
         return self.tasks.job_stages()
 
     def _lend_learner(self, lineage: Lineage) -> None:
