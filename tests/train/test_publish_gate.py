@@ -5,12 +5,15 @@ holding back rests, and its retention guard holds back a candidate that forgets 
 from __future__ import annotations
 
 import math
+from typing import Any
 
+from mace.train import publish_gate
 from mace.train.intake import GateSlice
 from mace.train.journal import NewSample
 from mace.train.publish_gate import Evaluation, recency_weighted_mean
 from mace.train.rehearsal import FIRST_ANCHOR_ID
 from mace.train.replay import TrainSample
+from mace.train.scope import prompt_words
 from mace.train.tasks import LossPurpose, LossResult
 from mace.train.trainer import Trainer
 
@@ -93,26 +96,83 @@ def test_the_retention_guard_holds_back_a_better_candidate_that_forgets_general_
     assert trainer.stats().num_held_back_forgetting == 1
 
 
-def test_an_evaluation_asks_for_the_candidates_anchor_losses_and_version_0s_once(guarded_trainer: Trainer) -> None:
+def _run_evaluation(trainer: Trainer, held_out: GateSlice, losses: dict[LossPurpose, float]) -> list[LossPurpose]:
+    """Open an evaluation on something new to judge and answer every pass it asks for, follow-ups too, as
+    the trainer's upkeep would; the purposes asked, in order."""
+    gate = trainer.gate
+    trainer.learner.num_optimizer_steps += 1
+    gate.last_publish_s -= trainer.config.min_publish_interval_s
+    gate._next_open_s = 0.0  # the gate's share is its own test
+    asked: list[LossPurpose] = []
+    requests = gate.open(held_out)
+    while requests:
+        for request in requests:
+            asked.append(request.purpose)
+            gate.record(LossResult(request, losses[request.purpose]))
+        requests = gate.take_requests()
+    assert not gate.is_pending
+    return asked
+
+
+def test_the_anchors_are_asked_only_of_a_candidate_the_slice_would_publish(guarded_trainer: Trainer) -> None:
     trainer = guarded_trainer
     trainer.anchors.samples = _anchors(2)
-    gate = trainer.gate
     held_out = GateSlice([TrainSample(1000, [5, 6, 7, 8], 2, created_at=0.0)], held_out=True)
+    no_better = {LossPurpose.CANDIDATE: 0.5, LossPurpose.SERVING: 0.5}
+    assert _run_evaluation(trainer, held_out, no_better) == [LossPurpose.CANDIDATE, LossPurpose.SERVING]
+    assert math.isnan(trainer.gate.anchor_loss_rise)
+    forgetting = {LossPurpose.CANDIDATE: 0.4, LossPurpose.SERVING: 0.5, LossPurpose.ANCHOR: 1.0,
+                  LossPurpose.ANCHOR_BASE: 0.5}
+    # The serving version has not changed: its loss on the slice is not asked again.
+    assert sorted(_run_evaluation(trainer, held_out, forgetting)) == sorted(
+        [LossPurpose.CANDIDATE, *[LossPurpose.ANCHOR] * 2, *[LossPurpose.ANCHOR_BASE] * 2])
+    assert trainer.active_version == 0 and math.isclose(trainer.gate.anchor_loss_rise, 0.5)
+    # Version 0 does not change: its anchor losses are not asked again.
+    keeping = {**forgetting, LossPurpose.ANCHOR: 0.6}
+    assert _run_evaluation(trainer, held_out, keeping) == [LossPurpose.CANDIDATE, *[LossPurpose.ANCHOR] * 2]
+    assert trainer.active_version == 1
 
-    def open_evaluation() -> list[LossPurpose]:
-        trainer.learner.num_optimizer_steps += 1  # something new to judge
-        gate.last_publish_s -= trainer.config.min_publish_interval_s
-        requests = gate.open(held_out)
-        for request in requests:  # every pass answers, as the trainer's upkeep would
-            gate.record(LossResult(request, 1.0 if request.purpose is LossPurpose.ANCHOR else 0.5))
-        return sorted(request.purpose for request in requests)
 
-    assert open_evaluation() == sorted([LossPurpose.CANDIDATE, LossPurpose.SERVING, *[LossPurpose.ANCHOR] * 2,
-                                        *[LossPurpose.ANCHOR_BASE] * 2])
-    assert not gate.is_pending and math.isclose(gate.anchor_loss_rise, 0.5)
-    # Version 0 does not change: its anchor losses are not asked again (the serving version's are, as
-    # candidate and serving losses were equal, nothing published).
-    assert LossPurpose.ANCHOR_BASE not in open_evaluation()
+def test_anchors_the_scope_sends_to_version_0_are_not_asked(guarded_trainer: Trainer) -> None:
+    trainer = guarded_trainer
+    tokenizer = trainer.reader.tokenizer
+
+    def anchor(index: int, question: str) -> TrainSample:
+        prompt = tokenizer.encode(question, add_special_tokens=False)
+        return TrainSample(FIRST_ANCHOR_ID - index, [*prompt, *tokenizer.encode(" An answer.")], len(prompt),
+                           created_at=0.0)
+
+    near, far = anchor(0, "What is the name of my cat?"), anchor(1, "What is the capital of Germany?")
+    trainer.anchors.samples = [near, far]
+    assert trainer.anchors_in_scope(trainer.shared.scope) == [near, far]  # nothing taught: the adapter answers all
+    trainer.shared.scope.teach(prompt_words("What is the name of my cat? Answer: Zorblax"))
+    for question in ("What is the capital of Germany?", "Who wrote Hamlet?", "How do plants grow?"):
+        trainer.prompt_statistics.observe(prompt_words(question))
+    assert trainer.anchors_in_scope(trainer.shared.scope) == [near]
+    held_out = GateSlice([TrainSample(1000, [5, 6, 7, 8], 2, created_at=0.0)], held_out=True)
+    better = {LossPurpose.CANDIDATE: 0.4, LossPurpose.SERVING: 0.5, LossPurpose.ANCHOR: 0.6,
+              LossPurpose.ANCHOR_BASE: 0.6}
+    asked = _run_evaluation(trainer, held_out, better)
+    assert sorted(asked) == sorted([LossPurpose.CANDIDATE, LossPurpose.SERVING, LossPurpose.ANCHOR,
+                                    LossPurpose.ANCHOR_BASE])
+    assert trainer.active_version == 1
+
+
+def test_the_next_evaluation_waits_twice_the_last_ones_duration(trainer: Trainer, monkeypatch: Any) -> None:
+    gate = trainer.gate
+    clock = [gate.last_publish_s + trainer.config.min_publish_interval_s]
+    monkeypatch.setattr(publish_gate.time, "monotonic", lambda: clock[0])
+    held_out = GateSlice([TrainSample(1000, [5, 6, 7, 8], 2, created_at=0.0)], held_out=True)
+    trainer.learner.num_optimizer_steps += 1
+    requests = gate.open(held_out)
+    clock[0] += 3.0  # the evaluation's passes took 3 s of the engine's slack
+    for request in requests:
+        gate.record(LossResult(request, 0.5))  # no better: held back
+    trainer.learner.num_optimizer_steps += 1
+    clock[0] += 3.0 * (1 / publish_gate.GATE_SHARE - 1) - 0.1
+    assert not gate.is_due()
+    clock[0] += 0.2
+    assert gate.is_due()
 
 
 def test_after_a_publish_the_new_versions_losses_are_the_candidates_not_asked_again(trainer: Trainer) -> None:
@@ -120,12 +180,8 @@ def test_after_a_publish_the_new_versions_losses_are_the_candidates_not_asked_ag
     first, second = (TrainSample(sample_id, [5, 6, 7, 8], 2, created_at=0.0) for sample_id in (1000, 1001))
 
     def evaluate(samples: list[TrainSample], candidate_loss: float) -> list[LossPurpose]:
-        trainer.learner.num_optimizer_steps += 1  # something new to judge
-        gate.last_publish_s -= trainer.config.min_publish_interval_s
-        requests = gate.open(GateSlice(samples, held_out=True))
-        for request in requests:
-            gate.record(LossResult(request, candidate_loss if request.purpose is LossPurpose.CANDIDATE else 3.0))
-        return [request.purpose for request in requests]
+        losses = {LossPurpose.CANDIDATE: candidate_loss, LossPurpose.SERVING: 3.0}
+        return _run_evaluation(trainer, GateSlice(samples, held_out=True), losses)
 
     assert evaluate([first], candidate_loss=1.0) == [LossPurpose.CANDIDATE, LossPurpose.SERVING]
     assert trainer.active_version == 1

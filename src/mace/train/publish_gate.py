@@ -7,11 +7,16 @@ held out yet (`Intake.gate_slice`). When the last loss is in (`record`), it judg
 published if better by `publish_margin`, or no worse after `max_staleness_s`, at most every
 `min_publish_interval_s`. Version numbers are counted in memory from the store's newest at start.
 
-The retention guard: the same evaluation also asks for the candidate's loss on the anchors, version
-0's own greedy answers to general questions (train/rehearsal.py), and holds back a candidate whose mean
+The retention guard: a candidate the slice would publish is then asked for its loss on the anchors,
+version 0's own greedy answers to general questions (train/rehearsal.py), and held back if its mean
 anchor loss exceeds version 0's by more than `train.retention_guard` per token. The held-out slice
 only holds what users taught; an adapter trained on it until it fits can learn a shortcut (answer
-everything with the taught fact) that the slice scores as better. The anchors see that.
+everything with the taught fact) that the slice scores as better. The anchors see that. A candidate
+the slice holds back is not asked: its anchor passes would decide nothing.
+
+The gate's passes take the slack training would use, so it keeps to `GATE_SHARE` of it: the next
+evaluation opens no sooner than twice the last one's duration after it closed. On a drifting trace with
+a slice of 16 samples and eight anchors, an evaluation every 10 s took three times training's share.
 
 Each lineage (train/lineage.py) has its own gate, store and version numbers; the gate sees the learner
 through `GateLearner`, bound to its lineage. One candidate adapter serves every gate, so one
@@ -41,6 +46,8 @@ from mace.train.tasks import LossPurpose, LossRequest, LossResult
 
 log = structlog.get_logger(__name__)
 
+GATE_SHARE = 1 / 3  # at most this share of the time from one evaluation's opening to the next's
+
 
 def recency_weighted_mean(losses: list[float], half_life: float) -> float:
     """The mean of `losses` (oldest first) with a weight that halves every `half_life` samples back
@@ -62,6 +69,7 @@ class Evaluation:
     anchors: list[TrainSample] = field(default_factory=list)  # the retention guard's; empty: guard off
     anchor_losses: dict[int, float] = field(default_factory=dict)  # the candidate's, by anchor id
     anchor_base_losses: dict[int, float] = field(default_factory=dict)  # version 0's
+    anchors_asked: bool = False  # the slice's losses were in and would publish: the anchors' were asked
 
     @property
     def is_complete(self) -> bool:
@@ -131,6 +139,9 @@ class PublishGate:
         self._anchor_base_losses: dict[int, float] = {}  # version 0 never changes: measured once
         self._next_version = store.newest() + 1
         self._pending: Evaluation | None = None
+        self._opened_s = 0.0  # when the last evaluation opened
+        self._next_open_s = 0.0  # the earliest the next one may open (`GATE_SHARE`)
+        self._follow_up: list[LossRequest] = []  # the anchors' passes, asked once the slice would publish
         self._serving_losses: dict[int, float] = {}  # held-out sample id -> loss under `_serving_losses_version`
         self._serving_losses_version = -1
         self.judged_steps = 0  # the learner's optimizer steps when the last candidate was frozen
@@ -143,10 +154,11 @@ class PublishGate:
 
     def is_due(self) -> bool:
         """Whether a candidate may be judged now: none pending, publishing not held by an operator, optimizer
-        steps since the last candidate, and `min_publish_interval_s` passed."""
+        steps since the last candidate, `min_publish_interval_s` passed, and the gate within its share."""
+        now = time.monotonic()
         return (self._pending is None and not self.publishing_held
                 and self.learner.num_optimizer_steps != self.judged_steps
-                and time.monotonic() - self.last_publish_s >= self.config.min_publish_interval_s)
+                and now - self.last_publish_s >= self.config.min_publish_interval_s and now >= self._next_open_s)
 
     def open(self, gate_slice: GateSlice) -> list[LossRequest]:
         """Freeze the learner as the candidate and ask for the losses on `gate_slice` (none: not now)."""
@@ -154,6 +166,7 @@ class PublishGate:
         if not heldout or not self.is_due():
             return []
         self.judged_steps = self.learner.num_optimizer_steps
+        self._opened_s = time.monotonic()
         if self._serving_losses_version != self.active_version:
             self._serving_losses, self._serving_losses_version = {}, self.active_version
         # Training goes on during the evaluation; the gate judges, and publishes, this snapshot.
@@ -167,18 +180,27 @@ class PublishGate:
                 evaluation.serving_losses[sample.sample_id] = self._serving_losses[sample.sample_id]
             else:
                 requests.append(LossRequest(sample, LossPurpose.SERVING, serving))
-        if self.config.retention_guard > 0:
-            evaluation.anchors = self.anchors()
-            for anchor in evaluation.anchors:
-                requests.append(LossRequest(anchor, LossPurpose.ANCHOR, CANDIDATE))
-                if anchor.sample_id in self._anchor_base_losses:
-                    evaluation.anchor_base_losses[anchor.sample_id] = self._anchor_base_losses[anchor.sample_id]
-                else:
-                    requests.append(LossRequest(anchor, LossPurpose.ANCHOR_BASE, BASE))
+        return requests
+
+    def _ask_anchors(self, evaluation: Evaluation) -> None:
+        """The retention guard's passes for a candidate the slice would publish (`take_requests`)."""
+        evaluation.anchors_asked = True
+        evaluation.anchors = self.anchors()
+        for anchor in evaluation.anchors:
+            self._follow_up.append(LossRequest(anchor, LossPurpose.ANCHOR, CANDIDATE))
+            if anchor.sample_id in self._anchor_base_losses:
+                evaluation.anchor_base_losses[anchor.sample_id] = self._anchor_base_losses[anchor.sample_id]
+            else:
+                self._follow_up.append(LossRequest(anchor, LossPurpose.ANCHOR_BASE, BASE))
+
+    def take_requests(self) -> list[LossRequest]:
+        """Passes the open evaluation asked for since `open` (the anchors'), to queue as `open`'s were."""
+        requests, self._follow_up = self._follow_up, []
         return requests
 
     def record(self, result: LossResult) -> int | None:
-        """One held-out loss; when the evaluation is complete, the decision (the version published, if any)."""
+        """One loss; when the slice's are in and it would publish, the anchors' are asked (`take_requests`);
+        when the evaluation is complete, the decision (the version published, if any)."""
         evaluation = self._pending
         assert evaluation is not None, "a held-out loss arrived with no evaluation open"
         sample_id = result.request.sample.sample_id
@@ -195,22 +217,43 @@ class PublishGate:
             evaluation.serving_losses[sample_id] = self._serving_losses[sample_id] = result.loss
         if not evaluation.is_complete:
             return None
+        if not evaluation.anchors_asked and self.config.retention_guard > 0 and self._would_publish(evaluation):
+            self._ask_anchors(evaluation)
+            if not evaluation.is_complete:
+                return None
         self._pending = None
+        now = time.monotonic()
+        self._next_open_s = now + (now - self._opened_s) * (1 / GATE_SHARE - 1)
         return self.decide(evaluation)
+
+    def _slice_losses(self, evaluation: Evaluation) -> tuple[float, float]:
+        """The candidate's and the serving version's recency-weighted mean loss on the slice."""
+        half_life = self.config.heldout_half_life
+        learner = recency_weighted_mean([evaluation.learner_losses[s.sample_id] for s in evaluation.samples], half_life)
+        serving = recency_weighted_mean([evaluation.serving_losses[s.sample_id] for s in evaluation.samples], half_life)
+        return learner, serving
+
+    def _passes_slice(self, learner: float, serving: float) -> tuple[bool, bool]:
+        """(better by the margin, stale and no worse): either publishes, the retention guard willing."""
+        better = learner < serving * (1.0 - self.config.publish_margin)
+        stale = time.monotonic() - self.last_publish_s > self.config.max_staleness_s and learner <= serving
+        return better, stale
+
+    def _would_publish(self, evaluation: Evaluation) -> bool:
+        learner, serving = self._slice_losses(evaluation)
+        return (evaluation.serving_version == self.active_version and not self.publishing_held
+                and math.isfinite(learner) and math.isfinite(serving) and any(self._passes_slice(learner, serving)))
 
     def decide(self, evaluation: Evaluation) -> int | None:
         if evaluation.serving_version != self.active_version or self.publishing_held:
             return None  # an operator chose a version meanwhile
-        half_life = self.config.heldout_half_life
-        learner = recency_weighted_mean([evaluation.learner_losses[s.sample_id] for s in evaluation.samples], half_life)
-        serving = recency_weighted_mean([evaluation.serving_losses[s.sample_id] for s in evaluation.samples], half_life)
+        learner, serving = self._slice_losses(evaluation)
         self.learner_heldout_loss, self.serving_heldout_loss = learner, serving
         self.judged_on_heldout = evaluation.held_out
         if not (math.isfinite(learner) and math.isfinite(serving)):
             return None
         self.drift.on_evaluation(serving, learner)
-        better = learner < serving * (1.0 - self.config.publish_margin)
-        stale = time.monotonic() - self.last_publish_s > self.config.max_staleness_s and learner <= serving
+        better, stale = self._passes_slice(learner, serving)
         judged_on = "held-out" if evaluation.held_out else "its training samples (none held out yet)"
         rise = self.anchor_loss_rise = evaluation.anchor_loss_rise()
         # No anchors (none made yet, or the guard off): nothing to judge. A non-finite anchor loss holds back.

@@ -120,6 +120,7 @@ class Trainer(Residency):
         self.anchors = AnchorStore(config.data_dir / "rehearsal.json",
                                    f"{config.model.name}:{next(causal_lm.parameters()).dtype}")
         self._next_anchor = 0
+        self._anchor_words_by_id: dict[int, frozenset[str]] = {}
         # Which words say something about a prompt's topic: counted over the prompts served, from the
         # anchors' general questions on, so the chat template's words weigh nothing from the first request.
         self.prompt_statistics = PromptStatistics(
@@ -367,6 +368,8 @@ class Trainer(Residency):
             lineage.intake.accept(request.sample, request.held_out, result.loss)
         else:
             lineage.gate.record(result)
+            for follow_up in lineage.gate.take_requests():  # the anchors, once the slice would publish
+                self._queue_loss(lineage, follow_up)
 
     def _account(self, job: MicroStepTask) -> None:
         lineage = self.focus  # the learner moves only between optimizer steps, so the job's lineage is on it
