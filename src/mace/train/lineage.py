@@ -150,14 +150,16 @@ class Lineage:
 
     @classmethod
     def build(cls, files: LineageFiles, learner: Learner, config: TrainConfig,
-              anchors: Callable[[], list[TrainSample]] = list) -> Lineage:
+              anchors: Callable[[Scope], list[TrainSample]] = lambda scope: []) -> Lineage:
         """On the engine thread: the lineage from its files (tensor copies only)."""
         replay = ReplayBuffer(config.replay_window, config.freshness_half_life_s)
         drift = DriftSignal(loss_floor=config.converged_loss)
         intake = Intake(config, replay, drift)
         lineage = cls(files.tenant, intake, files.checkpoints, parked=files.learner_state, lease=files.lease)
         lineage.learner = learner
-        lineage.gate = PublishGate(LineageLearner(learner, lineage), files.store, drift, config, anchors)
+        # The retention guard judges the anchors this lineage's scope would give its versions.
+        lineage.gate = PublishGate(LineageLearner(learner, lineage), files.store, drift, config,
+                                   lambda: anchors(lineage.scope))
         lineage.gate.restore(files.active_weights)
         intake.resume(files.window)
         for row, _ in files.window:

@@ -27,7 +27,8 @@ from mace.train.learner import AdapterKey, Learner
 from mace.train.lease import holder
 from mace.train.lineage import Lineage, LineageFiles, journal_filter, lineage_of, read_lineage
 from mace.train.rehearsal import AnchorStore
-from mace.train.scope import PromptStatistics
+from mace.train.replay import TrainSample
+from mace.train.scope import PromptStatistics, Scope, prompt_words
 from mace.train.writer import DiskWriter
 
 if TYPE_CHECKING:
@@ -63,9 +64,25 @@ class Residency:
     _brought_back_at: dict[str, int]
     _followers: FollowerSync
     _journal_polled_s: float
+    _anchor_words_by_id: dict[int, frozenset[str]]
 
     def _score(self, lineage: Lineage, new: NewTrainSample) -> None:
         raise NotImplementedError  # Trainer's
+
+    def anchors_in_scope(self, scope: Scope) -> list[TrainSample]:
+        """The retention guard's anchors (filled at the first warm-up, train/rehearsal.py) whose prompts
+        `scope` gives the lineage's version: an anchor it sends to version 0 keeps its answer whatever the
+        candidate learned, so its loss under the candidate decides nothing (with the scope off, all)."""
+        threshold = self.config.scope_similarity
+        return [anchor for anchor in self.anchors.samples
+                if scope.covers(self._anchor_words(anchor), self.prompt_statistics, threshold)]
+
+    def _anchor_words(self, anchor: TrainSample) -> frozenset[str]:
+        words = self._anchor_words_by_id.get(anchor.sample_id)
+        if words is None:
+            prompt = self.reader.tokenizer.decode(anchor.token_ids[: anchor.num_prompt_tokens])
+            words = self._anchor_words_by_id[anchor.sample_id] = prompt_words(prompt)
+        return words
 
     def ingest(self) -> int:
         raise NotImplementedError  # Trainer's
@@ -115,9 +132,7 @@ class Residency:
             if files.lease is not None:
                 files.lease.release()
             files = self.read_files(files.tenant)
-        anchors = self.anchors  # the retention guard's, filled at the first warm-up (train/rehearsal.py)
-        lineage = self.lineages[files.tenant] = Lineage.build(files, self.learner, self.config,
-                                                              lambda: anchors.samples)
+        lineage = self.lineages[files.tenant] = Lineage.build(files, self.learner, self.config, self.anchors_in_scope)
         if present is not None and present is self.focus and lineage.is_owned:
             # A follower never trains, so no gradient is half-accumulated: its owner's state takes the learner.
             self.learner.unpark(lineage.parked)
