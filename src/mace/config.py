@@ -221,7 +221,8 @@ class TrainConfig(_Section):
                             "with each optimizer step, against overwriting the rest")
     retention_guard: float = Field(
         0.4, ge=0, description="publish gate: hold back a candidate whose mean loss on the anchors (version 0's "
-        "own answers to general questions) is this much higher than version 0's, per token; 0: off")
+        "own answers to general questions, those the lineage's scope gives its versions) is this much higher than "
+        "version 0's, per token; 0: off")
     # Lexical and per request (train/scope.py): in bench-learn a version that learned one fact changed
     # 48 of 50 greedy answers to unrelated questions when it answered every prompt.
     scope_similarity: float = Field(

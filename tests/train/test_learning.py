@@ -99,10 +99,11 @@ async def test_served_answer_changes_after_feedback(tmp_path: Path, tiny_bundle:
 
 async def test_the_retention_guard_serves_no_version_that_forgets_general_answers(tmp_path: Path) -> None:
     """On the random model any update moves its answers to the anchors' general questions far: with the
-    guard on, every better candidate is held back, and the answers stay version 0's."""
+    guard on, every better candidate is held back, and the answers stay version 0's. The scope is off,
+    so that every anchor is one the candidate would answer (the guard judges only those)."""
     from mace.model.loader import load_model
 
-    config = tiny_config(tmp_path, train={**TRAIN, "policy": "mace", "retention_guard": 0.05})
+    config = tiny_config(tmp_path, train={**TRAIN, "policy": "mace", "retention_guard": 0.05, "scope_similarity": 0})
     runner, url = await start_server(config, load_model(config.model, config.cache_dir))
     try:
         async with aiohttp.ClientSession() as session:

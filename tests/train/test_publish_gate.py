@@ -5,7 +5,6 @@ holding back rests, and its retention guard holds back a candidate that forgets 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from mace.train import publish_gate
 from mace.train.intake import GateSlice
@@ -102,7 +101,7 @@ def _run_evaluation(trainer: Trainer, held_out: GateSlice, losses: dict[LossPurp
     gate = trainer.gate
     trainer.learner.num_optimizer_steps += 1
     gate.last_publish_s -= trainer.config.min_publish_interval_s
-    gate._next_open_s = 0.0  # the gate's share is its own test
+    gate.charge_training(1e9)  # the gate's share is its own test
     asked: list[LossPurpose] = []
     requests = gate.open(held_out)
     while requests:
@@ -158,20 +157,21 @@ def test_anchors_the_scope_sends_to_version_0_are_not_asked(guarded_trainer: Tra
     assert trainer.active_version == 1
 
 
-def test_the_next_evaluation_waits_twice_the_last_ones_duration(trainer: Trainer, monkeypatch: Any) -> None:
+def test_the_next_evaluation_waits_for_twice_the_last_ones_seconds_of_training(trainer: Trainer) -> None:
     gate = trainer.gate
-    clock = [gate.last_publish_s + trainer.config.min_publish_interval_s]
-    monkeypatch.setattr(publish_gate.time, "monotonic", lambda: clock[0])
     held_out = GateSlice([TrainSample(1000, [5, 6, 7, 8], 2, created_at=0.0)], held_out=True)
+    gate.last_publish_s -= trainer.config.min_publish_interval_s
     trainer.learner.num_optimizer_steps += 1
     requests = gate.open(held_out)
-    clock[0] += 3.0  # the evaluation's passes took 3 s of the engine's slack
+    gate.charge_evaluation(3.0)  # its passes took 3 s of the engine's slack
+    gate.charge_training(1.0)  # training ran beside them: that is not training since it closed
     for request in requests:
         gate.record(LossResult(request, 0.5))  # no better: held back
     trainer.learner.num_optimizer_steps += 1
-    clock[0] += 3.0 * (1 / publish_gate.GATE_SHARE - 1) - 0.1
-    assert not gate.is_due()
-    clock[0] += 0.2
+    needed = 3.0 * (1 / publish_gate.GATE_SHARE - 1)
+    gate.charge_training(needed - 0.1)
+    assert not gate.is_due() and gate.is_due(paced=False)  # a resting trainer loses nothing to the gate
+    gate.charge_training(0.2)
     assert gate.is_due()
 
 

@@ -14,9 +14,11 @@ only holds what users taught; an adapter trained on it until it fits can learn a
 everything with the taught fact) that the slice scores as better. The anchors see that. A candidate
 the slice holds back is not asked: its anchor passes would decide nothing.
 
-The gate's passes take the slack training would use, so it keeps to `GATE_SHARE` of it: the next
-evaluation opens no sooner than twice the last one's duration after it closed. On a drifting trace with
-a slice of 16 samples and eight anchors, an evaluation every 10 s took three times training's share.
+The gate's passes take the slack training would use, so it keeps to `GATE_SHARE` of the time both
+spend: the next evaluation opens once training has run for twice the seconds the last one's passes
+took (`charge_training`, `charge_evaluation`: compute, not the wall clock, which stretches both alike
+under load), or at once while training rests. On a drifting trace with a slice of 16 samples and
+eight anchors, an evaluation every 10 s took three times training's share.
 
 Each lineage (train/lineage.py) has its own gate, store and version numbers; the gate sees the learner
 through `GateLearner`, bound to its lineage. One candidate adapter serves every gate, so one
@@ -46,7 +48,7 @@ from mace.train.tasks import LossPurpose, LossRequest, LossResult
 
 log = structlog.get_logger(__name__)
 
-GATE_SHARE = 1 / 3  # at most this share of the time from one evaluation's opening to the next's
+GATE_SHARE = 1 / 3  # at most this share of the seconds training and the gate's passes spend together
 
 
 def recency_weighted_mean(losses: list[float], half_life: float) -> float:
@@ -139,8 +141,9 @@ class PublishGate:
         self._anchor_base_losses: dict[int, float] = {}  # version 0 never changes: measured once
         self._next_version = store.newest() + 1
         self._pending: Evaluation | None = None
-        self._opened_s = 0.0  # when the last evaluation opened
-        self._next_open_s = 0.0  # the earliest the next one may open (`GATE_SHARE`)
+        self._evaluation_s = 0.0  # seconds of loss passes run while the open evaluation was pending
+        self._last_evaluation_s = 0.0  # the same for the last evaluation, once closed
+        self._trained_s = 0.0  # seconds of training since it closed (`GATE_SHARE`)
         self._follow_up: list[LossRequest] = []  # the anchors' passes, asked once the slice would publish
         self._serving_losses: dict[int, float] = {}  # held-out sample id -> loss under `_serving_losses_version`
         self._serving_losses_version = -1
@@ -152,13 +155,22 @@ class PublishGate:
         """An evaluation is open: its candidate holds the one candidate adapter."""
         return self._pending is not None
 
-    def is_due(self) -> bool:
+    def is_due(self, paced: bool = True) -> bool:
         """Whether a candidate may be judged now: none pending, publishing not held by an operator, optimizer
-        steps since the last candidate, `min_publish_interval_s` passed, and the gate within its share."""
-        now = time.monotonic()
-        return (self._pending is None and not self.publishing_held
+        steps since the last candidate, `min_publish_interval_s` passed, and (`paced`: training has more to
+        do) the gate within its share."""
+        within_share = not paced or self._trained_s >= self._last_evaluation_s * (1 / GATE_SHARE - 1)
+        return (self._pending is None and not self.publishing_held and within_share
                 and self.learner.num_optimizer_steps != self.judged_steps
-                and now - self.last_publish_s >= self.config.min_publish_interval_s and now >= self._next_open_s)
+                and time.monotonic() - self.last_publish_s >= self.config.min_publish_interval_s)
+
+    def charge_training(self, seconds: float) -> None:
+        """The learner trained for `seconds` (micro-step stages, of any lineage: the share is of the machine)."""
+        self._trained_s += seconds
+
+    def charge_evaluation(self, seconds: float) -> None:
+        """Loss passes ran for `seconds` while this gate's evaluation was open (scores joined, counted too)."""
+        self._evaluation_s += seconds
 
     def open(self, gate_slice: GateSlice) -> list[LossRequest]:
         """Freeze the learner as the candidate and ask for the losses on `gate_slice` (none: not now)."""
@@ -166,7 +178,6 @@ class PublishGate:
         if not heldout or not self.is_due():
             return []
         self.judged_steps = self.learner.num_optimizer_steps
-        self._opened_s = time.monotonic()
         if self._serving_losses_version != self.active_version:
             self._serving_losses, self._serving_losses_version = {}, self.active_version
         # Training goes on during the evaluation; the gate judges, and publishes, this snapshot.
@@ -222,8 +233,7 @@ class PublishGate:
             if not evaluation.is_complete:
                 return None
         self._pending = None
-        now = time.monotonic()
-        self._next_open_s = now + (now - self._opened_s) * (1 / GATE_SHARE - 1)
+        self._last_evaluation_s, self._evaluation_s, self._trained_s = self._evaluation_s, 0.0, 0.0
         return self.decide(evaluation)
 
     def _slice_losses(self, evaluation: Evaluation) -> tuple[float, float]:

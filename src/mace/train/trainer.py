@@ -223,11 +223,13 @@ class Trainer(Residency):
 
     def upkeep_stages(self) -> list[TrainStage]:
         """Forward-only work waiting. A publish gate opens here when it is due (new optimizer steps,
-        `min_publish_interval_s` passed), one lineage's at a time (one candidate adapter): the planner
-        asks every step, and an idle engine every wake, so a learner's last steps before it rests, or
-        before the learner moves to another lineage, are judged too."""
+        `min_publish_interval_s` passed, its passes within their share of training's time), one
+        lineage's at a time (one candidate adapter): the planner asks every step, and an idle engine
+        every wake, so a learner's last steps before it rests, or before the learner moves to another
+        lineage, are judged too."""
         if not any(lineage.gate.is_pending for lineage in self.lineages.values()):
-            due = [lineage for lineage in self.lineages.values() if lineage.is_owned and lineage.gate.is_due()]
+            paced = not self.is_converged  # resting, the gate takes nothing from training: judge the last steps
+            due = [lineage for lineage in self.lineages.values() if lineage.is_owned and lineage.gate.is_due(paced)]
             for lineage in sorted(due, key=lambda lineage: lineage.gate.last_publish_s)[:1]:
                 for request in lineage.gate.open(lineage.intake.gate_slice()):
                     self._queue_loss(lineage, request)
@@ -344,8 +346,13 @@ class Trainer(Residency):
             log.exception("training stage failed; the open micro-step and its batch are dropped")
             self.tasks.drop_job()
             self.learner.discard_gradients()
-        self.train_seconds_total += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.train_seconds_total += seconds
         fair_share.charge(self.focus, job_s)
+        for lineage in self.lineages.values():  # every gate's share is of the machine's training time
+            lineage.gate.charge_training(job_s)
+            if lineage.gate.is_pending:  # one at a time: the loss passes beside the job are its (and scores)
+                lineage.gate.charge_evaluation(seconds - job_s)
 
     def after_step(self) -> None:
         for result in self.tasks.take_results():
