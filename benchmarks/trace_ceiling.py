@@ -1,0 +1,82 @@
+"""What a drifting trace lets a server answer at best: the exact-match ceiling of `make bench-train`.
+
+A question can only be answered right by learning if its answer was taught before it was asked, in a
+sample the server trains on: every `train.heldout_every`-th feedback sample (by journal id, in arrival
+order) is held out for the publish gate and never trained. Per phase this prints the share of
+questions whose very question was taught with the reference answer before (what a server that learns
+each taught sample at once, and nothing more, answers), and, for the personalization trace, the share
+whose fact (the user's attribute, under either of its two phrasings) was. No server; prints only.
+
+    .venv/bin/python benchmarks/trace_ceiling.py [--trace personalization] [--trace-rate 1.0] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+from loadgen.personalization import QUESTIONS
+from loadgen.traces import DriftSpec, TraceItem, builtin
+
+from mace.config import TrainConfig
+
+ATTRIBUTE_OF = {question: attribute for attribute, questions in QUESTIONS.items() for question in questions}
+
+
+def prompt_key(messages: list[dict[str, str]]) -> str:
+    return json.dumps(messages, sort_keys=True)
+
+
+def fact_key(item: TraceItem, messages: list[dict[str, str]]) -> tuple[str | None, str] | None:
+    """(user, attribute) of a personalization question; None for other traces."""
+    attribute = ATTRIBUTE_OF.get(messages[-1]["content"])
+    return (item.user, attribute) if attribute is not None else None
+
+
+def ceilings(items: list[TraceItem], heldout_every: int) -> dict[int, Counter[str]]:
+    taught_answers: dict[str, str] = {}
+    taught_facts: dict[tuple[str | None, str], str] = {}
+    sample_id = 0
+    by_phase: dict[int, Counter[str]] = {}
+    for item in sorted(items, key=lambda item: item.time):
+        counts = by_phase.setdefault(item.phase, Counter())
+        counts["asked"] += 1
+        fact = fact_key(item, item.messages)
+        if item.reference is not None and taught_answers.get(prompt_key(item.messages)) == item.reference:
+            counts["question taught"] += 1
+        if fact is not None and taught_facts.get(fact) == item.reference:
+            counts["fact taught"] += 1
+        for sample in item.feedback or []:
+            sample_id += 1
+            if sample_id % heldout_every == 0:
+                continue  # held out: the gate judges on it, training never sees it
+            *question, answer = sample["messages"]
+            taught_answers[prompt_key(question)] = answer["content"]
+            taught_fact = fact_key(item, question)
+            if taught_fact is not None:
+                taught_facts[taught_fact] = answer["content"]
+    return by_phase
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trace", default="personalization")
+    parser.add_argument("--trace-rate", type=float, default=1.0, help="as `make bench-train` replays it")
+    parser.add_argument("--trace-feedback", type=float, default=DriftSpec.feedback_fraction)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout-every", type=int, default=TrainConfig().heldout_every)
+    args = parser.parse_args()
+    spec = DriftSpec(seed=args.seed, rate=args.trace_rate, feedback_fraction=args.trace_feedback)
+    by_phase = ceilings(builtin(args.trace, spec), args.heldout_every)
+    print(f"trace {args.trace}, seed {args.seed}, rate {args.trace_rate}/s, "
+          f"every {args.heldout_every}th sample held out")
+    print("| phase | questions | its question taught before | its fact taught before (either phrasing) |")
+    print("|---|---|---|---|")
+    for phase, counts in sorted(by_phase.items()):
+        asked = counts["asked"]
+        print(f"| {phase} | {asked} | {counts['question taught'] / asked:.1%} | {counts['fact taught'] / asked:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
