@@ -201,9 +201,10 @@ class LayeredMicroStep(_Staged):
         scales = [0.0] * len(unique)
         for sample, place in zip(samples, self._places, strict=True):
             scales[place] += sample.weight / batch_size
-        by_row = dict(zip((id(s) for s in unique), scales, strict=True))
-        self._passes = [_Pass(causal_lm, group, [by_row[id(s)] for s in group])
-                        for group in passes(unique, max_pass_tokens)]
+        self._passes, start = [], 0
+        for group in passes(unique, max_pass_tokens):  # in order: a group's scales are the next slice
+            self._passes.append(_Pass(causal_lm, group, scales[start : start + len(group)]))
+            start += len(group)
         # The backward stops at the lowest layer with trained weights (LoRA on the upper layers only).
         self.first_trained = lowest_trained_layer(self.layers)
         self._stages, self._owners = [], []
