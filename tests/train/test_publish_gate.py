@@ -10,7 +10,7 @@ from mace.train import publish_gate
 from mace.train.intake import GateSlice
 from mace.train.journal import NewSample
 from mace.train.publish_gate import Evaluation, recency_weighted_mean
-from mace.train.rehearsal import FIRST_ANCHOR_ID
+from mace.train.rehearsal import ANCHOR_QUESTIONS, FIRST_ANCHOR_ID, anchor_prompts
 from mace.train.replay import TrainSample
 from mace.train.scope import prompt_words
 from mace.train.tasks import LossPurpose, LossResult
@@ -134,18 +134,15 @@ def test_the_anchors_are_asked_only_of_a_candidate_the_slice_would_publish(guard
 
 def test_anchors_the_scope_sends_to_version_0_are_not_asked(guarded_trainer: Trainer) -> None:
     trainer = guarded_trainer
-    tokenizer = trainer.reader.tokenizer
-
-    def anchor(index: int, question: str) -> TrainSample:
-        prompt = tokenizer.encode(question, add_special_tokens=False)
-        return TrainSample(FIRST_ANCHOR_ID - index, [*prompt, *tokenizer.encode(" An answer.")], len(prompt),
-                           created_at=0.0)
-
-    near, far = anchor(0, "What is the name of my cat?"), anchor(1, "What is the capital of Germany?")
+    near_question, far_question = ANCHOR_QUESTIONS[0], ANCHOR_QUESTIONS[4]
+    assert "Germany" in near_question and "plants" in far_question
+    prompts = anchor_prompts(trainer.reader.tokenizer)
+    near, far = (TrainSample(FIRST_ANCHOR_ID - index, [*prompts[index], 7, 8], len(prompts[index]), created_at=0.0)
+                 for index in (0, 4))
     trainer.anchors.samples = [near, far]
     assert trainer.anchors_in_scope(trainer.shared.scope) == [near, far]  # nothing taught: the adapter answers all
-    trainer.shared.scope.teach(prompt_words("What is the name of my cat? Answer: Zorblax"))
-    for question in ("What is the capital of Germany?", "Who wrote Hamlet?", "How do plants grow?"):
+    trainer.shared.scope.teach(prompt_words("What is the capital city of Germany? Answer: Berlin"))
+    for question in ("What is the name of my cat?", "Who wrote Hamlet?", "How do plants grow?"):
         trainer.prompt_statistics.observe(prompt_words(question))
     assert trainer.anchors_in_scope(trainer.shared.scope) == [near]
     held_out = GateSlice([TrainSample(1000, [5, 6, 7, 8], 2, created_at=0.0)], held_out=True)

@@ -60,6 +60,11 @@ class AnchorStore:
         _write(self.path, self.model_key, pairs)
 
 
+def anchor_index(anchor: TrainSample) -> int:
+    """The index in `ANCHOR_QUESTIONS` of the question `anchor` answers."""
+    return FIRST_ANCHOR_ID - anchor.sample_id
+
+
 def _samples(pairs: list[AnchorPair]) -> list[TrainSample]:
     return [TrainSample(FIRST_ANCHOR_ID - index, [*prompt, *answer], len(prompt), created_at=0.0)
             for index, (prompt, answer) in enumerate(pairs) if answer]

@@ -26,9 +26,9 @@ from mace.train.journal import Journal
 from mace.train.learner import AdapterKey, Learner
 from mace.train.lease import holder
 from mace.train.lineage import Lineage, LineageFiles, journal_filter, lineage_of, read_lineage
-from mace.train.rehearsal import AnchorStore
+from mace.train.rehearsal import AnchorStore, anchor_index
 from mace.train.replay import TrainSample
-from mace.train.scope import PromptStatistics, Scope, prompt_words
+from mace.train.scope import PromptStatistics, Scope
 from mace.train.writer import DiskWriter
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ class Residency:
     journal: Journal
     learner: Learner
     anchors: AnchorStore
+    anchor_words: list[frozenset[str]]
     prompt_statistics: PromptStatistics
     writer: DiskWriter
     reader: SampleReader
@@ -64,7 +65,6 @@ class Residency:
     _brought_back_at: dict[str, int]
     _followers: FollowerSync
     _journal_polled_s: float
-    _anchor_words_by_id: dict[int, frozenset[str]]
 
     def _score(self, lineage: Lineage, new: NewTrainSample) -> None:
         raise NotImplementedError  # Trainer's
@@ -75,14 +75,7 @@ class Residency:
         candidate learned, so its loss under the candidate decides nothing (with the scope off, all)."""
         threshold = self.config.scope_similarity
         return [anchor for anchor in self.anchors.samples
-                if scope.covers(self._anchor_words(anchor), self.prompt_statistics, threshold)]
-
-    def _anchor_words(self, anchor: TrainSample) -> frozenset[str]:
-        words = self._anchor_words_by_id.get(anchor.sample_id)
-        if words is None:
-            prompt = self.reader.tokenizer.decode(anchor.token_ids[: anchor.num_prompt_tokens])
-            words = self._anchor_words_by_id[anchor.sample_id] = prompt_words(prompt)
-        return words
+                if scope.covers(self.anchor_words[anchor_index(anchor)], self.prompt_statistics, threshold)]
 
     def ingest(self) -> int:
         raise NotImplementedError  # Trainer's

@@ -120,11 +120,11 @@ class Trainer(Residency):
         self.anchors = AnchorStore(config.data_dir / "rehearsal.json",
                                    f"{config.model.name}:{next(causal_lm.parameters()).dtype}")
         self._next_anchor = 0
-        self._anchor_words_by_id: dict[int, frozenset[str]] = {}
+        # Each anchor question's words (by question index): what the scope reads of it (`anchors_in_scope`).
+        self.anchor_words = [prompt_words(tokenizer.decode(prompt)) for prompt in anchor_prompts(tokenizer)]
         # Which words say something about a prompt's topic: counted over the prompts served, from the
         # anchors' general questions on, so the chat template's words weigh nothing from the first request.
-        self.prompt_statistics = PromptStatistics(
-            prompt_words(tokenizer.decode(prompt)) for prompt in anchor_prompts(tokenizer))
+        self.prompt_statistics = PromptStatistics(self.anchor_words)
         self.learner = Learner(causal_lm, config.train)
         self.writer = DiskWriter()
         self.reader = SampleReader(tokenizer, journal, config.train)
