@@ -236,6 +236,9 @@ class TrainConfig(_Section):
     heldout_size: int = Field(16, ge=1)
     heldout_half_life: float = Field(4.0, gt=0, description="publish gate: a held-out sample's weight halves "
                                      "this many samples back from the newest")
+    heldout_untaught_weight: float = Field(
+        0.25, gt=0, le=1, description="publish gate: the weight of a held-out sample whose question no training "
+        "sample in the replay window answers, against 1 for one whose question is taught")
     publish_margin: float = Field(0.02, ge=0, lt=1)
     max_staleness_s: float = Field(300.0, gt=0)
     min_publish_interval_s: float = Field(10.0, ge=0, description="versions are not published more often")

@@ -186,3 +186,23 @@ def test_after_a_publish_the_new_versions_losses_are_the_candidates_not_asked_ag
     assert evaluate([first, second], candidate_loss=0.5) == [LossPurpose.CANDIDATE, LossPurpose.CANDIDATE,
                                                              LossPurpose.SERVING]
     assert trainer.active_version == 2 and gate.serving_heldout_loss == 0.5
+
+
+def test_held_out_questions_no_sample_taught_weigh_less_in_the_gates_slice(trainer: Trainer) -> None:
+    # A learner that learned the taught question and lost a little on one nobody taught is published;
+    # with every sample weighing alike it would be held back.
+    intake = trainer.intake
+    taught, untaught = [11, 12, 13], [21, 22, 23]
+    intake.accept(TrainSample(1, [*taught, 50], 3, created_at=1.0), held_out=False, loss=3.0)
+    intake.accept(TrainSample(2, [*taught, 50], 3, created_at=2.0), held_out=True, loss=3.0)
+    intake.accept(TrainSample(3, [*untaught, 60], 3, created_at=3.0), held_out=True, loss=3.0)
+    gate_slice = intake.gate_slice()
+    assert [s.sample_id for s in gate_slice.samples] == [2, 3]
+    assert gate_slice.weights == [1.0, trainer.config.heldout_untaught_weight]
+
+    def judged(weights: list[float] | None) -> int | None:
+        return trainer.gate.decide(Evaluation(gate_slice.samples, trainer.active_version, weights=weights,
+                                              learner_losses={2: 1.0, 3: 4.0}, serving_losses={2: 2.0, 3: 2.5}))
+
+    assert judged(None) is None and trainer.active_version == 0
+    assert judged(gate_slice.weights) == 1 and trainer.active_version == 1

@@ -74,3 +74,15 @@ def test_the_buffer_fits_only_when_every_sample_is_under_the_loss() -> None:
     assert buffer.all_fit(0.1)
     buffer.add(unfitted)
     assert not buffer.all_fit(0.1) and buffer.newest(1) == [unfitted] and buffer.newest(5) == [fitted, unfitted]
+
+
+def test_a_held_out_correction_drops_the_older_answer_from_replay(trainer: Trainer) -> None:
+    # The user's newest answer was held out: training must not keep teaching the one it replaced.
+    intake = trainer.intake
+    intake.accept(_sample(1, CITY, answer=50), held_out=False, loss=1.0)
+    intake.accept(_sample(2, PET, answer=60), held_out=False, loss=1.0)
+    intake.accept(_sample(3, CITY, answer=51), held_out=True, loss=1.0)
+    assert _picked(trainer.replay) == {2}
+    assert not trainer.replay.teaches(_sample(3, CITY, answer=51).prompt_key)
+    intake.accept(_sample(4, PET, answer=60), held_out=True, loss=1.0)  # the same answer: still taught
+    assert _picked(trainer.replay) == {2} and trainer.replay.teaches(_sample(4, PET, answer=60).prompt_key)

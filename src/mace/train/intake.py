@@ -40,6 +40,7 @@ class NewTrainSample:
 class GateSlice:
     samples: list[TrainSample]  # oldest first
     held_out: bool  # False: samples the learner trains on (no held-out sample yet)
+    weights: list[float] | None = None  # each sample's, besides recency (None: all alike)
 
 
 class SampleReader:
@@ -109,15 +110,26 @@ class Intake:
                         if not supersedes(sample, older) and older.sample_id != sample.sample_id]
         if held_out:
             self.heldout = [*self.heldout[-self.config.heldout_size :], sample]
+            self.replay.drop_superseded(sample)
         elif sample.num_trained == 0 or len(self.replay) < self.config.replay_window:
             self.replay.add(sample)
 
     def gate_slice(self) -> GateSlice:
         """What the publish gate judges a candidate on: the held-out slice, or, until the first sample
         is held out (`heldout_every` of them), the newest training samples. A user who sent one
-        correction is then served it once the learner fits it, rather than never."""
+        correction is then served it once the learner fits it, rather than never.
+
+        A held-out sample whose very question the learner is taught (a training sample in the window
+        answers it) weighs fully; the others weigh `heldout_untaught_weight`. Those ask for answers no
+        sample taught (another user's fact, a fact told once and held out), which no learner can know
+        and whose loss moves by chance as training teaches other answers: on a drifting trace of facts
+        they outnumbered the taught ones and held back learners that answered more of what users
+        asked (docs/results/train/compare.md)."""
         if self.heldout:
-            return GateSlice(self.heldout[-self.config.heldout_size :], held_out=True)
+            samples = self.heldout[-self.config.heldout_size :]
+            untaught = self.config.heldout_untaught_weight
+            weights = [1.0 if self.replay.teaches(sample.prompt_key) else untaught for sample in samples]
+            return GateSlice(samples, held_out=True, weights=weights)
         return GateSlice(self.replay.newest(self.config.heldout_size), held_out=False)
 
     def resume(self, window: list[tuple[StoredSample, TrainSample]]) -> None:

@@ -51,11 +51,13 @@ log = structlog.get_logger(__name__)
 GATE_SHARE = 1 / 3  # at most this share of the seconds training and the gate's passes spend together
 
 
-def recency_weighted_mean(losses: list[float], half_life: float) -> float:
+def recency_weighted_mean(losses: list[float], half_life: float, weights: list[float] | None = None) -> float:
     """The mean of `losses` (oldest first) with a weight that halves every `half_life` samples back
     from the newest: the publish gate judges a version on what users say now, and an answer they
-    have since corrected (a fact that changed) counts less than its correction."""
-    weights = [half_life_decay(len(losses) - 1 - index, half_life) for index in range(len(losses))]
+    have since corrected (a fact that changed) counts less than its correction. `weights`: each
+    loss's own weight besides (`GateSlice.weights`)."""
+    own = weights or [1.0] * len(losses)
+    weights = [half_life_decay(len(losses) - 1 - index, half_life) * own[index] for index in range(len(losses))]
     return sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
 
 
@@ -66,6 +68,7 @@ class Evaluation:
     samples: list[TrainSample]  # oldest first
     serving_version: int
     held_out: bool = True  # False: judged on training samples, no sample being held out yet
+    weights: list[float] | None = None  # each sample's, besides recency (`GateSlice.weights`)
     learner_losses: dict[int, float] = field(default_factory=dict)  # by sample id
     serving_losses: dict[int, float] = field(default_factory=dict)
     anchors: list[TrainSample] = field(default_factory=list)  # the retention guard's; empty: guard off
@@ -182,7 +185,8 @@ class PublishGate:
             self._serving_losses, self._serving_losses_version = {}, self.active_version
         # Training goes on during the evaluation; the gate judges, and publishes, this snapshot.
         self.learner.snapshot_candidate()
-        evaluation = self._pending = Evaluation(heldout, self.active_version, gate_slice.held_out)
+        evaluation = self._pending = Evaluation(heldout, self.active_version, gate_slice.held_out,
+                                                   gate_slice.weights)
         serving = self.learner.adapter_for(self.active_version)
         requests = []
         for sample in heldout:
@@ -239,8 +243,9 @@ class PublishGate:
     def _slice_losses(self, evaluation: Evaluation) -> tuple[float, float]:
         """The candidate's and the serving version's recency-weighted mean loss on the slice."""
         half_life = self.config.heldout_half_life
-        learner = recency_weighted_mean([evaluation.learner_losses[s.sample_id] for s in evaluation.samples], half_life)
-        serving = recency_weighted_mean([evaluation.serving_losses[s.sample_id] for s in evaluation.samples], half_life)
+        samples, weights = evaluation.samples, evaluation.weights
+        learner = recency_weighted_mean([evaluation.learner_losses[s.sample_id] for s in samples], half_life, weights)
+        serving = recency_weighted_mean([evaluation.serving_losses[s.sample_id] for s in samples], half_life, weights)
         return learner, serving
 
     def _passes_slice(self, learner: float, serving: float) -> tuple[bool, bool]:
