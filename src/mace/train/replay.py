@@ -120,7 +120,6 @@ class ReplayBuffer:
         training always progresses when nothing else needs the device.
         """
         ranked = sorted(self._samples.values(), key=lambda s: self.value(s, now_s), reverse=True)
-        revisit = None
         if self._picked and self._picked_since_revisit >= REVISIT_EVERY - 1:
             revisit = self._samples[next(iter(self._picked))]
             ranked = [revisit, *(sample for sample in ranked if sample is not revisit)]
@@ -134,11 +133,11 @@ class ReplayBuffer:
                 room -= sample.num_tokens
         if not chosen and at_least_one and ranked:
             chosen = ranked[:1]
-        self._note_picked(chosen, revisited=revisit is not None and revisit in chosen)
+        self._note_picked(chosen)
         return MicroBatch(chosen) if chosen else None
 
-    def _note_picked(self, chosen: list[TrainSample], revisited: bool) -> None:
-        """A revisit that did not fit the micro-step's tokens is tried again at the next pick."""
+    def _note_picked(self, chosen: list[TrainSample]) -> None:
+        revisited = bool(self._picked) and chosen[:1] == [self._samples[next(iter(self._picked))]]
         self._picked_since_revisit = 0 if revisited else self._picked_since_revisit + len(chosen)
         for sample in chosen:
             self._picked[sample.sample_id] = None
