@@ -1,10 +1,7 @@
 """Prioritised replay over a bounded window of recent samples (tensor-free).
 
 A sample's value is its loss under the serving adapter times a freshness decay; training draws
-samples in value order. A sample's loss is measured again only when it is trained, so one the
-learner fitted and then forgot (training on other answers moved the weights) would keep its low
-loss and never come back: one picked sample in `REVISIT_EVERY` is the one trained longest ago, whose
-loss is then measured again.
+samples in value order.
 """
 
 from __future__ import annotations
@@ -13,8 +10,6 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import islice
-
-REVISIT_EVERY = 4
 
 
 @dataclass(eq=False)
@@ -54,8 +49,6 @@ class ReplayBuffer:
         self._half_life_s = half_life_s
         self._samples: OrderedDict[int, TrainSample] = OrderedDict()
         self._by_prompt: dict[tuple[int, ...], list[int]] = {}  # prompt -> ids of its samples, oldest first
-        self._picked: OrderedDict[int, None] = OrderedDict()  # ids of samples picked before, the longest ago first
-        self._picked_since_revisit = 0
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -70,12 +63,12 @@ class ReplayBuffer:
         same_prompt = self._by_prompt.setdefault(sample.prompt_key, [])
         if same_prompt and supersedes(sample, self._samples[same_prompt[-1]]):
             for superseded in same_prompt:
-                self._remove(superseded)
+                del self._samples[superseded]
             same_prompt.clear()
         same_prompt.append(sample.sample_id)
         self._samples[sample.sample_id] = sample
         while len(self._samples) > self._window:
-            evicted = self._remove(next(iter(self._samples)))
+            _, evicted = self._samples.popitem(last=False)
             ids = self._by_prompt[evicted.prompt_key]
             ids.remove(evicted.sample_id)  # the oldest of its prompt, so the list's first
             if not ids:
@@ -91,12 +84,8 @@ class ReplayBuffer:
         same_prompt = self._by_prompt.get(sample.prompt_key)
         if same_prompt and supersedes(sample, self._samples[same_prompt[-1]]):
             for superseded in same_prompt:
-                self._remove(superseded)
+                del self._samples[superseded]
             del self._by_prompt[sample.prompt_key]
-
-    def _remove(self, sample_id: int) -> TrainSample:
-        self._picked.pop(sample_id, None)
-        return self._samples.pop(sample_id)
 
     def newest(self, count: int) -> list[TrainSample]:
         """The `count` samples added last, oldest first."""
@@ -120,9 +109,6 @@ class ReplayBuffer:
         training always progresses when nothing else needs the device.
         """
         ranked = sorted(self._samples.values(), key=lambda s: self.value(s, now_s), reverse=True)
-        if self._picked and self._picked_since_revisit >= REVISIT_EVERY - 1:
-            revisit = self._samples[next(iter(self._picked))]
-            ranked = [revisit, *(sample for sample in ranked if sample is not revisit)]
         chosen: list[TrainSample] = []
         room = max_tokens
         for sample in ranked:
@@ -133,15 +119,7 @@ class ReplayBuffer:
                 room -= sample.num_tokens
         if not chosen and at_least_one and ranked:
             chosen = ranked[:1]
-        self._note_picked(chosen)
         return MicroBatch(chosen) if chosen else None
-
-    def _note_picked(self, chosen: list[TrainSample]) -> None:
-        revisited = bool(self._picked) and chosen[:1] == [self._samples[next(iter(self._picked))]]
-        self._picked_since_revisit = 0 if revisited else self._picked_since_revisit + len(chosen)
-        for sample in chosen:
-            self._picked[sample.sample_id] = None
-            self._picked.move_to_end(sample.sample_id)
 
 
 def supersedes(newer: TrainSample, older: TrainSample) -> bool:
