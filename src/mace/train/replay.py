@@ -60,12 +60,8 @@ class ReplayBuffer:
         teach the old answer against the new one, and replay, which favours high loss, would pick the
         old one most once the new one is learned. The same answer again stays: it is confirmed.
         """
-        same_prompt = self._by_prompt.setdefault(sample.prompt_key, [])
-        if same_prompt and supersedes(sample, self._samples[same_prompt[-1]]):
-            for superseded in same_prompt:
-                del self._samples[superseded]
-            same_prompt.clear()
-        same_prompt.append(sample.sample_id)
+        self.drop_superseded(sample)
+        self._by_prompt.setdefault(sample.prompt_key, []).append(sample.sample_id)
         self._samples[sample.sample_id] = sample
         while len(self._samples) > self._window:
             _, evicted = self._samples.popitem(last=False)
@@ -79,8 +75,8 @@ class ReplayBuffer:
         return prompt_key in self._by_prompt
 
     def drop_superseded(self, sample: TrainSample) -> None:
-        """Drop the samples that `sample` (held out, so never added) gives another answer: the user
-        changed it, and training on the old answer would teach against the correction."""
+        """Drop the samples that `sample` gives another answer (`add`'s, and a held-out sample's, which is
+        never added): the user changed it, and training on the old answer would teach against it."""
         same_prompt = self._by_prompt.get(sample.prompt_key)
         if same_prompt and supersedes(sample, self._samples[same_prompt[-1]]):
             for superseded in same_prompt:
