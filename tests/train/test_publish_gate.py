@@ -67,6 +67,18 @@ def test_a_learner_held_back_again_and_again_rests_until_a_publish_or_new_sample
     assert trainer.active_version == 1 and not trainer.is_converged
 
 
+def test_a_learner_does_not_rest_while_a_sample_was_never_trained(trainer: Trainer) -> None:
+    """An acknowledged sample is learned from at least once: a tenant resting past the resident bound
+    would otherwise leave memory with it untrained (train/residency.py brings it back only once)."""
+    untrained = TrainSample(7, [5, 6, 7, 8], 2, created_at=0.0)
+    trainer.intake.accept(untrained, held_out=False, loss=2.0)  # scored, not trained yet
+    for _ in range(trainer.config.rest_after_held_back + 1):
+        trainer.gate.decide(_evaluation(trainer, serving_loss=3.0, learner_loss=2.99))
+    assert not trainer.is_converged and trainer.shared.is_trainable(trainer.config)
+    untrained.num_trained = 1  # what `Trainer.run_work` records after its micro-step
+    assert trainer.is_converged
+
+
 def _anchors(count: int) -> list[TrainSample]:
     return [TrainSample(FIRST_ANCHOR_ID - index, [9, 10, 11, 12, 13], 2, created_at=0.0) for index in range(count)]
 

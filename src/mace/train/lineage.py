@@ -204,7 +204,11 @@ class Lineage:
 
     def is_converged(self, config: TrainConfig) -> bool:
         """Nothing left to gain from its samples: the learner fits every one, or the gate held it back
-        `rest_after_held_back` times in a row with no new sample (`Trainer.is_converged`)."""
+        `rest_after_held_back` times in a row with no new sample (`Trainer.is_converged`). Never while a
+        sample in the window has not been trained once: an acknowledged sample is always learned from,
+        and a resting tenant past the resident bound would leave memory with it untrained."""
+        if self.replay.has_untrained():
+            return False
         plateau = self.gate.num_held_back >= config.rest_after_held_back
         return plateau or self.replay.all_fit(config.converged_loss)
 

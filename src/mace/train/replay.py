@@ -1,7 +1,10 @@
 """Prioritised replay over a bounded window of recent samples (tensor-free).
 
 A sample's value is its loss under the serving adapter times a freshness decay; training draws
-samples in value order.
+samples in value order. A sample's loss is measured again only when it is trained, so one the
+learner fitted and then forgot (training on other answers moved the weights) would keep its low
+loss and never come back: one picked sample in `REVISIT_EVERY` is the one trained longest ago, whose
+loss is then measured again.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import islice
+
+REVISIT_EVERY = 4
 
 
 @dataclass(eq=False)
@@ -49,6 +54,8 @@ class ReplayBuffer:
         self._half_life_s = half_life_s
         self._samples: OrderedDict[int, TrainSample] = OrderedDict()
         self._by_prompt: dict[tuple[int, ...], list[int]] = {}  # prompt -> ids of its samples, oldest first
+        self._picked: OrderedDict[int, None] = OrderedDict()  # ids of samples picked before, the longest ago first
+        self._picked_since_revisit = 0
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -64,7 +71,7 @@ class ReplayBuffer:
         self._by_prompt.setdefault(sample.prompt_key, []).append(sample.sample_id)
         self._samples[sample.sample_id] = sample
         while len(self._samples) > self._window:
-            _, evicted = self._samples.popitem(last=False)
+            evicted = self._remove(next(iter(self._samples)))
             ids = self._by_prompt[evicted.prompt_key]
             ids.remove(evicted.sample_id)  # the oldest of its prompt, so the list's first
             if not ids:
@@ -80,8 +87,12 @@ class ReplayBuffer:
         same_prompt = self._by_prompt.get(sample.prompt_key)
         if same_prompt and supersedes(sample, self._samples[same_prompt[-1]]):
             for superseded in same_prompt:
-                del self._samples[superseded]
+                self._remove(superseded)
             del self._by_prompt[sample.prompt_key]
+
+    def _remove(self, sample_id: int) -> TrainSample:
+        self._picked.pop(sample_id, None)
+        return self._samples.pop(sample_id)
 
     def newest(self, count: int) -> list[TrainSample]:
         """The `count` samples added last, oldest first."""
@@ -90,6 +101,9 @@ class ReplayBuffer:
     def all_fit(self, loss: float) -> bool:
         """Whether every sample's latest loss (its score, or its loss when last trained) is under `loss`."""
         return bool(self._samples) and all(sample.loss < loss for sample in self._samples.values())
+
+    def has_untrained(self) -> bool:
+        return any(sample.num_trained == 0 for sample in self._samples.values())
 
     def untrained_weight(self) -> float:
         """The summed weight of samples not trained yet: what a lineage stands to learn (train/lineage.py)."""
@@ -105,6 +119,10 @@ class ReplayBuffer:
         training always progresses when nothing else needs the device.
         """
         ranked = sorted(self._samples.values(), key=lambda s: self.value(s, now_s), reverse=True)
+        revisit = None
+        if self._picked and self._picked_since_revisit >= REVISIT_EVERY - 1:
+            revisit = self._samples[next(iter(self._picked))]
+            ranked = [revisit, *(sample for sample in ranked if sample is not revisit)]
         chosen: list[TrainSample] = []
         room = max_tokens
         for sample in ranked:
@@ -115,7 +133,15 @@ class ReplayBuffer:
                 room -= sample.num_tokens
         if not chosen and at_least_one and ranked:
             chosen = ranked[:1]
+        self._note_picked(chosen, revisited=revisit is not None and revisit in chosen)
         return MicroBatch(chosen) if chosen else None
+
+    def _note_picked(self, chosen: list[TrainSample], revisited: bool) -> None:
+        """A revisit that did not fit the micro-step's tokens is tried again at the next pick."""
+        self._picked_since_revisit = 0 if revisited else self._picked_since_revisit + len(chosen)
+        for sample in chosen:
+            self._picked[sample.sample_id] = None
+            self._picked.move_to_end(sample.sample_id)
 
 
 def supersedes(newer: TrainSample, older: TrainSample) -> bool:
