@@ -7,7 +7,13 @@ questions whose very question was taught with the reference answer before (what 
 each taught sample at once, and nothing more, answers), and, for the personalization trace, the share
 whose fact (the user's attribute, under either of its two phrasings) was. No server; prints only.
 
+`--requests DIR/mace/requests.jsonl` (a `loadgen compare` run of the same trace) also says how much of
+that ceiling the run reached: per phase, the questions answered exactly among those whose very
+question was taught before, and how many of its wrong answers were another user's value for the same
+attribute (an answer learned, but bound to the wrong user).
+
     .venv/bin/python benchmarks/trace_ceiling.py [--trace personalization] [--trace-rate 1.0] [--seed 0]
+        [--requests PATH]
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import json
 from collections import Counter
 
+from loadgen.metrics import exact_match
 from loadgen.personalization import QUESTIONS
 from loadgen.traces import DriftSpec, TraceItem, builtin
 
@@ -34,7 +41,11 @@ def fact_key(item: TraceItem, messages: list[dict[str, str]]) -> tuple[str | Non
     return (item.user, attribute) if attribute is not None else None
 
 
-def ceilings(items: list[TraceItem], heldout_every: int) -> dict[int, Counter[str]]:
+def ceilings(items: list[TraceItem], heldout_every: int,
+             answers: dict[str, str] | None = None) -> dict[int, Counter[str]]:
+    """Per phase: questions asked, whose question / fact was taught before; with `answers` (the run's
+    answer by trace id), how many taught questions it answered right, and its wrong answers that are
+    another user's value of the same fact."""
     taught_answers: dict[str, str] = {}
     taught_facts: dict[tuple[str | None, str], str] = {}
     sample_id = 0
@@ -45,6 +56,14 @@ def ceilings(items: list[TraceItem], heldout_every: int) -> dict[int, Counter[st
         fact = fact_key(item, item.messages)
         if item.reference is not None and taught_answers.get(prompt_key(item.messages)) == item.reference:
             counts["question taught"] += 1
+            if answers is not None and item.id in answers:
+                answer = answers[item.id]
+                counts["taught, answered"] += 1
+                if exact_match(answer, item.reference):
+                    counts["taught, right"] += 1
+                elif fact is not None and any(exact_match(answer, value) for (user, attribute), value
+                                              in taught_facts.items() if attribute == fact[1] and user != item.user):
+                    counts["taught, another user"] += 1
         if fact is not None and taught_facts.get(fact) == item.reference:
             counts["fact taught"] += 1
         for sample in item.feedback or []:
@@ -59,6 +78,14 @@ def ceilings(items: list[TraceItem], heldout_every: int) -> dict[int, Counter[st
     return by_phase
 
 
+def run_answers(path: str) -> dict[str, str]:
+    """A compare run's chat answers by trace id (requests.jsonl), the ones that finished."""
+    with open(path) as records:
+        rows = [json.loads(line) for line in records if line.strip()]
+    return {row["trace_id"]: row["answer"] or "" for row in rows
+            if row.get("kind") == "chat" and row.get("trace_id") and row.get("status") == "ok"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", default="personalization")
@@ -66,9 +93,11 @@ def main() -> None:
     parser.add_argument("--trace-feedback", type=float, default=DriftSpec.feedback_fraction)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heldout-every", type=int, default=TrainConfig().heldout_every)
+    parser.add_argument("--requests", help="a compare run's requests.jsonl: how much of the ceiling it reached")
     args = parser.parse_args()
     spec = DriftSpec(seed=args.seed, rate=args.trace_rate, feedback_fraction=args.trace_feedback)
-    by_phase = ceilings(builtin(args.trace, spec), args.heldout_every)
+    answers = run_answers(args.requests) if args.requests else None
+    by_phase = ceilings(builtin(args.trace, spec), args.heldout_every, answers)
     print(f"trace {args.trace}, seed {args.seed}, rate {args.trace_rate}/s, "
           f"every {args.heldout_every}th sample held out")
     print("| phase | questions | its question taught before | its fact taught before (either phrasing) |")
@@ -76,6 +105,14 @@ def main() -> None:
     for phase, counts in sorted(by_phase.items()):
         asked = counts["asked"]
         print(f"| {phase} | {asked} | {counts['question taught'] / asked:.1%} | {counts['fact taught'] / asked:.1%} |")
+    if answers is None:
+        return
+    print(f"\nthe run {args.requests}, on the questions whose very question was taught before:")
+    print("| phase | answered | right | wrong, another user's value of the same fact |")
+    print("|---|---|---|---|")
+    for phase, counts in sorted(by_phase.items()):
+        print(f"| {phase} | {counts['taught, answered']} | {counts['taught, right']} | "
+              f"{counts['taught, another user']} |")
 
 
 if __name__ == "__main__":
