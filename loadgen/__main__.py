@@ -43,6 +43,8 @@ def _add_trace_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trace-feedback", type=float, default=0.5, help="fraction of items carrying feedback")
     group.add_argument("--max-tokens", type=int, default=8)
     group.add_argument("--tenants", type=int, default=16, help="tenants trace: tenants, each with its own 4 facts")
+    group.add_argument("--user-tenants", action="store_true",
+                       help="personalization trace: each user is its own tenant (OpenAI's `user` on its requests)")
     group.add_argument("--chatters", type=int, default=8,
                        help="tenants trace: users who only chat (no `user` field, no feedback)")
 
@@ -92,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
 def load_items(args: argparse.Namespace) -> list[traces.TraceItem]:
     spec = traces.DriftSpec(seed=args.seed, phases=args.phases, phase_s=args.phase_seconds, rate=args.trace_rate,
                             feedback_fraction=args.trace_feedback, max_tokens=args.max_tokens,
-                            tenants=args.tenants, chatters=args.chatters)
+                            tenants=args.tenants, chatters=args.chatters, user_tenants=args.user_tenants)
     return traces.load(args.trace, spec)
 
 

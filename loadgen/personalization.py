@@ -5,6 +5,11 @@ boundary every user changes at least one attribute. A request is a user asking t
 one of their own facts; the reference answer is the fact's value in the request's phase, and the
 feedback (on a seeded fraction of requests) is the user's correction: the question with that answer.
 The facts are never in the prompt, so only a server that learns from the feedback can answer well.
+
+By default no request names a tenant: one shared adapter learns every user's facts, and must bind each
+answer to the user the system prompt names. With `DriftSpec.user_tenants` each user is its own tenant
+(its requests and corrections carry OpenAI's `user`), as an assistant that knows its users would send
+them, and each user's facts are learned by that user's own lineage.
 """
 
 from __future__ import annotations
@@ -65,6 +70,6 @@ def personalization(spec: DriftSpec, users: int = 8) -> list[TraceItem]:
         feedback = [sample(question, answer)] if rng.random() < spec.feedback_fraction else None
         items.append(TraceItem(
             id=f"p{index}", time=time, messages=question, max_tokens=spec.max_tokens, phase=phase,
-            reference=answer, user=name, feedback=feedback,
+            reference=answer, user=name, feedback=feedback, tenant=name if spec.user_tenants else None,
         ))
     return items

@@ -104,6 +104,7 @@ class DriftSpec:
     max_tokens: int = 8
     tenants: int = 16  # the tenants trace: how many tenants teach and ask about their own facts
     chatters: int = 8  # the tenants trace: users who only chat (no tenant, no feedback)
+    user_tenants: bool = False  # the personalization trace: each user is its own tenant (OpenAI's `user`)
 
     def arrivals(self, rng: random.Random) -> list[float]:
         times: list[float] = []

@@ -51,6 +51,14 @@ def test_personalization_facts_change_at_every_boundary() -> None:
         assert answers.setdefault(key, item.reference) == item.reference
 
 
+def test_personalization_with_user_tenants_is_the_same_trace_with_each_user_its_own_tenant() -> None:
+    shared = builtin("personalization", SPEC)
+    per_user = builtin("personalization", DriftSpec(seed=7, phases=3, phase_s=30.0, rate=3.0, user_tenants=True))
+    assert all(item.tenant is None for item in shared)
+    assert [item.tenant for item in per_user] == [item.user for item in shared]
+    assert [(i.messages, i.reference, i.feedback) for i in per_user] == [(i.messages, i.reference, i.feedback)
+                                                                        for i in shared]
+
 def test_moderation_policy_flips_between_phases() -> None:
     history = policies(random.Random(0), phases=5)
     for before, after in itertools.pairwise(history):
