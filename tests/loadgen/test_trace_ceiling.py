@@ -1,0 +1,43 @@
+"""benchmarks/trace_ceiling.py: the trace's ceiling, and how much of it a run's answers reached."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from loadgen.traces import DriftSpec, builtin
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("trace_ceiling", ROOT / "benchmarks" / "trace_ceiling.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["trace_ceiling"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_run_that_answers_every_taught_question_reaches_the_ceiling_and_a_wrong_users_answer_is_counted() -> None:
+    trace_ceiling = _module()
+    items = builtin("personalization", DriftSpec(seed=0, rate=1.0))
+    ceiling = trace_ceiling.ceilings(items, heldout_every=5)
+    right = trace_ceiling.ceilings(items, 5, answers={item.id: f"{item.reference}." for item in items})
+    nobody = trace_ceiling.ceilings(items, 5, answers={})
+    for phase, counts in ceiling.items():
+        assert counts["question taught"] > 0
+        assert right[phase]["taught, answered"] == right[phase]["taught, right"] == counts["question taught"]
+        assert nobody[phase]["taught, answered"] == 0
+    # One user's answer given to another user whose value differs: counted as another user's value.
+    by_fact = {(item.user, item.messages[-1]["content"], item.phase): item.reference for item in items}
+    swapped = {}
+    for item in items:
+        others = [value for (user, question, phase), value in by_fact.items()
+                  if question == item.messages[-1]["content"] and user != item.user and value != item.reference]
+        swapped[item.id] = others[0] if others else "nothing"
+    wrong = trace_ceiling.ceilings(items, 5, answers=swapped)
+    assert sum(counts["taught, right"] for counts in wrong.values()) == 0
+    assert sum(counts["taught, another user"] for counts in wrong.values()) > 0
