@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 
 import pytest
 import torch
 
 from mace.engine.streams import StreamManager
-from tests.conftest import ROOT
+from tests.conftest import benchmark_module
 
 
 def test_cpu_streams_run_work_in_place_and_in_order() -> None:
@@ -27,11 +25,7 @@ def test_cpu_streams_run_work_in_place_and_in_order() -> None:
 
 
 def test_gpu_coserve_script_runs_every_mode_on_cpu() -> None:
-    spec = importlib.util.spec_from_file_location("gpu_coserve", ROOT / "benchmarks" / "gpu_coserve.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_coserve"] = module
-    spec.loader.exec_module(module)
+    module = benchmark_module("gpu_coserve")
     results = module.main(["--device", "cpu", "--size", "tiny", "--dtype", "float32", "--batch", "2",
                            "--prompt-tokens", "8", "--sample-tokens", "32", "--steps", "12", "--warmup", "4",
                            "--kv-gib", "1"])

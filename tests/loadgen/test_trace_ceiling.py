@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 from loadgen.traces import DriftSpec, builtin
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("trace_ceiling", ROOT / "benchmarks" / "trace_ceiling.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["trace_ceiling"] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import benchmark_module
 
 
 def test_a_run_that_answers_every_taught_question_reaches_the_ceiling_and_a_wrong_users_answer_is_counted() -> None:
-    trace_ceiling = _module()
+    trace_ceiling = benchmark_module("trace_ceiling")
     items = builtin("personalization", DriftSpec(seed=0, rate=1.0))
     ceiling = trace_ceiling.ceilings(items, heldout_every=5)
     right = trace_ceiling.ceilings(items, 5, answers={item.id: f"{item.reference}." for item in items})
