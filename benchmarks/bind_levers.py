@@ -46,6 +46,8 @@ LEVERS: dict[str, dict[str, Any]] = {
     "q, k, v, o": {"target_modules": ("q_proj", "k_proj", "v_proj", "o_proj")},
     "lr 0.004": {"learning_rate": 4e-3},
     "batch 8": {"batch_size": 8},
+    "MLP (gate, up, down)": {"target_modules": ("gate_proj", "up_proj", "down_proj")},
+    "q, v and MLP": {"target_modules": ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")},
 }
 
 Fact = tuple[str, str]  # (user, attribute)

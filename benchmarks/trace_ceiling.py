@@ -48,6 +48,7 @@ def ceilings(items: list[TraceItem], heldout_every: int,
     another user's value of the same fact."""
     taught_answers: dict[str, str] = {}
     taught_facts: dict[tuple[str | None, str], str] = {}
+    earlier_values: dict[tuple[str | None, str], set[str]] = {}  # values a user taught, then changed
     sample_id = 0
     by_phase: dict[int, Counter[str]] = {}
     for item in sorted(items, key=lambda item: item.time):
@@ -61,6 +62,8 @@ def ceilings(items: list[TraceItem], heldout_every: int,
                 counts["taught, answered"] += 1
                 if exact_match(answer, item.reference):
                     counts["taught, right"] += 1
+                elif fact is not None and any(exact_match(answer, value) for value in earlier_values.get(fact, ())):
+                    counts["taught, own earlier value"] += 1
                 elif fact is not None and any(exact_match(answer, value) for (user, attribute), value
                                               in taught_facts.items() if attribute == fact[1] and user != item.user):
                     counts["taught, another user"] += 1
@@ -74,6 +77,8 @@ def ceilings(items: list[TraceItem], heldout_every: int,
             taught_answers[prompt_key(question)] = answer["content"]
             taught_fact = fact_key(item, question)
             if taught_fact is not None:
+                if taught_facts.get(taught_fact, answer["content"]) != answer["content"]:
+                    earlier_values.setdefault(taught_fact, set()).add(taught_facts[taught_fact])
                 taught_facts[taught_fact] = answer["content"]
     return by_phase
 
@@ -108,11 +113,11 @@ def main() -> None:
     if answers is None:
         return
     print(f"\nthe run {args.requests}, on the questions whose very question was taught before:")
-    print("| phase | answered | right | wrong, another user's value of the same fact |")
-    print("|---|---|---|---|")
+    print("| phase | answered | right | wrong, the user's own earlier value | wrong, another user's value of the same fact |")
+    print("|---|---|---|---|---|")
     for phase, counts in sorted(by_phase.items()):
         print(f"| {phase} | {counts['taught, answered']} | {counts['taught, right']} | "
-              f"{counts['taught, another user']} |")
+              f"{counts['taught, own earlier value']} | {counts['taught, another user']} |")
 
 
 if __name__ == "__main__":

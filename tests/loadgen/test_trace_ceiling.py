@@ -27,3 +27,20 @@ def test_a_run_that_answers_every_taught_question_reaches_the_ceiling_and_a_wron
     wrong = trace_ceiling.ceilings(items, 5, answers=swapped)
     assert sum(counts["taught, right"] for counts in wrong.values()) == 0
     assert sum(counts["taught, another user"] for counts in wrong.values()) > 0
+
+
+def test_an_answer_with_the_users_own_earlier_value_is_counted_as_such() -> None:
+    trace_ceiling = benchmark_module("trace_ceiling")
+    items = builtin("personalization", DriftSpec(seed=0, rate=1.0))
+    earlier: dict[tuple[str | None, str], str] = {}
+    stale = {}
+    for item in sorted(items, key=lambda item: item.phase):
+        fact = trace_ceiling.fact_key(item, item.messages)
+        if fact in earlier and earlier[fact] != item.reference:
+            stale[item.id] = earlier[fact]  # the value this user had before changing it
+        elif item.phase == 0:
+            earlier[fact] = item.reference
+    counts = trace_ceiling.ceilings(items, 5, answers=stale)
+    assert sum(phase["taught, answered"] for phase in counts.values()) > 0
+    assert sum(phase["taught, own earlier value"] for phase in counts.values()) > 0
+    assert sum(phase["taught, right"] for phase in counts.values()) == 0
