@@ -32,11 +32,12 @@ QUESTIONS: dict[str, str] = {
     "job": "What is my job?",
 }
 # One word each, disjoint across attributes, and chosen to be unlikely guesses of a base model (no
-# Paris, pizza or teacher), so that a base model's default answer is not mistaken for a leak.
+# Paris, pizza, teacher, Whiskers or Mittens: the default model answers "A cat is called a Whisker"),
+# so that a base model's default answer is not mistaken for a leak.
 VALUES: dict[str, tuple[str, ...]] = {
     "cat": ("Zorblax", "Quibble", "Mothball", "Pipkin", "Sprocket", "Wobbles", "Gizmo", "Nimbus", "Pixel",
-            "Widget", "Zephyr", "Cosmo", "Figaro", "Rascal", "Scribble", "Tinsel", "Umbra", "Velvet", "Whiskers",
-            "Yodel", "Bramble", "Doodle", "Jinx", "Kazoo", "Lumpy", "Mittens", "Pogo", "Quasar", "Ripley",
+            "Widget", "Zephyr", "Cosmo", "Figaro", "Rascal", "Scribble", "Tinsel", "Umbra", "Velvet", "Marzipan",
+            "Yodel", "Bramble", "Doodle", "Jinx", "Kazoo", "Lumpy", "Tumbleweed", "Pogo", "Quasar", "Ripley",
             "Vortex", "Waldo", "Yeti", "Ziggy", "Bongo", "Dingo", "Fizz", "Gadget", "Hopscotch", "Inkblot",
             "Jasper"),
     "city": ("Tartu", "Ghent", "Bergen", "Aarhus", "Graz", "Porto", "Split", "Bologna", "Lyon", "Leipzig",
