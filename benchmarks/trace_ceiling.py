@@ -113,7 +113,8 @@ def main() -> None:
     if answers is None:
         return
     print(f"\nthe run {args.requests}, on the questions whose very question was taught before:")
-    print("| phase | answered | right | wrong, the user's own earlier value | wrong, another user's value of the same fact |")
+    print("| phase | answered | right | wrong, the user's own earlier value "
+          "| wrong, another user's value of the same fact |")
     print("|---|---|---|---|---|")
     for phase, counts in sorted(by_phase.items()):
         print(f"| {phase} | {counts['taught, answered']} | {counts['taught, right']} | "

@@ -204,7 +204,11 @@ class TrainConfig(_Section):
     lora_layer_fraction: float = Field(1.0, gt=0, le=1, description="share of the decoder layers, counted "
                                        "from the top, that get LoRA (the backward stops below them); 1: all")
     learning_rate: float = Field(2e-3, gt=0)
-    batch_size: int = Field(4, ge=1, description="samples per optimizer step (gradient accumulation)")
+    # One sample per optimizer step: AdamW's step has the same size whatever the batch, so on a machine
+    # whose slack trains a few samples a second, smaller steps learn more per token, and a one-sample
+    # micro-step fits the slack between serving steps more closely (docs/results/train/compare.md,
+    # "Smaller, more frequent steps").
+    batch_size: int = Field(1, ge=1, description="samples per optimizer step (gradient accumulation)")
     chunk_tokens: int = Field(64, ge=1, description="continuous policy: training tokens per iteration")
     idle_chunk_tokens: int = Field(512, ge=1, description="training tokens per iteration when nothing is served")
     max_sample_tokens: int = Field(512, ge=8)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mace.model.loader import ModelBundle
-from mace.train.layered import padded_tokens, passes
+from mace.train.layered import HEAD_STAGE_TOKENS, padded_tokens, passes
 from mace.train.learner import BASE, CANDIDATE, LEARNER, Learner
 from mace.train.replay import TrainSample
 from mace.train.work import StageKind
@@ -50,8 +50,11 @@ def test_staged_gradients_equal_whole_model_backward(tmp_path: Path, tiny_bundle
         trained = round(num_layers * layer_fraction)
         assert step.first_trained == num_layers - trained
         kinds = [stage.kind for stage in step.remaining]
-        # Both samples in one pass, the shorter right-padded to the longer.
-        assert kinds == [StageKind.FORWARD] * num_layers + [StageKind.HEAD] + [StageKind.BACKWARD] * trained
+        # Both samples in one pass, the shorter right-padded to the longer; the head on their 43 answer
+        # positions in parts, each small enough for a busy step's slack.
+        head = [stage.num_tokens for stage in step.remaining if stage.kind == StageKind.HEAD]
+        assert head == [HEAD_STAGE_TOKENS] * 5 + [43 - 5 * HEAD_STAGE_TOKENS]
+        assert kinds == [StageKind.FORWARD] * num_layers + [StageKind.HEAD] * 6 + [StageKind.BACKWARD] * trained
         assert step.remaining[0].num_tokens == 2 * 40
         while not step.is_done:
             step.run_next()

@@ -290,6 +290,22 @@ def test_upkeep_eases_in_too() -> None:
     assert 0 < taken[1] <= 0.5 * taken[0]
 
 
+def test_a_stage_that_fits_only_the_whole_slack_runs_once_easing_in_is_over() -> None:
+    """Easing in counts the steps that had training waiting, not only those that ran some: a stage too
+    big for the first share of the slack must not wait at that share for as long as anyone is served."""
+    big = TrainStage(StageKind.HEAD, 30, is_upkeep=True)  # 0.15 s: over a quarter of the slack, under all of it
+    scheduler = make("mace", FakeSource(drift=1.0, upkeep=[big]), tpot_s=0.3)
+    teach_latency(scheduler)
+    planner = scheduler.training
+    assert planner is not None
+    serving, limits = StepShape(0, 2), StepLimits(tpot_s=0.3, ttft_slack_s=math.inf)
+    assert planner.plan(serving, limits).work is not None  # the whole slack holds it
+    planner.ease_in()
+    ran = [planner.plan(serving, limits).work is not None for _ in range(EASE_IN_STEPS + 1)]
+    assert not ran[0]
+    assert ran[-1]
+
+
 def test_a_requests_only_gap_keeps_the_tail_margin_free_and_a_long_stream_the_usual_one() -> None:
     now = [1000.0]
     scheduler = make("mace", FakeSource(drift=5.0), tpot_s=0.1)

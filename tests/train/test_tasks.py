@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from mace.train.journal import NewSample
-from mace.train.layered import MAX_PASS_TOKENS
+from mace.train.layered import MAX_PASS_TOKENS, head_parts
 from mace.train.learner import BASE, CANDIDATE
 from mace.train.replay import TrainSample
 from mace.train.tasks import LossPurpose, LossRequest, TaskQueue
@@ -51,7 +51,8 @@ def test_loss_requests_join_a_pass_of_the_same_adapter_and_lineage_within_its_si
     tasks = list(queue._upkeep)
     assert [[r.sample.sample_id for r in task.requests] for task in tasks] == [[1, 3], [2], [4], [5, 6], [7]]
     stages = queue.upkeep_stages()
-    assert [s.num_tokens for s in stages if s.task_id == tasks[0].task_id] == [80, 80, 60]  # 2 layers, then the head
+    head = head_parts(60)  # the two samples' 30 answer positions each, in parts
+    assert [s.num_tokens for s in stages if s.task_id == tasks[0].task_id] == [80, 80, *head]  # 2 layers, the head
     queue.queue_loss(request(8, CANDIDATE, tokens_of=1))  # sample 1 again: one more request, no more rows
     assert [r.sample.sample_id for r in tasks[0].requests] == [1, 3, 8]
-    assert [s.num_tokens for s in queue.upkeep_stages() if s.task_id == tasks[0].task_id] == [80, 80, 60]
+    assert [s.num_tokens for s in queue.upkeep_stages() if s.task_id == tasks[0].task_id] == [80, 80, *head]

@@ -9,7 +9,8 @@ Training eases in once the server starts serving: warm-up measures its stages on
 and beside live streams (the event loop, clients on the same cores) they first run slower than that
 fit says; over the first `EASE_IN_STEPS` steps that train beside inference, the budget (and the
 slack upkeep may take: scoring the first samples) grows from a quarter to all of it while the
-latency model refits on live steps.
+latency model refits on live steps. The steps counted are those with training work waiting, whether
+or not a stage of it fitted.
 """
 
 from __future__ import annotations
@@ -122,7 +123,9 @@ class TrainPlanner:
         if decision.budget_s > 0 and max_job_tokens > 0:
             stages += self.source.job_stages(max_job_tokens, self._max_pass_tokens(decision.budget_s))
         taken = self._fit_stages(stages, context, decision, upkeep_share=share)
-        if self._ease_in_left and context.has_inference and taken:
+        if self._ease_in_left and context.has_inference and stages:
+            # Counted whether or not a stage fitted: a stage that fits only the whole slack would
+            # otherwise wait at a quarter of it for as long as anyone is served.
             self._ease_in_left -= 1
         if not taken:
             return TrainPlan(None)

@@ -14,6 +14,12 @@ gradient counts once per copy (`distinct`).
 A CPU runs a layer over four 48-token samples at about 1.5x (forward and backward) to 2x (forward
 only) the tokens/s of one at a time (docs/results/train/learn.md, "Samples in one pass").
 
+The head is cut too, into stages of at most `HEAD_STAGE_TOKENS` answer positions: the LM head reads
+its whole 49k x hidden weight for every stage whatever its rows, and a pass's answers in one stage
+(40 positions for five samples) were predicted at 0.2 s on the 2-core CPU, more than a step beside one
+chat stream has to spare, so scoring never ran while anyone chatted. Each part's loss back-propagates
+into the last layer's output on its own; the gradients add up to the whole head's.
+
 `LayeredLoss` is the forward-only counterpart (scoring and held-out evaluation): the same layer
 stages under a chosen adapter, without a graph, ending with each sample's answer loss.
 """
@@ -35,6 +41,8 @@ from mace.train.work import StageKind, TrainStage
 # pass never holds more activations than the longest single sample did, and a layer's stage stays a
 # few tens of milliseconds on a 2-core CPU.
 MAX_PASS_TOKENS = 256
+# Answer positions per head stage: a short answer ("Your cat is called Zorblax.") in one or two.
+HEAD_STAGE_TOKENS = 8
 
 
 def passes(samples: list[TrainSample], max_tokens: int = MAX_PASS_TOKENS) -> list[list[TrainSample]]:
@@ -68,10 +76,17 @@ def padded_tokens(samples: list[TrainSample]) -> int:
     return len(samples) * max(s.num_tokens for s in samples)
 
 
+def head_parts(num_answer_tokens: int) -> list[int]:
+    """The answer positions of each head stage, in order."""
+    starts = range(0, num_answer_tokens, HEAD_STAGE_TOKENS)
+    return [min(HEAD_STAGE_TOKENS, num_answer_tokens - start) for start in starts]
+
+
 def loss_stages(samples: list[TrainSample], num_layers: int) -> list[TrainStage]:
-    """The upkeep stages of a forward-only loss: each layer, then the head on the answers."""
+    """The upkeep stages of a forward-only loss: each layer, then the head on the answers, in parts."""
+    answers = sum(s.num_tokens - s.num_prompt_tokens for s in samples)
     return [*[TrainStage(StageKind.FORWARD, padded_tokens(samples), is_upkeep=True)] * num_layers,
-            TrainStage(StageKind.HEAD, sum(s.num_tokens - s.num_prompt_tokens for s in samples), is_upkeep=True)]
+            *[TrainStage(StageKind.HEAD, part, is_upkeep=True) for part in head_parts(answers)]]
 
 
 class _Pass:
@@ -95,6 +110,10 @@ class _Pass:
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (layer input, layer output) per layer
         self.grad: torch.Tensor | None = None  # d loss / d the output of the layer to back-propagate next
         self.loss_values: torch.Tensor | None = None  # [B], kept on the device: reading waits for the GPU
+        # The answer positions, flattened over the rows: where each one's logits are read (row, position),
+        # the token it predicts and its sample's row; filled by the first head part.
+        self._answer_rows = self._answer_positions = self._targets = self._owners = torch.empty(0)
+        self._per_token: list[torch.Tensor] = []  # each head part's per-position losses
 
     @property
     def num_answer_tokens(self) -> int:
@@ -106,9 +125,13 @@ class _Pass:
         tokens = padded_tokens(self.samples)
         return [
             *[TrainStage(StageKind.FORWARD, tokens)] * num_layers,
-            TrainStage(StageKind.HEAD, self.num_answer_tokens),
+            *[TrainStage(StageKind.HEAD, part) for part in self.head_parts],
             *[TrainStage(StageKind.BACKWARD, tokens)] * (num_layers - first_trained),
         ]
+
+    @property
+    def head_parts(self) -> list[int]:
+        return head_parts(self.num_answer_tokens)
 
     def forward_layer(self, layer: Any, needs_graph: bool = True) -> None:
         decoder = self.causal_lm.model
@@ -128,30 +151,51 @@ class _Pass:
         self.saved.append((layer_input, output))
         self.carry = output.detach().requires_grad_(True)
 
-    def answer_losses(self) -> torch.Tensor:
-        """Each sample's mean loss over its answer tokens, [B]."""
-        assert self.carry is not None
-        hidden, targets, owners = [], [], []
+    def _index_answers(self) -> None:
+        rows, positions, targets, owners = [], [], [], []
         for row, sample in enumerate(self.samples):
-            start = sample.num_prompt_tokens - 1  # the position whose logits predict the first answer token
-            hidden.append(self.carry[row, start : sample.num_tokens - 1])  # [A_row, hidden]
-            targets.append(self.ids[row, start + 1 : sample.num_tokens])
-            owners.append(torch.full((sample.num_tokens - sample.num_prompt_tokens,), row))
-        logits = self.causal_lm.lm_head(self.causal_lm.model.norm(torch.cat(hidden)))  # [A, vocab]
-        per_token = F.cross_entropy(logits.float(), torch.cat(targets), reduction="none")
-        owner = torch.cat(owners).to(per_token.device)
-        counts = torch.bincount(owner, minlength=len(self.samples)).to(per_token.dtype)
-        losses = torch.zeros(len(self.samples), device=per_token.device).index_add_(0, owner, per_token) / counts
-        self.loss_values = losses.detach()
-        return losses
+            # The position whose logits predict the first answer token, through the one before the last.
+            span = range(sample.num_prompt_tokens - 1, sample.num_tokens - 1)
+            rows += [row] * len(span)
+            positions += list(span)
+            targets += sample.token_ids[span.start + 1 : span.stop + 1]
+            owners += [row] * len(span)
+        device = self.ids.device
+        self._answer_rows = torch.tensor(rows, device=device)
+        self._answer_positions = torch.tensor(positions, device=device)
+        self._targets = torch.tensor(targets, device=device)
+        self._owners = torch.tensor(owners, device=device)
 
-    def head(self) -> None:
+    def head_part(self, part: int, backward: bool) -> None:
+        """Head stage `part`: the loss on its answer positions and, when training, its backward into
+        the last layer's output (the parts' gradients add up there). The last part settles each
+        sample's mean answer loss and hands the gradient to the layers."""
         carry = self.carry
         assert carry is not None
-        losses = self.answer_losses()
-        # A non-finite loss back-propagates non-finite gradients; the optimizer then skips the step.
-        (losses * self.scales.to(losses.device)).sum().backward()  # type: ignore[no-untyped-call]
-        self.grad = carry.grad
+        if part == 0:
+            self._index_answers()
+            self._per_token = []
+        start = part * HEAD_STAGE_TOKENS
+        chosen = slice(start, start + HEAD_STAGE_TOKENS)
+        hidden = carry[self._answer_rows[chosen], self._answer_positions[chosen]]  # [part, hidden]
+        logits = self.causal_lm.lm_head(self.causal_lm.model.norm(hidden))  # [part, vocab]
+        per_token = F.cross_entropy(logits.float(), self._targets[chosen], reduction="none")
+        counts = torch.bincount(self._owners, minlength=len(self.samples)).to(per_token.dtype)
+        if backward:
+            owners = self._owners[chosen]
+            # Each sample's loss is its answer's mean, weighted by its scale: so is each position's share.
+            weights = (self.scales.to(per_token.device) / counts)[owners]
+            # A non-finite loss back-propagates non-finite gradients; the optimizer then skips the step.
+            (per_token * weights).sum().backward()  # type: ignore[no-untyped-call]
+        self._per_token.append(per_token.detach())
+        if part + 1 < len(self.head_parts):
+            return
+        every = torch.cat(self._per_token)
+        sums = torch.zeros(len(self.samples), device=every.device).index_add_(0, self._owners, every)
+        self.loss_values = sums / counts
+        self._per_token = []
+        if backward:
+            self.grad = carry.grad
         self.carry = None
 
     def backward_layer(self) -> None:
@@ -231,10 +275,11 @@ class LayeredMicroStep(_Staged):
         sample_pass, within = self._owners[self._next]
         device_type = sample_pass.ids.device.type
         with torch.enable_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=self._is_bf16):
-            if within < len(self.layers):
+            head_part = within - len(self.layers)
+            if head_part < 0:
                 sample_pass.forward_layer(self.layers[within], needs_graph=within >= self.first_trained)
-            elif within == len(self.layers):
-                sample_pass.head()
+            elif head_part < len(sample_pass.head_parts):
+                sample_pass.head_part(head_part, backward=True)
             else:
                 sample_pass.backward_layer()
         self._next += 1
@@ -269,6 +314,5 @@ class LayeredLoss(_Staged):
             if self._next < len(self.layers):
                 self._pass.forward_layer(self.layers[self._next])
             else:
-                self._pass.answer_losses()
-                self._pass.carry = None
+                self._pass.head_part(self._next - len(self.layers), backward=False)
         self._next += 1
