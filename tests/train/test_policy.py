@@ -13,7 +13,7 @@ from mace.engine.scheduler import Scheduler
 from mace.engine.train_planner import EASE_IN_STEPS, StepLimits
 from mace.train.layered import MAX_PASS_TOKENS
 from mace.train.policy import make_policy
-from mace.train.work import StageKind, TrainStage
+from mace.train.work import StageKind, TrainStage, TrainWork
 from tests.engine.test_scheduler import make_request
 
 NUM_LAYERS = 4
@@ -304,6 +304,34 @@ def test_a_stage_that_fits_only_the_whole_slack_runs_once_easing_in_is_over() ->
     ran = [planner.plan(serving, limits).work is not None for _ in range(EASE_IN_STEPS + 1)]
     assert not ran[0]
     assert ran[-1]
+
+
+def test_a_training_stage_bigger_than_one_steps_budget_runs_once_the_budget_adds_up() -> None:
+    """At a low drift the policy gives training a small share of each step's slack; a stage bigger than
+    that share (a head part) runs once the unspent shares of the steps it waited add up to it."""
+    head = TrainStage(StageKind.HEAD, 20)  # 0.1 s
+    source = FakeSource(drift=1.1)  # a fifth of the slack: about 0.055 s a step
+
+    def job_stages(max_job_tokens: int, max_pass_tokens: int = 256) -> list[TrainStage]:
+        return [head, *[TrainStage(StageKind.BACKWARD, SAMPLE_TOKENS)] * NUM_LAYERS]
+
+    source.job_stages = job_stages  # type: ignore[method-assign]
+    scheduler = make("mace", source, tpot_s=0.3)
+    teach_latency(scheduler)
+    planner = scheduler.training
+    assert planner is not None
+    serving, limits = StepShape(0, 8), StepLimits(tpot_s=0.3, ttft_slack_s=math.inf)
+    context = planner._context(serving, limits)
+    budget_s = planner.policy.decide(context).budget_s
+    assert 0 < budget_s < scheduler.latency.marginal_s(shape_of(0, 0, TrainWork((head,))))
+    ran = []
+    for _ in range(4):
+        work = planner.plan(serving, limits).work
+        ran.append(work is not None and head in work.stages)
+        if work is not None:
+            cost_s = scheduler.latency.marginal_s(shape_of(0, 0, work))
+            assert cost_s <= context.slack_s + context.beside_s  # never past the step's slack
+    assert not ran[0] and any(ran)
 
 
 def test_a_requests_only_gap_keeps_the_tail_margin_free_and_a_long_stream_the_usual_one() -> None:

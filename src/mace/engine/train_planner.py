@@ -92,6 +92,10 @@ class TrainPlanner:
         self.clock = clock
         self._steps_since_probe = 0
         self._ease_in_left = 0
+        # The policy's budget left unspent while the next training stage waited for more: the policy gives
+        # a share of the slack, and a stage bigger than one step's share (a head part: a fixed read of the
+        # whole LM head) runs once its share over a few steps adds up to it, instead of never.
+        self._credit_s = 0.0
 
     def ease_in(self, num_steps: int = EASE_IN_STEPS) -> None:
         """Give training beside inference a growing share of its budget over the next `num_steps` such steps."""
@@ -118,11 +122,19 @@ class TrainPlanner:
         decision = self.policy.decide(context)
         if share < 1.0 and math.isfinite(decision.budget_s):
             decision = replace(decision, budget_s=decision.budget_s * share)
+        accrues = share == 1.0 and 0 < decision.budget_s < math.inf  # easing in holds the budget down on purpose
+        if accrues:  # never past the step's slack: the streams' targets come first
+            room_s = max(decision.budget_s, context.slack_s + context.beside_s)
+            decision = replace(decision, budget_s=min(room_s, decision.budget_s + self._credit_s))
         stages = self.source.upkeep_stages()
         max_job_tokens = self._max_train_tokens(decision.max_job_tokens)
         if decision.budget_s > 0 and max_job_tokens > 0:
             stages += self.source.job_stages(max_job_tokens, self._max_pass_tokens(decision.budget_s))
         taken = self._fit_stages(stages, context, decision, upkeep_share=share)
+        waiting = len(taken) < len(stages) and not stages[len(taken)].is_upkeep
+        spent_s = sum(self.latency.marginal_s(shape_of(0, 0, TrainWork((stage,))))
+                      for stage in taken if not stage.is_upkeep)
+        self._credit_s = max(0.0, decision.budget_s - spent_s) if accrues and waiting else 0.0
         if self._ease_in_left and context.has_inference and stages:
             # Counted whether or not a stage fitted: a stage that fits only the whole slack would
             # otherwise wait at a quarter of it for as long as anyone is served.
