@@ -110,9 +110,9 @@ class _Pass:
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (layer input, layer output) per layer
         self.grad: torch.Tensor | None = None  # d loss / d the output of the layer to back-propagate next
         self.loss_values: torch.Tensor | None = None  # [B], kept on the device: reading waits for the GPU
-        # The answer positions, flattened over the rows: where each one's logits are read (row, position),
-        # the token it predicts and its sample's row; filled by the first head part.
-        self._answer_rows = self._answer_positions = self._targets = self._owners = torch.empty(0)
+        # The answer positions, flattened over the rows: each one's row (its sample), position and the token
+        # it predicts, and each sample's count of them; filled by the first head part.
+        self._owners = self._answer_positions = self._targets = self._counts = torch.empty(0)
         self._per_token: list[torch.Tensor] = []  # each head part's per-position losses
 
     @property
@@ -152,19 +152,18 @@ class _Pass:
         self.carry = output.detach().requires_grad_(True)
 
     def _index_answers(self) -> None:
-        rows, positions, targets, owners = [], [], [], []
+        owners, positions, targets = [], [], []
         for row, sample in enumerate(self.samples):
             # The position whose logits predict the first answer token, through the one before the last.
             span = range(sample.num_prompt_tokens - 1, sample.num_tokens - 1)
-            rows += [row] * len(span)
+            owners += [row] * len(span)
             positions += list(span)
             targets += sample.token_ids[span.start + 1 : span.stop + 1]
-            owners += [row] * len(span)
         device = self.ids.device
-        self._answer_rows = torch.tensor(rows, device=device)
+        self._owners = torch.tensor(owners, device=device)
+        self._counts = torch.bincount(self._owners, minlength=len(self.samples)).float()
         self._answer_positions = torch.tensor(positions, device=device)
         self._targets = torch.tensor(targets, device=device)
-        self._owners = torch.tensor(owners, device=device)
 
     def head_part(self, part: int, backward: bool) -> None:
         """Head stage `part`: the loss on its answer positions and, when training, its backward into
@@ -177,14 +176,13 @@ class _Pass:
             self._per_token = []
         start = part * HEAD_STAGE_TOKENS
         chosen = slice(start, start + HEAD_STAGE_TOKENS)
-        hidden = carry[self._answer_rows[chosen], self._answer_positions[chosen]]  # [part, hidden]
+        hidden = carry[self._owners[chosen], self._answer_positions[chosen]]  # [part, hidden]
         logits = self.causal_lm.lm_head(self.causal_lm.model.norm(hidden))  # [part, vocab]
         per_token = F.cross_entropy(logits.float(), self._targets[chosen], reduction="none")
-        counts = torch.bincount(self._owners, minlength=len(self.samples)).to(per_token.dtype)
         if backward:
             owners = self._owners[chosen]
             # Each sample's loss is its answer's mean, weighted by its scale: so is each position's share.
-            weights = (self.scales.to(per_token.device) / counts)[owners]
+            weights = (self.scales.to(per_token.device) / self._counts)[owners]
             # A non-finite loss back-propagates non-finite gradients; the optimizer then skips the step.
             (per_token * weights).sum().backward()  # type: ignore[no-untyped-call]
         self._per_token.append(per_token.detach())
@@ -192,7 +190,7 @@ class _Pass:
             return
         every = torch.cat(self._per_token)
         sums = torch.zeros(len(self.samples), device=every.device).index_add_(0, self._owners, every)
-        self.loss_values = sums / counts
+        self.loss_values = sums / self._counts
         self._per_token = []
         if backward:
             self.grad = carry.grad
