@@ -32,8 +32,9 @@ QUESTIONS: dict[str, str] = {
     "job": "What is my job?",
 }
 # One word each, disjoint across attributes, and chosen to be unlikely guesses of a base model (no
-# Paris, pizza, teacher, Whiskers or Mittens: the default model answers "A cat is called a Whisker"),
-# so that a base model's default answer is not mistaken for a leak.
+# Paris, pizza, teacher, Whiskers, Mittens or fondue: the default model answers "A cat is called a
+# Whisker", and an adapter that has learned to answer with one capitalised word guessed "Fondue"), so
+# that a base model's default answer is not mistaken for a leak.
 VALUES: dict[str, tuple[str, ...]] = {
     "cat": ("Zorblax", "Quibble", "Mothball", "Pipkin", "Sprocket", "Wobbles", "Gizmo", "Nimbus", "Pixel",
             "Widget", "Zephyr", "Cosmo", "Figaro", "Rascal", "Scribble", "Tinsel", "Umbra", "Velvet", "Marzipan",
@@ -47,7 +48,7 @@ VALUES: dict[str, tuple[str, ...]] = {
              "Verona", "Palermo"),
     "food": ("goulash", "pierogi", "moussaka", "paella", "ramen", "falafel", "risotto", "gnocchi", "bibimbap",
              "ceviche", "shakshuka", "lasagna", "burrito", "couscous", "dumplings", "kimchi", "pho", "laksa",
-             "biryani", "tagine", "empanadas", "gazpacho", "fondue", "baklava", "tiramisu", "churros", "crepes",
+             "biryani", "tagine", "empanadas", "gazpacho", "kedgeree", "baklava", "tiramisu", "churros", "crepes",
              "hummus", "tempura", "udon", "tamales", "borscht", "haggis", "poutine", "jambalaya", "gumbo",
              "ratatouille", "quiche", "samosas", "pretzels"),
     "job": ("beekeeper", "glassblower", "cartographer", "astronomer", "blacksmith", "locksmith", "carpenter",
