@@ -1,32 +1,38 @@
-"""GPU check: decode latency and GPU utilization with LoRA fine-tuning overlapped on CUDA streams,
-serialized on one stream, and off.
+"""GPU check, one prepared run: decode speed with and without CUDA graphs, against a compiled bare
+`transformers` loop, and decode latency with LoRA fine-tuning overlapped (stream priority, or SM
+partitioning with green contexts), serialized, and off.
 
-Nothing is downloaded: a randomly initialised Llama of a realistic size is built from a config
-(default: a 1.1B TinyLlama shape, bf16). The mace engine itself runs each mode on the same decode
-workload (a fixed batch of greedy requests, a fixed number of steps):
+Nothing is downloaded: randomly initialised Llamas are built from configs, the default model's
+shape (SmolLM2-135M) and a 1.1B TinyLlama shape, bf16. The mace engine itself runs every mace row.
 
-- off: no trainer.
-- overlapped: the `mace` policy at full drift, training stages on the low-priority stream.
-- serialized: the same, every kernel on one stream (engine.overlap_streams = false).
+1. decode tokens/s at each batch size: mace eager, mace with CUDA graphs (`engine.cuda_graphs`),
+   and a bare loop (`generate()` with a static cache, torch.compile mode "reduce-overhead");
+2. co-serving on one model and batch: TPOT with training off, overlapped on the low-priority
+   stream, overlapped on a green context of part of the SMs, and serialized on one stream;
+   training tokens/s in each, and with no requests at all (training alone); GPU utilisation from
+   nvidia-smi, sampled every 100 ms.
 
 Training modes get a TPOT target of `--tpot-ratio` x the measured training-off TPOT; the scheduler
-fits training stages into that slack using its latency model, so the modes differ in how much
-training the same latency buys. GPU utilization is sampled with nvidia-smi while each mode runs.
+fits training stages into that slack with its latency model. Sections run in that order and stop
+starting new work past `--budget-s`, so the run fits its device lease.
 
-    python benchmarks/gpu_coserve.py                                 # on a GPU machine
-    python benchmarks/gpu_coserve.py --device cpu --size tiny --steps 6   # smoke run
+    python benchmarks/gpu_coserve.py --out results.json                # on a GPU machine
+    python benchmarks/gpu_coserve.py --device cpu --sizes tiny --batches 2 --steps 6   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -42,24 +48,45 @@ from mace.train.replay import TrainSample
 from mace.train.trainer import Trainer
 from mace.train.work import StageKind
 
-SIZES = {  # name: (hidden, intermediate, layers, heads, kv heads, vocab)
-    "1b": (2048, 5632, 22, 32, 4, 32000),
-    "tiny": (256, 688, 4, 8, 4, 1024),
+SIZES = {  # name: (hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings)
+    "1b": (2048, 5632, 22, 32, 4, 32000, False),  # TinyLlama-1.1B
+    "smollm2": (576, 1536, 30, 9, 3, 49152, True),  # SmolLM2-135M, the default model's shape
+    "tiny": (256, 688, 4, 8, 4, 1024, False),
 }
+GREEN_SM_FRACTION = 0.25  # training's share of the SMs in the green-context mode
 
 
 @dataclass
 class ModeResult:
     name: str
-    tpot_ms: list[float]
+    tpot_ms: list[float] = field(repr=False)
     decode_tok_s: float
     train_tok_s: float
-    gpu_util: list[float]
+    gpu_util: list[float] = field(repr=False)
+    graph_steps: int = 0
+
+    @property
+    def tpot_p50(self) -> float:
+        return statistics.median(self.tpot_ms) if self.tpot_ms else 0.0
+
+    @property
+    def tpot_p99(self) -> float:
+        if len(self.tpot_ms) < 2:
+            return self.tpot_p50
+        return statistics.quantiles(self.tpot_ms, n=100)[98]
+
+    @property
+    def util(self) -> float | None:
+        return statistics.mean(self.gpu_util) if self.gpu_util else None
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "tpot_p50_ms": self.tpot_p50, "tpot_p99_ms": self.tpot_p99,
+                "decode_tok_s": self.decode_tok_s, "train_tok_s": self.train_tok_s, "gpu_util": self.util,
+                "graph_steps": self.graph_steps}
 
     def row(self) -> str:
-        q = statistics.quantiles(self.tpot_ms, n=100) if len(self.tpot_ms) > 1 else self.tpot_ms * 99
-        util = f"{statistics.mean(self.gpu_util):.0f}%" if self.gpu_util else "n/a"
-        return (f"| {self.name} | {statistics.median(self.tpot_ms):.2f} | {q[98]:.2f} | {self.decode_tok_s:.0f} "
+        util = f"{self.util:.0f}%" if self.util is not None else "n/a"
+        return (f"| {self.name} | {self.tpot_p50:.2f} | {self.tpot_p99:.2f} | {self.decode_tok_s:.0f} "
                 f"| {self.train_tok_s:.0f} | {util} |")
 
 
@@ -99,10 +126,10 @@ class UtilizationSampler:
 
 
 def build_bundle(size: str, device: torch.device, dtype: torch.dtype) -> ModelBundle:
-    hidden, intermediate, layers, heads, kv_heads, vocab = SIZES[size]
+    hidden, intermediate, layers, heads, kv_heads, vocab, tied = SIZES[size]
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                         max_position_embeddings=16384, tie_word_embeddings=False)
+                         max_position_embeddings=16384, tie_word_embeddings=tied)
     torch.manual_seed(0)
     with device:
         model = LlamaForCausalLM(config).to(dtype).eval()
@@ -112,12 +139,13 @@ def build_bundle(size: str, device: torch.device, dtype: torch.dtype) -> ModelBu
                        dtype=dtype, eos_token_ids=frozenset(), max_position=16384)
 
 
-def mode_config(args: argparse.Namespace, data_dir: Path, policy: str, overlap: bool, tpot_s: float) -> MaceConfig:
+def mode_config(args: argparse.Namespace, data_dir: Path, batch: int, policy: str, overlap: bool, tpot_s: float,
+                graphs: bool) -> MaceConfig:
     return load_config(None, {
         "data_dir": str(data_dir), "cache_dir": str(data_dir / "cache"),
         "model": {"device": args.device, "max_model_len": args.prompt_tokens + args.steps + args.warmup + 8},
-        "engine": {"max_num_seqs": args.batch, "max_num_batched_tokens": max(512, args.batch * args.prompt_tokens),
-                   "overlap_streams": overlap},
+        "engine": {"max_num_seqs": max(batch, 1), "max_num_batched_tokens": max(512, batch * args.prompt_tokens),
+                   "overlap_streams": overlap, "cuda_graphs": graphs},
         "memory": {"budget_bytes": args.kv_gib * 1024**3},
         "slo": {"tpot_s": tpot_s, "ttft_s": 10.0},
         "train": {"policy": policy, "max_sample_tokens": args.sample_tokens, "batch_size": 4,
@@ -125,12 +153,15 @@ def mode_config(args: argparse.Namespace, data_dir: Path, policy: str, overlap: 
     }, environ={})
 
 
-def run_mode(name: str, bundle: ModelBundle, config: MaceConfig, trainer: Trainer | None,
-             args: argparse.Namespace) -> ModeResult:
+def run_mode(name: str, bundle: ModelBundle, config: MaceConfig, trainer: Trainer | None, batch: int,
+             args: argparse.Namespace, green: bool = False) -> ModeResult:
+    """`batch` greedy requests decoding together (0: none, training alone) for `args.steps` steps."""
     engine = EngineCore(bundle, config, trainer)
+    if green:
+        engine.runner.streams.partition_training(GREEN_SM_FRACTION)
     vocab = bundle.causal_lm.config.vocab_size
     generator = torch.Generator().manual_seed(1)
-    for index in range(args.batch):
+    for index in range(batch):
         prompt = torch.randint(3, vocab, (args.prompt_tokens,), generator=generator).tolist()
         engine.scheduler.add_request(Request(
             request_id=f"{name}-{index}", prompt_token_ids=prompt,
@@ -141,6 +172,9 @@ def run_mode(name: str, bundle: ModelBundle, config: MaceConfig, trainer: Traine
         engine.step()
     for _ in range(args.warmup):  # the latency model learns this machine, kernels warm up
         engine.step()
+    engine.runner.streams.synchronize()
+    static = engine.runner.static_decode
+    graph_steps_before = static.num_steps if static is not None else 0
     sampler = UtilizationSampler()
     sampler.start()
     step_ms: list[float] = []
@@ -163,10 +197,41 @@ def run_mode(name: str, bundle: ModelBundle, config: MaceConfig, trainer: Traine
     train_tok_s = train_layer_tokens / (2 * num_layers) / elapsed
     for request in list(engine.scheduler.running):
         engine.scheduler.abort_request(request.request_id)
+    graph_steps = (static.num_steps - graph_steps_before) if static is not None else 0
     del engine
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return ModeResult(name, step_ms, decode_tokens / elapsed, train_tok_s, util)
+    return ModeResult(name, step_ms if batch else [], decode_tokens / elapsed, train_tok_s, util, graph_steps)
+
+
+def bare_compiled_loop(bundle: ModelBundle, batch: int, args: argparse.Namespace) -> float:
+    """Decode tokens/s of `generate()` with a static cache, compiled ("reduce-overhead": CUDA graphs)."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model = bundle.causal_lm
+    vocab = model.config.vocab_size
+    prompt = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(3))
+    prompt = prompt.to(bundle.device)
+    new_tokens = args.steps
+
+    def generate(count: int) -> float:
+        config = GenerationConfig(max_new_tokens=count, min_new_tokens=count, do_sample=False,
+                                  cache_implementation="static", pad_token_id=0,
+                                  compile_config=CompileConfig(fullgraph=False, mode="reduce-overhead"))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    generate(new_tokens)  # compiles and captures
+    short = generate(2)  # prefill and the first token: taken out below
+    full = generate(new_tokens)
+    return batch * (new_tokens - 2) / max(full - short, 1e-9)
 
 
 def fill_replay(trainer: Trainer, vocab: int, args: argparse.Namespace) -> None:
@@ -177,48 +242,164 @@ def fill_replay(trainer: Trainer, vocab: int, args: argparse.Namespace) -> None:
     trainer.drift.observe(5.0)  # nothing published yet: full drift, the policy trains with all the slack
 
 
-def main(argv: list[str] | None = None) -> list[ModeResult]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--size", choices=sorted(SIZES), default="1b")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--batch", type=int, default=32, help="requests decoding together")
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--sample-tokens", type=int, default=2048, help="tokens per training sample")
-    parser.add_argument("--steps", type=int, default=300, help="measured decode steps per mode")
-    parser.add_argument("--warmup", type=int, default=40)
-    parser.add_argument("--tpot-ratio", type=float, default=1.1, help="training modes' TPOT target / off")
-    parser.add_argument("--kv-gib", type=int, default=8)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    bundle = build_bundle(args.size, device, getattr(torch, args.dtype))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}; model {args.size} ({sum(p.numel() for p in bundle.causal_lm.parameters()) / 1e9:.2f}B "
-          f"params, {args.dtype}); batch {args.batch}; {args.steps} steps per mode; samples of "
-          f"{args.sample_tokens} tokens", flush=True)
+class Report:
+    """Tables printed as each row lands, and everything in one JSON file at the end."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.started = time.monotonic()
+        self.budget_s = budget_s
+        self.data: dict[str, Any] = {"decode": [], "coserve": [], "skipped": []}
+
+    def in_budget(self, what: str) -> bool:
+        if time.monotonic() - self.started < self.budget_s:
+            return True
+        self.data["skipped"].append(what)
+        print(f"skipped (past the budget): {what}", flush=True)
+        return False
+
+
+def decode_section(args: argparse.Namespace, report: Report, device: torch.device, dtype: torch.dtype) -> None:
+    print("\n| model | batch | mace eager tok/s | mace graphs tok/s | graphs / eager | graph steps |", flush=True)
+    print("|---|---|---|---|---|---|", flush=True)
+    for size in args.sizes:
+        bundle = build_bundle(size, device, dtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            for batch in args.batches:
+                if not report.in_budget(f"decode {size} batch {batch}"):
+                    return
+                modes = {}
+                for graphs in (False, True):
+                    config = mode_config(args, Path(tmp), batch, "none", True, 10.0, graphs)
+                    try:
+                        modes[graphs] = run_mode("graphs" if graphs else "eager", bundle, config, None, batch, args)
+                    except Exception as error:  # one failed row must not lose the lease's other figures
+                        traceback.print_exc()
+                        report.data["skipped"].append(f"decode {size} {batch} graphs={graphs}: {error!r}")
+                if len(modes) < 2:
+                    continue
+                eager, graphs_mode = modes[False], modes[True]
+                row = {"model": size, "batch": batch, "eager_tok_s": eager.decode_tok_s,
+                       "graphs_tok_s": graphs_mode.decode_tok_s, "eager_tpot_p50_ms": eager.tpot_p50,
+                       "graphs_tpot_p50_ms": graphs_mode.tpot_p50, "graph_steps": graphs_mode.graph_steps}
+                report.data["decode"].append(row)
+                print(f"| {size} | {batch} | {eager.decode_tok_s:.0f} | {graphs_mode.decode_tok_s:.0f} "
+                      f"| {graphs_mode.decode_tok_s / eager.decode_tok_s:.2f}x | {graphs_mode.graph_steps} |",
+                      flush=True)
+        del bundle
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def coserve_section(args: argparse.Namespace, report: Report, device: torch.device, dtype: torch.dtype) -> list[
+        ModeResult]:
+    size, batch = args.coserve_size, args.coserve_batch
+    if not report.in_budget(f"co-serving {size} batch {batch}"):
+        return []
+    bundle = build_bundle(size, device, dtype)
+    results: list[ModeResult] = []
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
-        off = run_mode("off", bundle, mode_config(args, data_dir, "none", True, 10.0), None, args)
-        target_s = statistics.median(off.tpot_ms) / 1000 * args.tpot_ratio
-        print(f"training-off TPOT p50 {statistics.median(off.tpot_ms):.2f} ms; training modes' TPOT target "
-              f"{target_s * 1000:.2f} ms", flush=True)
-        train_config = mode_config(args, data_dir, "mace", True, target_s)
+        graphs = device.type == "cuda"
+        off = run_mode("off", bundle, mode_config(args, data_dir, batch, "none", True, 10.0, graphs), None, batch, args)
+        results.append(off)
+        target_s = off.tpot_p50 / 1000 * args.tpot_ratio
+        print(f"\nco-serving {size}, batch {batch}: training-off TPOT p50 {off.tpot_p50:.2f} ms; training modes' "
+              f"TPOT target {target_s * 1000:.2f} ms", flush=True)
+        train_config = mode_config(args, data_dir, batch, "mace", True, target_s, graphs)
         journal = Journal(data_dir / "journal.sqlite3", held_out_every(train_config.train.heldout_every))
         trainer = Trainer(bundle.causal_lm, bundle.tokenizer, journal, train_config)
         fill_replay(trainer, bundle.causal_lm.config.vocab_size, args)
-        results = [off]
-        for mode, overlap in (("overlapped", True), ("serialized", False)):
-            config = mode_config(args, data_dir, "mace", overlap, target_s)
-            results.append(run_mode(mode, bundle, config, trainer, args))
+        modes: list[tuple[str, bool, bool, int]] = [("overlapped", True, False, batch)]
+        if device.type == "cuda":
+            modes.append(("overlapped-green", True, True, batch))
+        modes += [("serialized", False, False, batch), ("training-alone", True, False, 0)]
+        for name, overlap, green, mode_batch in modes:
+            if not report.in_budget(f"co-serving mode {name}"):
+                break
+            config = mode_config(args, data_dir, batch, "mace", overlap, target_s, graphs)
+            try:
+                results.append(run_mode(name, bundle, config, trainer, mode_batch, args, green=green))
+            except Exception as error:  # green contexts: not in every torch or driver
+                traceback.print_exc()
+                print(f"{name}: unavailable ({type(error).__name__}: {error})", flush=True)
+                report.data["skipped"].append(f"{name}: {type(error).__name__}: {error}")
         journal.close()
-    print("\n| mode | TPOT p50 (ms) | TPOT p99 (ms) | decode tok/s | train tok/s | GPU util |")
-    print("|---|---|---|---|---|---|")
+    print("\n| mode | TPOT p50 (ms) | TPOT p99 (ms) | decode tok/s | train tok/s | GPU util |", flush=True)
+    print("|---|---|---|---|---|---|", flush=True)
     for result in results:
-        print(result.row())
-    base = statistics.median(off.tpot_ms)
+        print(result.row(), flush=True)
+        report.data["coserve"].append(result.summary())
+    alone = next((r for r in results if r.name == "training-alone"), None)
     for result in results[1:]:
-        print(f"{result.name}: TPOT p50 {statistics.median(result.tpot_ms) / base:.2f}x training-off")
+        if result.tpot_ms:
+            share = f", training {result.train_tok_s / alone.train_tok_s:.0%} of alone" if alone and \
+                alone.train_tok_s else ""
+            print(f"{result.name}: TPOT p50 {result.tpot_p50 / off.tpot_p50:.2f}x training-off{share}", flush=True)
     return results
+
+
+def bare_section(args: argparse.Namespace, report: Report, device: torch.device, dtype: torch.dtype) -> None:
+    if device.type != "cuda":
+        return
+    print("\n| model | batch | bare compiled loop tok/s |", flush=True)
+    print("|---|---|---|", flush=True)
+    order = sorted(args.batches, key=lambda batch: (batch != 8, batch))  # batch 8 first: the target's
+    report.data["bare"] = []
+    for size in args.sizes:
+        bundle = build_bundle(size, device, dtype)
+        for batch in order:
+            if not report.in_budget(f"bare loop {size} batch {batch}"):
+                break
+            try:
+                tok_s = bare_compiled_loop(bundle, batch, args)
+            except Exception as error:
+                print(f"bare loop {size} batch {batch}: failed ({type(error).__name__}: {error})", flush=True)
+                report.data["skipped"].append(f"bare {size} {batch}: {type(error).__name__}: {error}")
+                continue
+            report.data["bare"].append({"model": size, "batch": batch, "tok_s": tok_s})
+            print(f"| {size} | {batch} | {tok_s:.0f} |", flush=True)
+        del bundle
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["1b", "smollm2"])
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes")
+    parser.add_argument("--coserve-size", choices=sorted(SIZES), default=None, help="default: the first size")
+    parser.add_argument("--coserve-batch", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--sample-tokens", type=int, default=2048, help="tokens per training sample")
+    parser.add_argument("--steps", type=int, default=200, help="measured decode steps per mode")
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--tpot-ratio", type=float, default=1.1, help="training modes' TPOT target / off")
+    parser.add_argument("--kv-gib", type=int, default=8)
+    parser.add_argument("--budget-s", type=float, default=400, help="start no new measurement after this")
+    parser.add_argument("--sections", nargs="+", choices=["decode", "coserve", "bare"],
+                        default=["decode", "coserve", "bare"])
+    parser.add_argument("--out", type=Path, default=None, help="write every figure here as JSON")
+    args = parser.parse_args(argv)
+    args.coserve_size = args.coserve_size or args.sizes[0]
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}; torch {torch.__version__}; {args.dtype}; {args.steps} steps per mode; training samples "
+          f"of {args.sample_tokens} tokens", flush=True)
+    report = Report(args.budget_s)
+    report.data["device"] = name
+    report.data["torch"] = torch.__version__
+    if "decode" in args.sections:
+        decode_section(args, report, device, dtype)
+    if "coserve" in args.sections:
+        coserve_section(args, report, device, dtype)
+    if "bare" in args.sections:
+        bare_section(args, report, device, dtype)
+    report.data["elapsed_s"] = time.monotonic() - report.started
+    if args.out is not None:
+        args.out.write_text(json.dumps(report.data, indent=1, default=lambda value: asdict(value)))
+    return report.data
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ class EngineConfig(_Section):
     max_num_seqs: int = Field(64, ge=1, description="requests running at once")
     max_num_batched_tokens: int = Field(512, ge=16, description="prompt + decode tokens per step")
     overlap_streams: bool = Field(True, description="CUDA: training on a low-priority stream beside inference")
+    cuda_graphs: bool = Field(True, description="CUDA: pure-decode steps replayed from graphs captured at start")
     train_thread: bool = Field(
         True, description="CPU: training stages on a thread of their own (half the cores) beside the serving forward")
     scheduling: Literal["slo", "fcfs"] = Field("slo", description="waiting order: earliest TTFT deadline, or arrival")

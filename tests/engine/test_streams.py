@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,14 +26,19 @@ def test_cpu_streams_run_work_in_place_and_in_order() -> None:
     assert z.tolist() == [3.0] * 4
 
 
-def test_gpu_coserve_script_runs_every_mode_on_cpu() -> None:
+def test_gpu_coserve_script_runs_every_section_on_cpu(tmp_path: Path) -> None:
     module = benchmark_module("gpu_coserve")
-    results = module.main(["--device", "cpu", "--size", "tiny", "--dtype", "float32", "--batch", "2",
-                           "--prompt-tokens", "8", "--sample-tokens", "32", "--steps", "12", "--warmup", "4",
-                           "--kv-gib", "1"])
-    assert [r.name for r in results] == ["off", "overlapped", "serialized"]
-    assert all(len(r.tpot_ms) == 12 and r.decode_tok_s > 0 for r in results)
-    assert results[0].train_tok_s == 0
+    data = module.main(["--device", "cpu", "--sizes", "tiny", "--dtype", "float32", "--batches", "2",
+                        "--prompt-tokens", "8", "--sample-tokens", "32", "--steps", "12", "--warmup", "4",
+                        "--kv-gib", "1", "--out", str(tmp_path / "gpu.json")])
+    assert json.loads((tmp_path / "gpu.json").read_text())["coserve"] == data["coserve"]
+    assert [row["batch"] for row in data["decode"]] == [2]
+    assert data["decode"][0]["eager_tok_s"] > 0 and data["decode"][0]["graph_steps"] == 0  # no CUDA: no graphs
+    modes = {row["name"]: row for row in data["coserve"]}
+    assert list(modes) == ["off", "overlapped", "serialized", "training-alone"]  # no green contexts on a CPU
+    assert modes["off"]["train_tok_s"] == 0 and modes["off"]["decode_tok_s"] > 0
+    assert modes["training-alone"]["decode_tok_s"] == 0 and modes["training-alone"]["train_tok_s"] > 0
+    assert not data["skipped"]
 
 
 def test_cpu_training_work_runs_on_its_own_thread_beside_the_body_and_ends_with_it() -> None:

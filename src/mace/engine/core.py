@@ -43,7 +43,8 @@ class EngineCore:
         self.config = config
         self.runner = ModelRunner(bundle.causal_lm, config.model.max_model_len, bundle.device,
                                   overlap_streams=config.engine.overlap_streams, kv_block_size=config.memory.block_size,
-                                  train_thread=config.engine.train_thread, num_threads=config.model.num_threads)
+                                  train_thread=config.engine.train_thread, num_threads=config.model.num_threads,
+                                  cuda_graphs=config.engine.cuda_graphs, max_num_seqs=config.engine.max_num_seqs)
         self.memory = Memory.build(config, bundle.causal_lm, self.runner.kv_bytes_per_token(), bundle.device)
         self.blocks = self.memory.pool
         # A request that fits alone must always be servable, so the context never exceeds the budget.
@@ -53,6 +54,8 @@ class EngineCore:
         self.runner.trainer = trainer
         if self.memory.pruner is not None:
             self.runner.kv.enable_importance()
+        if self.runner.static_decode is not None:  # after the trainer: its adapters are in the graphs
+            self.runner.static_decode.capture_all()
         self.scheduler = Scheduler(
             config.engine, self.blocks, slo=config.slo,
             policy=trainer.policy if trainer is not None else None, train_source=trainer,

@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from mace.engine.decode_graphs import StaticDecode
 from mace.engine.kv_cache import BlockStore, SlotKVCache
 from mace.engine.plan import BlockCopy, IterationPlan, KVPrune, RunnerOutput, ScheduledChunk
 from mace.engine.sampler import Sampler
 from mace.engine.streams import StreamManager
+from mace.train.learner import Learner
 from mace.train.trainer import Trainer
 
 SNAP_WINDOW = 16  # last queries of a chunk whose attention scores tokens for KV pruning
@@ -36,8 +38,10 @@ class _StepInputs:
     singles: list[ScheduledChunk]  # one-token chunks, laid out first
     multis: list[ScheduledChunk]  # longer chunks, after the singles
     single_slots: torch.Tensor  # [num_singles]
-    slot_lengths: torch.Tensor  # [num_used_slots] attended length of each slot (1 if unused this step)
-    max_single_length: int
+    slot_lengths: torch.Tensor  # [attended_slots] attended length of each slot (1 if unused this step)
+    num_singles: int  # one-token rows, first in the flat batch (a padded decode step counts its padding)
+    attended_slots: int  # one-token attention reads KV slots [0, attended_slots) ...
+    attended_length: int  # ... and positions [0, attended_length) of each
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class ModelRunner:
     def __init__(
         self, causal_lm: Any, max_model_len: int, device: torch.device, overlap_streams: bool = True,
         kv_block_size: int = 16, train_thread: bool = False, num_threads: int = 0,
+        cuda_graphs: bool = False, max_num_seqs: int = 64,
     ) -> None:
         # Any: Hugging Face modules expose their submodules as dynamic attributes.
         decoder: Any = causal_lm.model
@@ -72,6 +77,12 @@ class ModelRunner:
         self.streams = StreamManager(device, overlap=overlap_streams, train_thread=train_thread,
                                      num_threads=num_threads)
         self.trainer: Trainer | None = None  # set when a retraining policy is on
+        # Pure-decode steps replayed as CUDA graphs (decode_graphs.py); None: every step eager.
+        self.static_decode: StaticDecode | None = (
+            StaticDecode(self, max_num_seqs, capture=True) if cuda_graphs and device.type == "cuda" else None)
+
+    def trainer_learner(self) -> Learner | None:
+        return None if self.trainer is None else self.trainer.learner
 
     def kv_bytes_per_token(self) -> int:
         element_size = self.kv.keys[0].element_size()
@@ -102,7 +113,7 @@ class ModelRunner:
             if plan.chunks:
                 with self.streams.inference(), torch.inference_mode():
                     inputs = self._prepare(plan)
-                    logits = self._logits(inputs, self._serve_forward(inputs))
+                    logits = self._logits(inputs, self._hidden(inputs))
         sampled: dict[str, int] = {}
         if logits is not None:
             with self.streams.inference(), torch.inference_mode():
@@ -132,14 +143,24 @@ class ModelRunner:
                     self.block_store.drop(copy.block_ids)
         return pending
 
+    def _hidden(self, inputs: _StepInputs) -> torch.Tensor:
+        """The step's final hidden states: replayed from a decode graph when the step has one."""
+        static = self.static_decode
+        if static is not None and static.key_for(inputs) is not None:
+            return static.run(inputs, self._adapter_names(inputs) if self.trainer is not None else None)
+        return self._serve_forward(inputs)
+
+    def _adapter_names(self, inputs: _StepInputs) -> list[str]:
+        assert self.trainer is not None
+        learner = self.trainer.learner
+        return [learner.adapter_for(chunk.request.adapter_version, chunk.request.tenant)
+                for chunk in inputs.singles + inputs.multis for _ in range(chunk.num_new_tokens)]
+
     def _serve_forward(self, inputs: _StepInputs) -> torch.Tensor:
         """Each token runs with its request's pinned adapter version (mixed versions in one batch)."""
         if self.trainer is None:
             return self._forward(inputs)
-        learner = self.trainer.learner
-        names = [learner.adapter_for(chunk.request.adapter_version, chunk.request.tenant)
-                 for chunk in inputs.singles + inputs.multis for _ in range(chunk.num_new_tokens)]
-        with learner.serving(names):
+        with self.trainer.learner.serving(self._adapter_names(inputs)):
             return self._forward(inputs)
 
     def _prepare(self, plan: IterationPlan) -> _StepInputs:
@@ -169,7 +190,9 @@ class ModelRunner:
             multis=multis,
             single_slots=self._long(single_slots),
             slot_lengths=self._long(lengths),
-            max_single_length=max(lengths[slot] for slot in single_slots) if singles else 0,
+            num_singles=len(singles),
+            attended_slots=self.kv.num_used_slots,
+            attended_length=max(lengths[slot] for slot in single_slots) if singles else 0,
         )
 
     def _long(self, values: list[int]) -> torch.Tensor:
@@ -208,7 +231,7 @@ class ModelRunner:
         values[inputs.slots, :, inputs.kv_index] = v
         queries = q[0].transpose(0, 1)  # [T, H, D]
         out = torch.empty_like(queries)
-        num_singles = len(inputs.singles)
+        num_singles = inputs.num_singles
         if num_singles:
             out[:num_singles] = self._single_token_attention(queries[:num_singles], keys, values, inputs, layer_index)
         offset = num_singles
@@ -222,7 +245,7 @@ class ModelRunner:
         self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: _StepInputs, layer_index: int
     ) -> torch.Tensor:
         """queries: [S, H, D] for S one-token chunks -> [S, H, D], reading all used slots as one view."""
-        num_slots, length = self.kv.num_used_slots, inputs.max_single_length
+        num_slots, length = inputs.attended_slots, inputs.attended_length
         group = self.num_heads // self.num_kv_heads
         slot_queries = queries.new_zeros(num_slots, self.num_kv_heads, group, self.head_dim)
         slot_queries[inputs.single_slots] = queries.view(-1, self.num_kv_heads, group, self.head_dim)

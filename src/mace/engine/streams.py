@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -84,6 +85,23 @@ class StreamManager:
             error = pending.exception()  # waits: the step ends with its training done
         if error is not None:
             raise error
+
+    def partition_training(self, sm_fraction: float) -> int:
+        """Run training on a CUDA green context holding `sm_fraction` of the SMs (the rest stay free for
+        inference) instead of on the low-priority stream alone; returns the SMs given. Raises where the
+        installed torch or driver has no green contexts."""
+        if not self.is_overlapping:
+            raise RuntimeError("SM partitioning needs CUDA with overlapped streams")
+        from torch.cuda import green_contexts
+
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        num_sms = max(1, int(torch.cuda.get_device_properties(index).multi_processor_count * sm_fraction))
+        green: Any = green_contexts.GreenContext  # its API moved between torch releases
+        make = getattr(green, "create", green)  # `create` until 2.13, the constructor after
+        context = make(num_sms=num_sms, device_id=index)
+        self._green_context = context  # the stream lives as long as its context
+        self._training = context.Stream()
+        return num_sms
 
     def close(self) -> None:
         """Stop the training thread (after the engine loop has stopped)."""

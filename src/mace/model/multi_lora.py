@@ -15,7 +15,9 @@ default model's q_proj, one CPU thread: a per-row gather of A and B with two bmm
 pure decode (60 us against 66 for 8 rows of 8 adapters) and over three times slower once a 256-token
 prompt chunk rides along (it copies an adapter's A and B for every prompt token); adapters as
 zero-padded segments with two bmm are slower in both. Most mixed steps under load carry a prompt
-chunk, hence this form.
+chunk, hence this form for eager steps. A decode step replayed as a CUDA graph
+(engine/decode_graphs.py) needs shapes that do not depend on the mix, so it takes the per-row
+gather (`RowRouting`): its index is a graph input, and it is the faster form on pure decode.
 
 The LoRA runs in its weights' dtype (fp32, also under a bf16 model: peft keeps adapters in fp32) and
 its output is added to the base output in fp32 before one rounding to the model's dtype, as peft
@@ -44,6 +46,15 @@ class Routing:
     mask: torch.Tensor  # [R, U, 1] one-hot: row i's adapter among the used ones; all zero for a base row
 
 
+@dataclass(frozen=True)
+class RowRouting:
+    """Fixed-shape routing (a CUDA graph's input buffers): row i's adapter by stack index, scaled by 0
+    for a base row (its index then names any adapter: it adds nothing)."""
+
+    index: torch.Tensor  # [R] long
+    scale: torch.Tensor  # [R, 1] in the adapters' dtype: 1 with an adapter, 0 for a base row
+
+
 class StackedLora:
     """One LoRA-wrapped linear's served adapters, stacked (see the module docstring)."""
 
@@ -70,6 +81,14 @@ class StackedLora:
         kept = (down.view(*down.shape[:-1], num_used, rank) * mask).view(down.shape)
         return F.linear(kept, b) * self.scaling
 
+    def row_delta(self, x: torch.Tensor, routing: RowRouting) -> torch.Tensor:
+        """x: [R, in] -> [R, out]: each row through its own adapter's A and B, gathered per row."""
+        rank, out_features = self.rank, self.b.shape[0]
+        a = self.a.view(-1, rank, self.a.shape[1]).index_select(0, routing.index)  # [R, r, in]
+        b = self.b.view(out_features, -1, rank).index_select(1, routing.index).transpose(0, 1)  # [R, out, r]
+        down = torch.bmm(a, x.to(a.dtype)[:, :, None])  # [R, r, 1]
+        return torch.bmm(b, down)[:, :, 0] * (routing.scale * self.scaling)
+
 
 class MultiLora:
     """The stacked adapters of every LoRA-wrapped linear of a model, under the adapters' names."""
@@ -88,6 +107,35 @@ class MultiLora:
         columns = torch.tensor([len(used) if k is None else column[k] for k in indices])
         mask = F.one_hot(columns, len(used) + 1)[:, : len(used), None].to(stack.a.device, stack.a.dtype)
         return Routing(adapters=torch.tensor(used, dtype=torch.long).to(stack.a.device), mask=mask)
+
+    def fill_rows(self, adapter_names: Sequence[str | None], routing: RowRouting) -> None:
+        """Write rows 0..n-1 of `routing` for `adapter_names` (None: the base model); rows past n
+        (a graph's padding) become base rows."""
+        indices = [0 if name is None else self.index_of[name] for name in adapter_names]
+        scales = [0.0 if name is None else 1.0 for name in adapter_names]
+        count = len(indices)
+        routing.index[:count].copy_(torch.tensor(indices))
+        routing.scale[:count, 0].copy_(torch.tensor(scales))
+        routing.index[count:].zero_()
+        routing.scale[count:].zero_()
+
+    def new_row_routing(self, num_rows: int) -> RowRouting:
+        stack = self.stacks[0]
+        return RowRouting(index=torch.zeros(num_rows, dtype=torch.long, device=stack.a.device),
+                          scale=torch.zeros(num_rows, 1, dtype=stack.a.dtype, device=stack.a.device))
+
+    @contextmanager
+    def rows_routed(self, routing: RowRouting) -> Iterator[None]:
+        """Like `routed`, with a fixed-shape routing whose buffers may change between forwards (a CUDA
+        graph captured within it replays with whatever the buffers then hold)."""
+        owner = threading.get_ident()
+        handles = [stack.module.register_forward_hook(partial(_add_row_delta, stack, routing, owner))
+                   for stack in self.stacks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @contextmanager
     def routed(self, adapter_names: Sequence[str | None]) -> Iterator[None]:
@@ -117,3 +165,10 @@ def _add_delta(stack: StackedLora, routing: Routing, owner: int, module: nn.Modu
         return None
     # Summed in fp32 (type promotion), rounded once to the base's dtype: peft's one-adapter arithmetic.
     return (output + stack.delta(args[0], routing)).to(output.dtype)
+
+
+def _add_row_delta(stack: StackedLora, routing: RowRouting, owner: int, module: nn.Module, args: tuple[Any, ...],
+                   output: torch.Tensor) -> torch.Tensor | None:
+    if threading.get_ident() != owner:
+        return None
+    return (output + stack.row_delta(args[0], routing)).to(output.dtype)

@@ -32,7 +32,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 from mace.config import TrainConfig
-from mace.model.multi_lora import MultiLora, StackedLora
+from mace.model.multi_lora import MultiLora, RowRouting, StackedLora
 from mace.tenancy import SHARED
 from mace.train.adapter_switch import choose, make_switchable
 from mace.train.layered import MAX_PASS_TOKENS, LayeredLoss, LayeredMicroStep
@@ -115,6 +115,7 @@ class Learner:
         for layer in self._lora_layers:
             make_switchable(layer)
         self._multi = self._stack_slots()
+        self.stacks_generation = 0  # counts re-stackings: a CUDA graph captured on older stacks is stale
         # A new lineage's learner starts where peft initialised this one: B = 0, so it adds nothing yet.
         self._initial = LearnerState({name: p.detach().clone() for name, p in self._adapter_params(LEARNER)})
 
@@ -166,6 +167,21 @@ class Learner:
     def _mixed(self, adapter_names: list[str]) -> Iterator[None]:
         """The LoRA layers compute the base alone; the stacked slots add each row's version."""
         with self._uniform(BASE), self._multi.routed([None if name == BASE else name for name in adapter_names]):
+            yield
+
+    def new_row_routing(self, num_rows: int) -> RowRouting:
+        """Fixed-shape routing buffers for `static_serving` (a CUDA graph's inputs)."""
+        return self._multi.new_row_routing(num_rows)
+
+    def fill_rows(self, adapter_names: list[str], routing: RowRouting) -> None:
+        """Route rows 0..n-1 to `adapter_names` (BASE or slots); the rest to the base model."""
+        self._multi.fill_rows([None if name == BASE else name for name in adapter_names], routing)
+
+    @contextmanager
+    def static_serving(self, routing: RowRouting) -> Iterator[None]:
+        """Like `serving`, but every batch, uniform or mixed, routes through `routing`'s buffers, so a
+        forward captured within it serves any mix of versions when replayed."""
+        with self._uniform(BASE), self._multi.rows_routed(routing):
             yield
 
     def _stack_slots(self) -> MultiLora:
@@ -304,6 +320,7 @@ class Learner:
         if not self._free_slots:  # more versions pinned by running requests than slots: grow once
             self._add_slot()
             self._multi = self._stack_slots()
+            self.stacks_generation += 1
         self._slot_of[key] = slot = self._free_slots.pop()
         return slot
 
