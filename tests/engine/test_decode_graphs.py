@@ -87,8 +87,11 @@ def test_a_padded_bucket_needs_a_free_slot_inside_it(tmp_path: Path, tiny_bundle
         for index in range(4):
             kv.ensure(f"held-{index}", 10)
     inputs = _decode_inputs(core, rows=3, attended_length=10)
-    assert static.key_for(inputs) == GraphKey(8, 256)  # 4 slots held, 3 decode: bucket 4 has no free slot
-    assert static.key_for(_decode_inputs(core, rows=4, attended_length=10)) == GraphKey(4, 256)
+    # 4 slots held, 3 decode: bucket 4 has no free slot to pad into.
+    assert static.key_for(inputs) == GraphKey(8, 256, adapters=False)
+    assert static.key_for(inputs, ["__base__"] * 3) == GraphKey(8, 256, adapters=False)
+    assert static.key_for(inputs, ["__base__", "slot1", "__base__"]) == GraphKey(8, 256, adapters=True)
+    assert static.key_for(_decode_inputs(core, rows=4, attended_length=10)) == GraphKey(4, 256, adapters=False)
     with torch.inference_mode():
         for index in range(4, 8):
             kv.ensure(f"held-{index}", 10)

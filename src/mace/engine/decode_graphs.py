@@ -15,6 +15,8 @@ slots [0, bucket) and positions [0, length bucket). One graph per (batch bucket,
   delta by a per-row gather from the stacked adapter slots (`RowRouting`), whose index is a graph
   input. A publish writes into those stacks, so it needs no recapture, and a mixed-version batch
   replays the same graph.
+- A batch whose rows all run the base model (version 0) replays a graph captured without the
+  LoRA deltas: a server that learns pays for adapters only in steps that serve one.
 - Buckets are captured at start, the largest first, into one memory pool (the smaller graphs reuse
   the largest one's memory). Anything a graph baked in that later moves (the KV cache grown, the
   adapter slots re-stacked) makes every graph stale: they are dropped and recaptured on next use.
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from mace.train.learner import BASE
 
 if TYPE_CHECKING:
     from mace.engine.runner import ModelRunner, _StepInputs
@@ -56,6 +60,7 @@ def length_bucket(length: int, capacity: int) -> int:
 class GraphKey:
     batch: int
     length: int
+    adapters: bool = False  # rows route through the stacked adapter versions (else: base model alone)
 
 
 @dataclass
@@ -87,8 +92,9 @@ class StaticDecode:
 
     # ---- which steps qualify ----
 
-    def key_for(self, inputs: _StepInputs) -> GraphKey | None:
-        """The graph a step of `inputs` replays, or None when it must run eagerly."""
+    def key_for(self, inputs: _StepInputs, adapter_names: list[str] | None = None) -> GraphKey | None:
+        """The graph a step of `inputs` (rows on `adapter_names`, None: no learner) replays, or None
+        when it must run eagerly."""
         kv = self.runner.kv
         if inputs.multis or not inputs.num_singles or kv.track_importance:
             return None
@@ -96,14 +102,15 @@ class StaticDecode:
         for batch in self.buckets:
             # The slot view covers every used slot; padding needs a free slot inside it.
             if batch >= used and (batch == rows or batch > used) and batch <= kv.num_slots:
-                return GraphKey(batch, length_bucket(inputs.attended_length, kv.capacity))
+                adapters = adapter_names is not None and any(name != BASE for name in adapter_names)
+                return GraphKey(batch, length_bucket(inputs.attended_length, kv.capacity), adapters)
         return None
 
     # ---- running one ----
 
     def run(self, inputs: _StepInputs, adapter_names: list[str] | None) -> torch.Tensor:
         """The step's hidden states [rows, hidden] (rows as in `inputs`), through the static path."""
-        key = self.key_for(inputs)
+        key = self.key_for(inputs, adapter_names)
         assert key is not None, "run only a step that key_for accepts"
         self._fill(inputs, key, adapter_names)
         self.num_steps += 1
@@ -125,7 +132,7 @@ class StaticDecode:
         self.slot_lengths[:used].copy_(inputs.slot_lengths)
         self._pad(rows, used, key.batch)
         learner = self.runner.trainer_learner()
-        if learner is not None and adapter_names is not None:
+        if learner is not None and adapter_names is not None and key.adapters:
             learner.fill_rows(adapter_names, self._routing_for_learner())
 
     def _pad(self, rows: int, used: int, batch: int) -> None:
@@ -155,13 +162,16 @@ class StaticDecode:
         )
 
     def _forward(self, key: GraphKey) -> torch.Tensor:
-        with self._routed(key.batch):
+        with self._routed(key):
             return self.runner._forward(self._inputs(key))
 
-    def _routed(self, batch: int) -> AbstractContextManager[None]:
+    def _routed(self, key: GraphKey) -> AbstractContextManager[None]:
         learner = self.runner.trainer_learner()
         if learner is None:
             return nullcontext()
+        if not key.adapters:
+            return learner.serving([BASE])
+        batch = key.batch
         routing = self._routing_for_learner()
         from mace.model.multi_lora import RowRouting
 
@@ -177,12 +187,13 @@ class StaticDecode:
         kv.reserve_slots(self.buckets[-1])  # the largest bucket's view
         self._drop_if_stale()
         length = length_bucket(1, kv.capacity)
+        variants = [False] if self.runner.trainer_learner() is None else [True, False]
         with torch.inference_mode(), self.runner.streams.inference():
-            for batch in reversed(self.buckets):
-                key = GraphKey(batch, length)
-                if key not in self._graphs:
-                    self._pad(0, kv.num_used_slots, batch)
-                    if kv.num_used_slots < batch:
+            for adapters in variants:
+                for batch in reversed(self.buckets):
+                    key = GraphKey(batch, length, adapters)
+                    if key not in self._graphs and kv.num_used_slots < batch:
+                        self._pad(0, kv.num_used_slots, batch)
                         self._capture(key)
 
     def _capture(self, key: GraphKey) -> _Captured:

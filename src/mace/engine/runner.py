@@ -146,8 +146,10 @@ class ModelRunner:
     def _hidden(self, inputs: _StepInputs) -> torch.Tensor:
         """The step's final hidden states: replayed from a decode graph when the step has one."""
         static = self.static_decode
-        if static is not None and static.key_for(inputs) is not None:
-            return static.run(inputs, self._adapter_names(inputs) if self.trainer is not None else None)
+        if static is not None:
+            names = self._adapter_names(inputs) if self.trainer is not None else None
+            if static.key_for(inputs, names) is not None:
+                return static.run(inputs, names)
         return self._serve_forward(inputs)
 
     def _adapter_names(self, inputs: _StepInputs) -> list[str]:
