@@ -30,6 +30,10 @@ import torch
 
 from mace import threads
 
+# A green context lives as long as the process: memory the caching allocator handed out on its streams
+# (training's activations, AdamW state) outlives any one engine, and a destroyed context fails it.
+_GREEN_CONTEXTS: dict[tuple[int, int], Any] = {}
+
 
 class StreamManager:
     def __init__(self, device: torch.device, overlap: bool = True, train_thread: bool = False,
@@ -96,11 +100,12 @@ class StreamManager:
 
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         num_sms = max(1, int(torch.cuda.get_device_properties(index).multi_processor_count * sm_fraction))
-        green: Any = green_contexts.GreenContext  # its API moved between torch releases
-        make = getattr(green, "create", green)  # `create` until 2.13, the constructor after
-        context = make(num_sms=num_sms, device_id=index)
-        self._green_context = context  # the stream lives as long as its context
-        self._training = context.Stream()
+        key = (index, num_sms)
+        if key not in _GREEN_CONTEXTS:
+            green: Any = green_contexts.GreenContext  # its API moved between torch releases
+            make = getattr(green, "create", green)  # `create` until 2.13, the constructor after
+            _GREEN_CONTEXTS[key] = make(num_sms=num_sms, device_id=index)
+        self._training = _GREEN_CONTEXTS[key].Stream()
         return num_sms
 
     def close(self) -> None:
