@@ -30,6 +30,8 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mace.config import MaceConfig, load_config
 from mace.engine.core import EngineCore
 from mace.engine.request import Request, SamplingParams
+from mace.engine.warmup import warm_up
 from mace.logging import configure_logging
 from mace.model.loader import ModelBundle
 from mace.model.tiny import build_tokenizer
@@ -144,7 +147,8 @@ def mode_config(args: argparse.Namespace, data_dir: Path, batch: int, policy: st
                 graphs: bool) -> MaceConfig:
     return load_config(None, {
         "data_dir": str(data_dir), "cache_dir": str(data_dir / "cache"),
-        "model": {"device": args.device, "max_model_len": args.prompt_tokens + args.steps + args.warmup + 8},
+        "model": {"device": args.device,
+                  "max_model_len": max(256, args.prompt_tokens + args.steps + args.warmup + 8)},
         "engine": {"max_num_seqs": max(batch, 1), "max_num_batched_tokens": max(512, batch * args.prompt_tokens),
                    "overlap_streams": overlap, "cuda_graphs": graphs},
         "memory": {"budget_bytes": args.kv_gib * 1024**3},
@@ -160,6 +164,7 @@ def run_mode(name: str, bundle: ModelBundle, config: MaceConfig, trainer: Traine
     engine = EngineCore(bundle, config, trainer)
     if green:
         engine.runner.streams.partition_training(GREEN_SM_FRACTION)
+    warm_up(engine)  # as `mace serve` does before it is ready: the latency model learns this machine
     vocab = bundle.causal_lm.config.vocab_size
     generator = torch.Generator().manual_seed(1)
     for index in range(batch):
@@ -243,6 +248,22 @@ def fill_replay(trainer: Trainer, vocab: int, args: argparse.Namespace) -> None:
     trainer.drift.observe(5.0)  # nothing published yet: full drift, the policy trains with all the slack
 
 
+@contextmanager
+def fresh_trainer(bundle: ModelBundle, config: MaceConfig, args: argparse.Namespace) -> Iterator[Trainer]:
+    """A trainer of its own per mode, as a server starts with (warm-up expects one that never trained),
+    its replay full of samples at full drift; its LoRA layers come off the model at the end."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    journal = Journal(config.data_dir / "journal.sqlite3", held_out_every(config.train.heldout_every))
+    trainer = Trainer(bundle.causal_lm, bundle.tokenizer, journal, config)
+    try:
+        fill_replay(trainer, bundle.causal_lm.config.vocab_size, args)
+        yield trainer
+    finally:
+        trainer.close()
+        trainer.learner.peft_model.unload()
+        journal.close()
+
+
 class Report:
     """Tables printed as each row lands, and everything in one JSON file at the end."""
 
@@ -303,10 +324,6 @@ def coserve_section(args: argparse.Namespace, report: Report, device: torch.devi
         data_dir = Path(tmp)
         off = run_mode("off", bundle, mode_config(args, data_dir, batch, "none", True, 10.0, graphs), None, batch, args)
         results.append(off)
-        train_config = mode_config(args, data_dir, batch, "mace", True, 10.0, graphs)
-        journal = Journal(data_dir / "journal.sqlite3", held_out_every(train_config.train.heldout_every))
-        trainer = Trainer(bundle.causal_lm, bundle.tokenizer, journal, train_config)
-        fill_replay(trainer, bundle.causal_lm.config.vocab_size, args)
         modes: list[tuple[str, bool, bool, int, float]] = []
         for ratio in args.tpot_ratios:
             modes.append((f"overlapped @{ratio:g}x", True, False, batch, ratio))
@@ -316,17 +333,18 @@ def coserve_section(args: argparse.Namespace, report: Report, device: torch.devi
             modes += [(f"overlapped-green @{ratio:g}x", True, True, batch, ratio) for ratio in args.tpot_ratios]
         print(f"\nco-serving {size}, batch {batch}: training-off TPOT p50 {off.tpot_p50:.2f} ms; TPOT targets "
               + ", ".join(f"{off.tpot_p50 * ratio:.2f} ms" for ratio in args.tpot_ratios), flush=True)
-        for name, overlap, green, mode_batch, ratio in modes:
+        for index, (name, overlap, green, mode_batch, ratio) in enumerate(modes):
             if not report.in_budget(f"co-serving mode {name}"):
                 break
-            config = mode_config(args, data_dir, batch, "mace", overlap, off.tpot_p50 / 1000 * ratio, graphs)
+            config = mode_config(args, data_dir / f"mode{index}", batch, "mace", overlap,
+                                 off.tpot_p50 / 1000 * ratio, graphs)
             try:
-                results.append(run_mode(name, bundle, config, trainer, mode_batch, args, green=green))
+                with fresh_trainer(bundle, config, args) as trainer:
+                    results.append(run_mode(name, bundle, config, trainer, mode_batch, args, green=green))
             except Exception as error:  # green contexts: not in every torch or driver
                 traceback.print_exc()
                 print(f"{name}: unavailable ({type(error).__name__}: {error})", flush=True)
                 report.data["skipped"].append(f"{name}: {type(error).__name__}: {error}")
-        journal.close()
     print("\n| mode | TPOT p50 (ms) | TPOT p99 (ms) | decode tok/s | train tok/s | GPU util |", flush=True)
     print("|---|---|---|---|---|---|", flush=True)
     for result in results:
