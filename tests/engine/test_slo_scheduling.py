@@ -290,3 +290,17 @@ def test_steps_teach_the_chunk_share_and_each_request_its_predicted_steps() -> N
     share = s.prompt_chunk_share
     step(s)  # its prompt rides beside the decode
     assert s.prompt_chunk_share > share
+
+
+@pytest.mark.parametrize(("per_token_s", "expected"), [(0.0001, 32), (0.02, 1)], ids=["gpu-like", "cpu-like"])
+def test_a_target_no_batch_meets_caps_only_where_a_smaller_batch_is_faster(per_token_s: float,
+                                                                          expected: int) -> None:
+    """With the interactive TPOT target below even one request's step, shrinking the batch buys its
+    streams nothing where a step of 32 costs about what a step of 1 does (a GPU decoding a small
+    model): the cap then keeps them all running instead of queueing 31. Where each request adds real
+    cost (a CPU), the cap still falls to one."""
+    s = scheduler(max_num_seqs=32)
+    _teach_decode_cost(s, INTERACTIVE_TPOT_S * 1.2, per_token_s)
+    s.latency.refit()
+    assert s.latency.predict(StepShape(num_decode_tokens=1)) > INTERACTIVE_TPOT_S
+    assert s.decode_cap() == expected
