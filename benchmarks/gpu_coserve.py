@@ -403,7 +403,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         default=["decode", "coserve", "bare"])
     parser.add_argument("--out", type=Path, default=None, help="write every figure here as JSON")
     args = parser.parse_args(argv)
-    configure_logging("info", json=False)  # as `mace serve` runs: no per-step debug line inside the timings
     args.coserve_size = args.coserve_size or args.sizes[0]
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -426,4 +425,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    configure_logging("info", json=False)  # as `mace serve` runs: no per-step debug line inside the timings
     main()

@@ -125,3 +125,27 @@ def test_cuda_graphs_equal_eager(tmp_path: Path) -> None:
         graphs = generate(core, jobs_of(versions))
     assert graphs == eager
     assert eager_static.num_steps > 0
+
+
+def test_graphs_go_stale_when_what_they_baked_in_moves(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+    """A graph reads the KV cache's and the adapter stacks' memory as it was at capture: a grown cache
+    or re-stacked adapter slots drop every graph (they are recaptured on next use)."""
+    with engine_core(tmp_path, tiny_bundle, 256) as core:
+        static = StaticDecode(core.runner, 8, capture=False)
+        learner = core.runner.trainer_learner()
+        assert learner is not None
+        static._drop_if_stale()
+        static._graphs[GraphKey(8, 256)] = object()  # type: ignore[assignment]  # stands for a captured graph
+        static._drop_if_stale()
+        assert static.num_graphs == 1  # nothing moved
+        with torch.inference_mode():
+            core.runner.kv.ensure("long", core.runner.kv.capacity + 1)  # the cache grows: new tensors
+        static._drop_if_stale()
+        assert static.num_graphs == 0
+        static._graphs[GraphKey(8, 512)] = object()  # type: ignore[assignment]
+        generation = learner.stacks_generation
+        for version in range(100, 101 + len(learner._free_slots)):  # one version more than free slots
+            learner.install_version(version, learner.version_weights(1))
+        assert learner.stacks_generation > generation
+        static._drop_if_stale()
+        assert static.num_graphs == 0
