@@ -7,7 +7,8 @@ shape (SmolLM2-135M) and a 1.1B TinyLlama shape, bf16. The mace engine itself ru
 
 1. decode tokens/s at each batch size: mace eager, mace with CUDA graphs (`engine.cuda_graphs`),
    and a bare loop (`generate()` with a static cache, torch.compile mode "reduce-overhead");
-2. co-serving on one model and batch: TPOT with training off, overlapped on the low-priority
+2. a profile of 20 decode steps with graphs: the device's busy time against the wall, top kernels;
+3. co-serving on one model and batch: TPOT with training off, overlapped on the low-priority
    stream, overlapped on a green context of part of the SMs, and serialized on one stream;
    training tokens/s in each, and with no requests at all (training alone); GPU utilisation from
    nvidia-smi, sampled every 100 ms.
@@ -68,6 +69,7 @@ class ModeResult:
     train_tok_s: float
     gpu_util: list[float] = field(repr=False)
     graph_steps: int = 0
+    outside_run_ms: float = 0.0  # per step: planning and bookkeeping around `runner.run` (host only)
 
     @property
     def tpot_p50(self) -> float:
@@ -86,7 +88,7 @@ class ModeResult:
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "tpot_p50_ms": self.tpot_p50, "tpot_p99_ms": self.tpot_p99,
                 "decode_tok_s": self.decode_tok_s, "train_tok_s": self.train_tok_s, "gpu_util": self.util,
-                "graph_steps": self.graph_steps}
+                "graph_steps": self.graph_steps, "outside_run_ms": self.outside_run_ms}
 
     def row(self) -> str:
         util = f"{self.util:.0f}%" if self.util is not None else "n/a"
@@ -183,6 +185,7 @@ def run_mode(name: str, bundle: ModelBundle, config: MaceConfig, trainer: Traine
     graph_steps_before = static.num_steps if static is not None else 0
     sampler = UtilizationSampler()
     sampler.start()
+    step_total_before, run_total_before = engine.step_time_s_total, engine.forward_time_s_total
     step_ms: list[float] = []
     decode_tokens = train_layer_tokens = 0
     started = time.perf_counter()
@@ -195,6 +198,8 @@ def run_mode(name: str, bundle: ModelBundle, config: MaceConfig, trainer: Traine
         decode_tokens += plan.num_decode_tokens
         if plan.train is not None:
             train_layer_tokens += plan.train.num_tokens(StageKind.FORWARD, StageKind.BACKWARD)
+    outside_run_ms = ((engine.step_time_s_total - step_total_before) - (engine.forward_time_s_total - run_total_before)
+                      ) / args.steps * 1000
     engine.runner.streams.synchronize()
     elapsed = time.perf_counter() - started
     util = sampler.stop()
@@ -207,7 +212,8 @@ def run_mode(name: str, bundle: ModelBundle, config: MaceConfig, trainer: Traine
     del engine
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return ModeResult(name, step_ms if batch else [], decode_tokens / elapsed, train_tok_s, util, graph_steps)
+    return ModeResult(name, step_ms if batch else [], decode_tokens / elapsed, train_tok_s, util, graph_steps,
+                      outside_run_ms)
 
 
 def bare_compiled_loop(bundle: ModelBundle, batch: int, args: argparse.Namespace) -> float:
@@ -281,8 +287,9 @@ class Report:
 
 
 def decode_section(args: argparse.Namespace, report: Report, device: torch.device, dtype: torch.dtype) -> None:
-    print("\n| model | batch | mace eager tok/s | mace graphs tok/s | graphs / eager | graph steps |", flush=True)
-    print("|---|---|---|---|---|---|", flush=True)
+    print("\n| model | batch | mace eager tok/s | mace graphs tok/s | graphs / eager | graph steps "
+          "| outside run, ms/step |", flush=True)
+    print("|---|---|---|---|---|---|---|", flush=True)
     for size in args.sizes:
         bundle = build_bundle(size, device, dtype)
         with tempfile.TemporaryDirectory() as tmp:
@@ -302,14 +309,60 @@ def decode_section(args: argparse.Namespace, report: Report, device: torch.devic
                 eager, graphs_mode = modes[False], modes[True]
                 row = {"model": size, "batch": batch, "eager_tok_s": eager.decode_tok_s,
                        "graphs_tok_s": graphs_mode.decode_tok_s, "eager_tpot_p50_ms": eager.tpot_p50,
-                       "graphs_tpot_p50_ms": graphs_mode.tpot_p50, "graph_steps": graphs_mode.graph_steps}
+                       "graphs_tpot_p50_ms": graphs_mode.tpot_p50, "graph_steps": graphs_mode.graph_steps,
+                       "graphs_outside_run_ms": graphs_mode.outside_run_ms}
                 report.data["decode"].append(row)
                 print(f"| {size} | {batch} | {eager.decode_tok_s:.0f} | {graphs_mode.decode_tok_s:.0f} "
-                      f"| {graphs_mode.decode_tok_s / eager.decode_tok_s:.2f}x | {graphs_mode.graph_steps} |",
-                      flush=True)
+                      f"| {graphs_mode.decode_tok_s / eager.decode_tok_s:.2f}x | {graphs_mode.graph_steps} "
+                      f"| {graphs_mode.outside_run_ms:.2f} |", flush=True)
         del bundle
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def profile_section(args: argparse.Namespace, report: Report, device: torch.device, dtype: torch.dtype) -> None:
+    """Where a decode step's time goes (the first size, batch `--coserve-batch`, graphs on): torch's
+    profiler over 20 steps, the device's busy time against the wall, and the top device kernels."""
+    size, batch = args.sizes[0], args.coserve_batch
+    if not report.in_budget(f"profile {size} batch {batch}"):
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    bundle = build_bundle(size, device, dtype)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        config = mode_config(args, Path(tmp), batch, "none", True, 10.0, device.type == "cuda")
+        engine = EngineCore(bundle, config)
+        warm_up(engine)
+        generator = torch.Generator().manual_seed(4)
+        for index in range(batch):
+            prompt = torch.randint(3, bundle.causal_lm.config.vocab_size, (args.prompt_tokens,), generator=generator)
+            engine.scheduler.add_request(Request(
+                request_id=f"profile-{index}", prompt_token_ids=prompt.tolist(),
+                sampling_params=SamplingParams(max_tokens=64, temperature=0, ignore_eos=True),
+                eos_token_ids=frozenset(), max_model_len=engine.max_model_len, arrival_time_s=time.monotonic()))
+        for _ in range(12):  # prefill, then a few decodes
+            engine.step()
+        with profile(activities=activities) as profiler:
+            started = time.perf_counter()
+            for _ in range(20):
+                engine.step()
+            wall_s = time.perf_counter() - started
+    device_attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    # On CUDA the kernels themselves (graph replays' included), not the host ops that launched them.
+    events = [event for event in profiler.key_averages()
+              if device.type != "cuda" or event.device_type.name == "CUDA"]
+    busy_us = sum(getattr(event, device_attr) for event in events)
+    top = sorted(events, key=lambda event: getattr(event, device_attr), reverse=True)[:12]
+    rows = [{"name": event.key, "self_us_per_step": getattr(event, device_attr) / 20,
+             "count_per_step": event.count / 20} for event in top]
+    report.data["profile"] = {"model": size, "batch": batch, "wall_ms_per_step": wall_s / 20 * 1000,
+                              "device_busy_ms_per_step": busy_us / 20 / 1000, "top": rows}
+    print(f"\nprofile {size}, batch {batch}: {wall_s / 20 * 1000:.2f} ms a step, device busy "
+          f"{busy_us / 20 / 1000:.2f} ms of it ({'CUDA kernels' if device.type == 'cuda' else 'CPU ops'})", flush=True)
+    print("| op | self us / step | calls / step |\n|---|---|---|", flush=True)
+    for row in rows:
+        print(f"| {row['name'][:70]} | {row['self_us_per_step']:.1f} | {row['count_per_step']:.1f} |", flush=True)
 
 
 def coserve_section(args: argparse.Namespace, report: Report, device: torch.device,
@@ -399,8 +452,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="training modes' TPOT targets / training-off TPOT (one co-serving table each)")
     parser.add_argument("--kv-gib", type=int, default=8)
     parser.add_argument("--budget-s", type=float, default=400, help="start no new measurement after this")
-    parser.add_argument("--sections", nargs="+", choices=["decode", "coserve", "bare"],
-                        default=["decode", "coserve", "bare"])
+    parser.add_argument("--sections", nargs="+", choices=["decode", "profile", "coserve", "bare"],
+                        default=["decode", "profile", "coserve", "bare"])
     parser.add_argument("--out", type=Path, default=None, help="write every figure here as JSON")
     args = parser.parse_args(argv)
     args.coserve_size = args.coserve_size or args.sizes[0]
@@ -414,6 +467,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report.data["torch"] = torch.__version__
     if "decode" in args.sections:
         decode_section(args, report, device, dtype)
+    if "profile" in args.sections:
+        profile_section(args, report, device, dtype)
     if "coserve" in args.sections:
         coserve_section(args, report, device, dtype)
     if "bare" in args.sections:

@@ -39,6 +39,8 @@ def test_gpu_coserve_script_runs_every_section_on_cpu(tmp_path: Path) -> None:
     assert modes["off"]["train_tok_s"] == 0 and modes["off"]["decode_tok_s"] > 0
     assert modes["training-alone"]["decode_tok_s"] == 0 and modes["training-alone"]["train_tok_s"] > 0
     assert not data["skipped"]
+    profile = data["profile"]
+    assert profile["wall_ms_per_step"] > 0 and profile["device_busy_ms_per_step"] > 0 and profile["top"]
 
 
 def test_cpu_training_work_runs_on_its_own_thread_beside_the_body_and_ends_with_it() -> None:
