@@ -18,8 +18,9 @@ slots [0, bucket) and positions [0, length bucket). One graph per (batch bucket,
 - A batch whose rows all run the base model (version 0) replays a graph captured without the
   LoRA deltas: a server that learns pays for adapters only in steps that serve one.
 - Buckets are captured at start, the largest first, into one memory pool (the smaller graphs reuse
-  the largest one's memory). Anything a graph baked in that later moves (the KV cache grown, the
-  adapter slots re-stacked) makes every graph stale: they are dropped and recaptured on next use.
+  the largest one's memory), as far as the KV cache's rows go then; larger ones on first use.
+  Anything a graph baked in that later moves (the KV cache grown, the adapter slots re-stacked) makes
+  every graph stale: they are dropped and recaptured on next use.
 
 Without CUDA the same padded, static-shape forward runs eagerly (`capture=False`): that is how its
 arithmetic is tested against the eager path on a CPU.
@@ -180,17 +181,19 @@ class StaticDecode:
     # ---- capture ----
 
     def capture_all(self) -> None:
-        """Capture every batch bucket at the shortest length, the largest first (one memory pool)."""
+        """Capture the batch buckets the KV cache holds now, at the shortest length, the largest first
+        (one memory pool). Larger buckets are captured on first use, once the cache has grown to hold
+        them: reserving their rows now would multiply every later growth of the cache's length by the
+        largest bucket (64 rows of a 2,048-token context are 3 GB on the default model)."""
         if not self.capture:
             return
         kv = self.runner.kv
-        kv.reserve_slots(self.buckets[-1])  # the largest bucket's view
         self._drop_if_stale()
         length = length_bucket(1, kv.capacity)
         variants = [False] if self.runner.trainer_learner() is None else [True, False]
         with torch.inference_mode(), self.runner.streams.inference():
             for adapters in variants:
-                for batch in reversed(self.buckets):
+                for batch in reversed([size for size in self.buckets if size <= kv.num_slots]):
                     key = GraphKey(batch, length, adapters)
                     if key not in self._graphs and kv.num_used_slots < batch:
                         self._pad(0, kv.num_used_slots, batch)

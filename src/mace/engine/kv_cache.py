@@ -55,11 +55,6 @@ class SlotKVCache:
         """Changes whenever the tensors are reallocated (growth): what a CUDA graph reading them depends on."""
         return self.keys[0].data_ptr(), self.num_slots, self.capacity
 
-    def reserve_slots(self, num_slots: int) -> None:
-        """Room for at least `num_slots` rows (a padded decode step's slot view reads that many)."""
-        if num_slots > self.num_slots:
-            self._grow(_next_pow2(num_slots), self.capacity)
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
