@@ -12,7 +12,7 @@ from mace.train.adapters import AdapterVersion
 from mace.train.journal import Journal, NewSample
 from mace.train.lease import OwnedElsewhere
 from mace.train.publish_gate import AdapterCatalog
-from mace.train.trainer import TenantStats, TrainStats
+from mace.train.stats import TenantStats, TrainStats
 
 __all__ = [
     "AdapterCatalog", "AdapterVersion", "Admission", "AsyncEngine", "EngineLoad", "Journal", "NewSample",

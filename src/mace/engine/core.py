@@ -162,9 +162,12 @@ class EngineCore:
         """With nothing to run, hand back the KV rows released since the last step (an empty plan),
         under the same guard as a step."""
         self._run_guarded(self.scheduler.schedule())
-        if self.trainer is not None:  # tenants on disk with untrained samples come back while all is quiet
+        if self.trainer is not None:
             self.trainer.follow_store()
-            self.trainer.bring_back_pending()
+            # While all is quiet, idle tenants past the bound still leave memory (the last step may have
+            # come just before they had idled long enough), and tenants on disk with untrained samples
+            # come back.
+            self.trainer.release_versions(self._pinned_versions())
             self._note_versions()
         self.load = self.read_load()
 
@@ -188,8 +191,10 @@ class EngineCore:
         with self.runner.streams.training():  # the optimizer reads gradients the training stream wrote
             self.trainer.after_step()
         self._note_versions()
-        pinned = {(r.tenant, r.adapter_version) for r in [*self.scheduler.running, *self.scheduler.waiting]}
-        self.trainer.release_versions(pinned)
+        self.trainer.release_versions(self._pinned_versions())
+
+    def _pinned_versions(self) -> set[tuple[str, int]]:
+        return {(r.tenant, r.adapter_version) for r in [*self.scheduler.running, *self.scheduler.waiting]}
 
     def _note_versions(self) -> None:
         """A version published or followed since the last step is fenced before requests read it."""

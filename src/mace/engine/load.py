@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mace.train.trainer import TrainStats
+from mace.train.stats import TrainStats
 
 
 @dataclass(frozen=True)

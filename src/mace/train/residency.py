@@ -32,7 +32,7 @@ from mace.train.scope import PromptStatistics, Scope
 from mace.train.writer import DiskWriter
 
 if TYPE_CHECKING:
-    from mace.train.trainer import TenantStats
+    from mace.train.stats import TenantStats
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +82,12 @@ class Residency:
 
     def _tenant_stats(self, lineage: Lineage) -> TenantStats:
         raise NotImplementedError  # Trainer's
+
+    def _lend_learner(self, lineage: Lineage) -> None:
+        raise NotImplementedError  # Trainer's
+
+    def _learner_is_free(self) -> bool:
+        raise NotImplementedError  # Trainer's: between optimizer steps, no micro-step open
 
     def lineage_of(self, tenant: str | None) -> str:
         return lineage_of(tenant, self.config)
@@ -187,14 +193,18 @@ class Residency:
         first, then the least recently used. Their learner state is checkpointed (writer thread) and
         their versions unloaded. Idle means no request pinned, no pass queued, no sample waiting, and
         unused for `MIN_IDLE_S`: a lineage just brought back for a request stays until that request
-        is in (the bound can be passed for that long)."""
+        is in (the bound can be passed for that long). The lineage on the learner counts too, once it
+        has nothing left to train (`_resting_on_learner`)."""
         tenants = [lineage for lineage in self.lineages.values() if lineage.tenant != SHARED]
         excess = len(tenants) - self.config.max_resident_tenants
         if excess <= 0:
             return
-        idle = self._idle_tenants({tenant for tenant, _ in in_use})
+        pinned = {tenant for tenant, _ in in_use}
+        idle = self._idle_tenants(pinned) + self._resting_on_learner(pinned)
         ranked = sorted(idle, key=lambda lineage: (lineage.is_trainable(self.config), lineage.last_used_s))
         for lineage in ranked[:excess]:
+            if lineage.on_learner:  # its state is parked first, then checkpointed below
+                self._lend_learner(self.lineages[SHARED])
             if lineage.changed_since_checkpoint and lineage.parked is not None:
                 lineage.checkpoints.save(lineage.parked, self.reader.cursor)
             self._drop(lineage)
@@ -212,6 +222,15 @@ class Residency:
         lease = lineage.lease
         if lease is not None:
             self.writer.submit(lease.release)
+
+    def _resting_on_learner(self, pinned: Collection[str]) -> list[Lineage]:
+        """The tenant whose learner is on the model, when it has nothing left to train and no optimizer
+        step is half done: no other lineage may train again to take the learner over, and it would stay
+        in memory past the bound until one did."""
+        if not self._learner_is_free():
+            return []
+        return [lineage for lineage in self._idle_tenants(pinned, on_learner_too=True)
+                if lineage.on_learner and not lineage.is_trainable(self.config)]
 
     def _idle_tenants(self, pinned: Collection[str], on_learner_too: bool = False) -> list[Lineage]:
         """Resident tenants' lineages that may leave memory: not on the learner (or, `on_learner_too`,
