@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mace.model.multi_lora import RowRouting
 from mace.train.learner import BASE
 
 if TYPE_CHECKING:
     from mace.engine.runner import ModelRunner, _StepInputs
-    from mace.model.multi_lora import RowRouting
 
 MIN_LENGTH_BUCKET = 256  # attended positions of the shortest graph: decode attention here costs little
 
@@ -109,10 +109,9 @@ class StaticDecode:
 
     # ---- running one ----
 
-    def run(self, inputs: _StepInputs, adapter_names: list[str] | None) -> torch.Tensor:
-        """The step's hidden states [rows, hidden] (rows as in `inputs`), through the static path."""
-        key = self.key_for(inputs, adapter_names)
-        assert key is not None, "run only a step that key_for accepts"
+    def run(self, key: GraphKey, inputs: _StepInputs, adapter_names: list[str] | None) -> torch.Tensor:
+        """The step's hidden states [rows, hidden] (rows as in `inputs`), through the graph `key_for`
+        gave it."""
         self._fill(inputs, key, adapter_names)
         self.num_steps += 1
         if not self.capture:
@@ -174,8 +173,6 @@ class StaticDecode:
             return learner.serving([BASE])
         batch = key.batch
         routing = self._routing_for_learner()
-        from mace.model.multi_lora import RowRouting
-
         return learner.static_serving(RowRouting(routing.index[:batch], routing.scale[:batch]))
 
     # ---- capture ----

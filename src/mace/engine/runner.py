@@ -145,12 +145,12 @@ class ModelRunner:
 
     def _hidden(self, inputs: _StepInputs) -> torch.Tensor:
         """The step's final hidden states: replayed from a decode graph when the step has one."""
+        names = self._adapter_names(inputs) if self.trainer is not None else None
         static = self.static_decode
-        if static is not None:
-            names = self._adapter_names(inputs) if self.trainer is not None else None
-            if static.key_for(inputs, names) is not None:
-                return static.run(inputs, names)
-        return self._serve_forward(inputs)
+        key = static.key_for(inputs, names) if static is not None else None
+        if static is not None and key is not None:
+            return static.run(key, inputs, names)
+        return self._serve_forward(inputs, names)
 
     def _adapter_names(self, inputs: _StepInputs) -> list[str]:
         assert self.trainer is not None
@@ -158,11 +158,11 @@ class ModelRunner:
         return [learner.adapter_for(chunk.request.adapter_version, chunk.request.tenant)
                 for chunk in inputs.singles + inputs.multis for _ in range(chunk.num_new_tokens)]
 
-    def _serve_forward(self, inputs: _StepInputs) -> torch.Tensor:
+    def _serve_forward(self, inputs: _StepInputs, adapter_names: list[str] | None) -> torch.Tensor:
         """Each token runs with its request's pinned adapter version (mixed versions in one batch)."""
-        if self.trainer is None:
+        if self.trainer is None or adapter_names is None:
             return self._forward(inputs)
-        with self.trainer.learner.serving(self._adapter_names(inputs)):
+        with self.trainer.learner.serving(adapter_names):
             return self._forward(inputs)
 
     def _prepare(self, plan: IterationPlan) -> _StepInputs:

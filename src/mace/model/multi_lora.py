@@ -27,8 +27,8 @@ does for a batch with one adapter: a row computes the same in a mixed batch as a
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -124,18 +124,10 @@ class MultiLora:
         return RowRouting(index=torch.zeros(num_rows, dtype=torch.long, device=stack.a.device),
                           scale=torch.zeros(num_rows, 1, dtype=stack.a.dtype, device=stack.a.device))
 
-    @contextmanager
-    def rows_routed(self, routing: RowRouting) -> Iterator[None]:
+    def rows_routed(self, routing: RowRouting) -> AbstractContextManager[None]:
         """Like `routed`, with a fixed-shape routing whose buffers may change between forwards (a CUDA
         graph captured within it replays with whatever the buffers then hold)."""
-        owner = threading.get_ident()
-        handles = [stack.module.register_forward_hook(partial(_add_row_delta, stack, routing, owner))
-                   for stack in self.stacks]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return self._hooked(lambda stack, x: stack.row_delta(x, routing))
 
     @contextmanager
     def routed(self, adapter_names: Sequence[str | None]) -> Iterator[None]:
@@ -147,10 +139,16 @@ class MultiLora:
         if not routing.adapters.numel():  # base rows only: nothing to add
             yield
             return
-        # Hooks belong to the module, so to every thread: another thread's forward (training, on a CPU
-        # beside serving) passes through untouched.
+        with self._hooked(lambda stack, x: stack.delta(x, routing)):
+            yield
+
+    @contextmanager
+    def _hooked(self, delta: Callable[[StackedLora, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Every stacked linear adds `delta(stack, its input)` to its output, on this thread only: hooks
+        belong to the module, so to every thread, and another thread's forward (training, on a CPU
+        beside serving) passes through untouched."""
         owner = threading.get_ident()
-        handles = [stack.module.register_forward_hook(partial(_add_delta, stack, routing, owner))
+        handles = [stack.module.register_forward_hook(partial(_add_delta, stack, delta, owner))
                    for stack in self.stacks]
         try:
             yield
@@ -159,16 +157,9 @@ class MultiLora:
                 handle.remove()
 
 
-def _add_delta(stack: StackedLora, routing: Routing, owner: int, module: nn.Module, args: tuple[Any, ...],
-               output: torch.Tensor) -> torch.Tensor | None:
+def _add_delta(stack: StackedLora, delta: Callable[[StackedLora, torch.Tensor], torch.Tensor], owner: int,
+               module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
     if threading.get_ident() != owner:
         return None
     # Summed in fp32 (type promotion), rounded once to the base's dtype: peft's one-adapter arithmetic.
-    return (output + stack.delta(args[0], routing)).to(output.dtype)
-
-
-def _add_row_delta(stack: StackedLora, routing: RowRouting, owner: int, module: nn.Module, args: tuple[Any, ...],
-                   output: torch.Tensor) -> torch.Tensor | None:
-    if threading.get_ident() != owner:
-        return None
-    return (output + stack.row_delta(args[0], routing)).to(output.dtype)
+    return (output + delta(stack, args[0])).to(output.dtype)
