@@ -47,7 +47,6 @@ from mace.engine.warmup import warm_up
 from mace.logging import configure_logging
 from mace.model.loader import ModelBundle
 from mace.model.tiny import build_tokenizer
-from mace.train.intake import held_out_every
 from mace.train.journal import Journal
 from mace.train.replay import TrainSample
 from mace.train.trainer import Trainer
@@ -259,7 +258,7 @@ def fresh_trainer(bundle: ModelBundle, config: MaceConfig, args: argparse.Namesp
     """A trainer of its own per mode, as a server starts with (warm-up expects one that never trained),
     its replay full of samples at full drift; its LoRA layers come off the model at the end."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    journal = Journal(config.data_dir / "journal.sqlite3", held_out_every(config.train.heldout_every))
+    journal = Journal(config.data_dir / "journal.sqlite3", config.train.heldout_every)
     trainer = Trainer(bundle.causal_lm, bundle.tokenizer, journal, config)
     try:
         fill_replay(trainer, bundle.causal_lm.config.vocab_size, args)

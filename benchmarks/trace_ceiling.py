@@ -1,8 +1,10 @@
 """What a drifting trace lets a server answer at best: the exact-match ceiling of `make bench-train`.
 
 A question can only be answered right by learning if its answer was taught before it was asked, in a
-sample the server trains on: every `train.heldout_every`-th feedback sample (by journal id, in arrival
-order) is held out for the publish gate and never trained. Per phase this prints the share of
+sample the server trains on: some samples are held out for the publish gate and never trained. Which
+ones the server's own journal decides here (train/journal.py: per fact, only repeats of an answer
+already taught, at most one in `train.heldout_every` of a tenant's), from the trace's feedback in
+arrival order. Per phase this prints the share of
 questions whose very question was taught with the reference answer before (what a server that learns
 each taught sample at once, and nothing more, answers), and, for the personalization trace, the share
 whose fact (the user's attribute, under either of its two phrasings) was. No server; prints only.
@@ -20,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 from loadgen.metrics import exact_match
 from loadgen.personalization import QUESTIONS
 from loadgen.traces import DriftSpec, TraceItem, builtin
 
 from mace.config import TrainConfig
+from mace.train.journal import Journal, NewSample
 
 ATTRIBUTE_OF = {question: attribute for attribute, questions in QUESTIONS.items() for question in questions}
 
@@ -46,10 +51,18 @@ def ceilings(items: list[TraceItem], heldout_every: int,
     """Per phase: questions asked, whose question / fact was taught before; with `answers` (the run's
     answer by trace id), how many taught questions it answered right, and its wrong answers that are
     another user's value of the same fact."""
+    with tempfile.TemporaryDirectory() as scratch:
+        journal = Journal(Path(scratch) / "journal.sqlite3", heldout_every)
+        try:
+            return _ceilings(items, journal, answers)
+        finally:
+            journal.close()
+
+
+def _ceilings(items: list[TraceItem], journal: Journal, answers: dict[str, str] | None) -> dict[int, Counter[str]]:
     taught_answers: dict[str, str] = {}
     taught_facts: dict[tuple[str | None, str], str] = {}
     earlier_values: dict[tuple[str | None, str], set[str]] = {}  # values a user taught, then changed
-    sample_id = 0
     by_phase: dict[int, Counter[str]] = {}
     for item in sorted(items, key=lambda item: item.time):
         counts = by_phase.setdefault(item.phase, Counter())
@@ -70,10 +83,10 @@ def ceilings(items: list[TraceItem], heldout_every: int,
         if fact is not None and taught_facts.get(fact) == item.reference:
             counts["fact taught"] += 1
         for sample in item.feedback or []:
-            sample_id += 1
-            if sample_id % heldout_every == 0:
-                continue  # held out: the gate judges on it, training never sees it
             *question, answer = sample["messages"]
+            [sample_id] = journal.append([NewSample(prompt_key(question), answer["content"], tenant=item.tenant)])
+            if journal.since(sample_id - 1, limit=1)[0].held_out:
+                continue  # held out: the gate judges on it, training never sees it
             taught_answers[prompt_key(question)] = answer["content"]
             taught_fact = fact_key(item, question)
             if taught_fact is not None:
@@ -104,7 +117,7 @@ def main() -> None:
     answers = run_answers(args.requests) if args.requests else None
     by_phase = ceilings(builtin(args.trace, spec), args.heldout_every, answers)
     print(f"trace {args.trace}, seed {args.seed}, rate {args.trace_rate}/s, "
-          f"every {args.heldout_every}th sample held out")
+          f"held out per fact, at most one in {args.heldout_every} samples")
     print("| phase | questions | its question taught before | its fact taught before (either phrasing) |")
     print("|---|---|---|---|")
     for phase, counts in sorted(by_phase.items()):

@@ -237,7 +237,8 @@ class TrainConfig(_Section):
                                   "so a version that already answers its users nearly surely rests")
     rest_after_held_back: int = Field(3, ge=1, description="mace: rest once the publish gate has held the "
                                       "learner back this many times in a row with no new sample meanwhile")
-    heldout_every: int = Field(5, ge=2, description="every Nth sample is held out for the publish gate")
+    heldout_every: int = Field(5, ge=2, description="at most one sample in N of a tenant's is held out for the "
+                               "publish gate, and only one that repeats an answer its lineage is taught")
     heldout_size: int = Field(16, ge=1)
     heldout_half_life: float = Field(4.0, gt=0, description="publish gate: a held-out sample's weight halves "
                                      "this many samples back from the newest")

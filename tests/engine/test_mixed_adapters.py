@@ -15,7 +15,6 @@ from mace.engine.core import EngineCore
 from mace.engine.inbox import AddRequest
 from mace.engine.request import Request, SamplingParams
 from mace.model.loader import ModelBundle
-from mace.train.intake import held_out_every
 from mace.train.journal import Journal
 from mace.train.trainer import Trainer
 from tests.conftest import tiny_config
@@ -33,7 +32,7 @@ def engine_core(tmp_path: Path, bundle: ModelBundle, batched_tokens: int) -> Ite
     # fcfs: no TPOT-bound decode cap, so all 8 decode together on a slow, shared machine too.
     config = tiny_config(tmp_path, engine={"max_num_batched_tokens": batched_tokens, "scheduling": "fcfs"},
                          train={"policy": "mace", "max_versions_loaded": 8})
-    journal = Journal(tmp_path / "journal.sqlite3", held_out_every(config.train.heldout_every))
+    journal = Journal(tmp_path / "journal.sqlite3", config.train.heldout_every)
     trainer = Trainer(bundle.causal_lm, bundle.tokenizer, journal, config)
     try:
         publish_random_versions(trainer.learner, 8)

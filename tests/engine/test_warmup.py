@@ -13,7 +13,6 @@ from mace.engine.latency import StepShape
 from mace.engine.request import SamplingParams
 from mace.engine.warmup import warm_up
 from mace.model.loader import ModelBundle
-from mace.train.intake import held_out_every
 from mace.train.journal import Journal, NewSample
 from mace.train.trainer import Trainer
 from tests.conftest import tiny_config, wait_until
@@ -46,7 +45,7 @@ async def test_warm_up_measures_training_beside_serving_and_learns_nothing(
     tmp_path: Path, tiny_bundle: ModelBundle
 ) -> None:
     config = tiny_config(tmp_path, train={"policy": "mace"})
-    journal = Journal(tmp_path / "journal.sqlite3", held_out_every(config.train.heldout_every))
+    journal = Journal(tmp_path / "journal.sqlite3", config.train.heldout_every)
     trainer = Trainer(tiny_bundle.causal_lm, tiny_bundle.tokenizer, journal, config)
     engine = AsyncEngine(tiny_bundle, config, trainer)
     try:
@@ -78,7 +77,7 @@ async def test_warm_up_leaves_samples_from_before_a_restart_to_the_served_loop(
     between two of those would still be open when warm-up opens the next (on its own thread, training
     is measured alone too). Then they are trained without a POST."""
     config = tiny_config(tmp_path, train={"policy": "mace"}, engine={"train_thread": train_thread})
-    journal = Journal(tmp_path / "journal.sqlite3", held_out_every(config.train.heldout_every))
+    journal = Journal(tmp_path / "journal.sqlite3", config.train.heldout_every)
     journal.append([NewSample(f"question {i}", f"answer {i}") for i in range(8)])
     trainer = Trainer(tiny_bundle.causal_lm, tiny_bundle.tokenizer, journal, config)
     engine = AsyncEngine(tiny_bundle, config, trainer)

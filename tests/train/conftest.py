@@ -7,7 +7,6 @@ import pytest
 
 from mace.config import TrainConfig
 from mace.model.loader import ModelBundle
-from mace.train.intake import held_out_every
 from mace.train.journal import Journal
 from mace.train.trainer import Trainer
 from tests.conftest import tiny_config
@@ -27,7 +26,7 @@ def guarded_trainer(tmp_path: Path, tiny_bundle: ModelBundle) -> Iterator[Traine
 
 def _trainer(tmp_path: Path, tiny_bundle: ModelBundle, train: dict[str, object]) -> Iterator[Trainer]:
     config = tiny_config(tmp_path, train=train)
-    journal = Journal(tmp_path / "journal.sqlite3", held_out_every(config.train.heldout_every))
+    journal = Journal(tmp_path / "journal.sqlite3", config.train.heldout_every)
     trainer = Trainer(tiny_bundle.causal_lm, tiny_bundle.tokenizer, journal, config)
     try:
         yield trainer

@@ -12,19 +12,64 @@ from pathlib import Path
 
 import pytest
 
-from mace.train.intake import held_out_every
 from mace.train.journal import Journal, NewSample
 from tests.test_cli import free_port, mace, wait_ready
 
 
 def test_batch_is_all_or_nothing(tmp_path: Path) -> None:
-    journal = Journal(tmp_path / "j.sqlite3", held_out_every(5))
+    journal = Journal(tmp_path / "j.sqlite3", 5)
     journal.append([NewSample("p", "c")])
     with pytest.raises(sqlite3.Error):
         journal.append([NewSample("p", "c"), NewSample("p", None)])  # type: ignore[arg-type]
     assert journal.counts().total == 1
     journal.mark_trained([1], cursor=1, losses=[0.7])
     assert journal.counts().trained == 1 and journal.cursor() == 1
+    journal.close()
+
+
+def held_out(journal: Journal) -> list[tuple[str, str, str]]:
+    return [(row.tenant, row.prompt, row.completion) for row in journal.since(0) if row.held_out]
+
+
+def test_a_correction_sent_once_is_never_held_out(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite3", 5)
+    journal.append([NewSample(f"question {index}?", f"answer {index}") for index in range(12)])
+    assert held_out(journal) == []
+    assert journal.counts().held_out == 0
+    journal.close()
+
+
+def test_only_repeats_of_a_taught_answer_are_held_out_at_most_one_in_n(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite3", 5)
+    phrasings = [f"What is my cat called, version {index}?" for index in range(4)]
+    for _ in range(4):
+        journal.append([NewSample(prompt, "Zorblax") for prompt in phrasings])
+    rows = journal.since(0)
+    assert [row.sample_id for row in rows if row.held_out] == [5, 10, 15]
+    trained_prompts = {row.prompt for row in rows if not row.held_out}
+    assert trained_prompts == set(phrasings)  # every phrasing is trained, whichever was held out
+    journal.close()
+
+
+def test_a_changed_answer_is_trained_and_so_is_a_return_to_an_older_one(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite3", 2)
+    journal.append([NewSample("colour?", "blue"), NewSample("colour?", "blue")])  # the repeat is held out
+    journal.append([NewSample("colour?", "red"), NewSample("colour?", "blue")])  # neither repeats the newest
+    assert [(row.completion, row.held_out) for row in journal.since(0)] == [
+        ("blue", False), ("blue", True), ("red", False), ("blue", False)]
+    journal.close()
+
+
+def test_the_choice_is_per_tenant_and_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path, 3)
+    journal.append([NewSample("cat?", "Zorblax", tenant="alice"), NewSample("cat?", "Zorblax", tenant="bob")])
+    journal.close()
+    journal = Journal(path, 3)  # alice and bob have one credit each, carried over
+    journal.append([NewSample("cat?", "Zorblax", tenant="alice"), NewSample("cat?", "Zorblax", tenant="alice")])
+    assert held_out(journal) == [("alice", "cat?", "Zorblax")]  # alice's third sample, a repeat of her own
+    journal.append([NewSample("cat?", "Zorblax", tenant="bob"), NewSample("cat?", "Zorblax", tenant="bob")])
+    assert held_out(journal) == [("alice", "cat?", "Zorblax"), ("bob", "cat?", "Zorblax")]
     journal.close()
 
 

@@ -11,7 +11,6 @@ import torch
 
 from mace.model.loader import ModelBundle, load_model
 from mace.server.keys import RUNTIME
-from mace.train.intake import held_out_every
 from mace.train.journal import Journal, NewSample
 from mace.train.rehearsal import ANCHOR_QUESTIONS, AnchorStore
 from mace.train.trainer import Trainer
@@ -43,7 +42,7 @@ async def test_warm_up_serves_the_anchors_greedily_once_per_model(tmp_path: Path
 @pytest.fixture
 def rehearsing(tmp_path: Path, tiny_bundle: ModelBundle) -> Iterator[Trainer]:
     config = tiny_config(tmp_path, train={"policy": "mace", "rehearsal": True})
-    journal = Journal(tmp_path / "journal.sqlite3", held_out_every(config.train.heldout_every))
+    journal = Journal(tmp_path / "journal.sqlite3", config.train.heldout_every)
     trainer = Trainer(tiny_bundle.causal_lm, tiny_bundle.tokenizer, journal, config)
     yield trainer
     trainer.close()

@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 
 from mace.model.loader import load_model
-from mace.train.intake import held_out_every
 from mace.train.journal import Journal, NewSample
 from tests.conftest import start_server, tiny_config, wait_until
 from tests.server.test_health_metrics import metric_values
@@ -81,7 +80,7 @@ def test_samples_acknowledged_before_a_kill_are_trained_after_the_restart_withou
 
 async def test_a_long_journal_neither_delays_ready_nor_the_first_training_step(tmp_path: Path) -> None:
     long_config = tiny_config(tmp_path / "long", train={**TRAIN, "policy": "mace"})
-    journal = Journal(long_config.data_dir / "journal.sqlite3", held_out_every(long_config.train.heldout_every))
+    journal = Journal(long_config.data_dir / "journal.sqlite3", long_config.train.heldout_every)
     ids = journal.append([NewSample(f"question {i}?", f"answer {i}") for i in range(10_000)])
     trained = [sample.sample_id for sample in journal.since(0, 20_000) if not sample.held_out][:-50]
     journal.mark_trained(trained, cursor=ids[-51], losses=[2.0] * len(trained))

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from mace.model.loader import ModelBundle
-from mace.train.intake import held_out_every
 from mace.train.journal import Journal, NewSample
 from mace.train.replay import TrainSample
 from mace.train.trainer import Trainer
@@ -24,7 +23,7 @@ HELDOUT_SIZE = 3
 
 @pytest.fixture
 def journal(tmp_path: Path) -> Iterator[Journal]:
-    journal = Journal(tmp_path / "journal.sqlite3", held_out_every(5))
+    journal = Journal(tmp_path / "journal.sqlite3", 5)
     yield journal
     journal.close()
 
@@ -100,7 +99,7 @@ def test_samples_acknowledged_but_never_trained_are_scored_at_the_first_ingest(
 def test_only_the_recent_window_is_read_and_the_cursor_follows_the_journal(
     journal: Journal, open_trainer: Callable[[], Trainer]
 ) -> None:
-    ids = _append(journal, 200)
+    ids = _append(journal, 100) + _append(journal, 100)  # every answer taught twice: repeats are held out
     trained = _training_ids(journal, ids)
     journal.mark_trained(trained, cursor=ids[-1], losses=[1.0] * len(trained))
     trainer = open_trainer()

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from mace.train.intake import held_out_every
 from mace.train.journal import Journal, NewSample
 from mace.train.writer import DiskWriter
 
@@ -31,7 +30,7 @@ def test_writes_land_in_order_and_a_failed_one_does_not_stop_the_rest() -> None:
 
 
 def test_trained_marks_do_not_wait_for_the_feedback_paths_lock(tmp_path: Path) -> None:
-    journal = Journal(tmp_path / "journal.sqlite3", held_out_every(5))
+    journal = Journal(tmp_path / "journal.sqlite3", 5)
     [sample_id] = journal.append([NewSample("p", "c")])
     journal._lock.acquire()  # a feedback write stalled on the disk
     try:

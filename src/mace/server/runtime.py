@@ -23,7 +23,6 @@ from mace.engine.warmup import warm_up
 from mace.model.loader import ModelBundle, load_model
 from mace.server.errors import ApiError
 from mace.server.metrics import ServerMetrics
-from mace.train.intake import held_out_every
 from mace.train.journal import Journal
 from mace.train.trainer import Trainer
 
@@ -130,7 +129,7 @@ class Runtime:
     def _open_journal(self) -> Journal | None:
         """A data dir that cannot hold the journal (read-only, full, not a directory) costs learning, not serving."""
         try:
-            return Journal(self.config.data_dir / "journal.sqlite3", held_out_every(self.config.train.heldout_every))
+            return Journal(self.config.data_dir / "journal.sqlite3", self.config.train.heldout_every)
         except (sqlite3.Error, OSError) as exc:
             self.journal_error = f"{type(exc).__name__}: {exc}"
             log.error("the journal cannot be opened; serving without feedback or training", error=self.journal_error,

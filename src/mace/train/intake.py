@@ -1,7 +1,7 @@
 """Intake: journaled samples become training samples (tensor-free).
 
 `SampleReader` reads each sample from the journal once, past the cursor, and tokenizes it once; the
-held-out choice (`held_out_every`) is made when the journal stores it. Each lineage (one tenant's
+held-out choice (per fact, train/journal.py) is made when the journal stores it. Each lineage (one tenant's
 learning, train/lineage.py) has its own `Intake`: once a sample's score (its loss under that
 lineage's serving version, a forward pass the trainer queues) is in, `accept` files it: the held-out
 slice for the publish gate, or the replay buffer. A restart, or a lineage brought back from disk,
@@ -12,7 +12,6 @@ them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +19,6 @@ from mace.config import TrainConfig
 from mace.train.drift import DriftSignal
 from mace.train.journal import Journal, StoredSample
 from mace.train.replay import ReplayBuffer, TrainSample, supersedes
-
-
-def held_out_every(every: int) -> Callable[[int], bool]:
-    """Every `every`-th sample id is held out: a choice by id, so a restart (or a start with training
-    off) marks the same samples, and the slice spans the whole stream of feedback."""
-    return lambda sample_id: sample_id % every == 0
 
 
 @dataclass(frozen=True)

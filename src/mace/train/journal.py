@@ -1,9 +1,15 @@
 """The feedback journal: SQLite (WAL, synchronous=FULL) in the data dir.
 
 A sample is acknowledged only after its transaction committed, so `kill -9` at any moment keeps
-every acknowledged sample. A batch is one transaction: all of it is stored or none of it. Which
-samples are held out for the publish gate is the caller's choice (train/intake.py), stored with the
-sample so that every start, with training on or off, counts the same slice.
+every acknowledged sample. A batch is one transaction: all of it is stored or none of it.
+
+Which samples are held out for the publish gate is chosen when a sample is stored, and stored with it,
+so that every start, with training on or off, counts the same slice. The choice is per fact, not per
+sample: a sample is held out only when it repeats the answer its lineage is already taught for the same
+prompt (the newest training sample of that tenant and prompt has the same completion), and at most one
+sample in `heldout_every` of a tenant's. A correction sent once is therefore always trained: holding out
+every Nth sample by id left a fifth of the facts users taught once never learned, and on the tenants
+trace one tenant with only one of its four facts trainable.
 
 The trainer's own records (trained counts, last losses, the cursor) go through a second connection
 with `synchronous=NORMAL`, written from the trainer's writer thread: they can be derived again (a
@@ -17,7 +23,6 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,7 @@ CREATE TABLE IF NOT EXISTS samples (
 );
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS samples_by_tenant ON samples (tenant, held_out, id);
+CREATE INDEX IF NOT EXISTS samples_by_prompt ON samples (prompt, held_out, id);
 """
 # Columns added after the first release; a journal written by an older mace gains them at open.
 LATER_COLUMNS = {"loss": "REAL"}
@@ -77,11 +83,13 @@ class JournalCounts:
 
 
 class Journal:
-    def __init__(self, path: Path, is_held_out: Callable[[int], bool]) -> None:
-        """`is_held_out(sample_id)` says whether a new sample goes to the held-out slice."""
+    def __init__(self, path: Path, heldout_every: int) -> None:
+        """At most one sample in `heldout_every` of a tenant's goes to the held-out slice (module doc)."""
+        if heldout_every < 2:
+            raise ValueError("heldout_every must be at least 2: every sample held out would train nothing")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._is_held_out = is_held_out
+        self.heldout_every = heldout_every
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -123,9 +131,24 @@ class Journal:
             (now, sample.prompt, sample.completion, sample.request_id, sample.tenant, sample.weight),
         )
         sample_id = int(cursor.lastrowid or 0)
-        if self._is_held_out(sample_id):
+        if self._holds_out(sample, sample_id):
             self._db.execute("UPDATE samples SET held_out = 1 WHERE id = ?", (sample_id,))
         return sample_id
+
+    def _holds_out(self, sample: NewSample, sample_id: int) -> bool:
+        """Whether `sample` (just inserted, inside the caller's transaction) is held out: a repeat of
+        the answer its lineage is taught for its prompt, once the tenant's credit allows. Each sample
+        earns a tenant one credit, up to `heldout_every`; a held-out sample spends them all. The
+        credit is stored in the same transaction, so a restart continues the same count."""
+        key = f"held_out_credit:{sample.tenant or ''}"
+        row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        credit = min((int(row[0]) if row else 0) + 1, self.heldout_every)
+        taught = self._db.execute(
+            "SELECT completion FROM samples WHERE prompt = ? AND held_out = 0 AND COALESCE(tenant, '') = ? "
+            "AND id < ? ORDER BY id DESC LIMIT 1", (sample.prompt, sample.tenant or "", sample_id)).fetchone()
+        held_out = credit >= self.heldout_every and taught is not None and taught[0] == sample.completion
+        self._db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, 0 if held_out else credit))
+        return held_out
 
     def since(self, after_id: int, limit: int = 1000) -> list[StoredSample]:
         with self._lock:
