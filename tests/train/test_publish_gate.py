@@ -200,6 +200,24 @@ def test_after_a_publish_the_new_versions_losses_are_the_candidates_not_asked_ag
     assert trainer.active_version == 2 and gate.serving_heldout_loss == 0.5
 
 
+def test_the_gates_slice_weighs_the_newest_corrections_beside_the_held_out_repeats(trainer: Trainer) -> None:
+    # Users taught a new answer (sample 4); the held-out repeats (2, 3) are of answers taught before.
+    # A candidate that learned the new answer and lost a little on an older one is published: judged
+    # on the held-out repeats alone it would be held back, and the new answer never served.
+    intake = trainer.intake
+    for sample_id, prompt in ((1, [11, 12]), (2, [11, 12]), (3, [11, 12]), (4, [31, 32])):
+        intake.accept(TrainSample(sample_id, [*prompt, 50], 2, created_at=float(sample_id)),
+                      held_out=sample_id in (2, 3), loss=3.0)
+    gate_slice = intake.gate_slice()
+    assert [s.sample_id for s in gate_slice.samples] == [1, 2, 3, 4] and gate_slice.held_out
+    learner, serving = {1: 1.2, 2: 1.2, 3: 1.2, 4: 0.2}, {1: 1.0, 2: 1.0, 3: 1.0, 4: 3.0}
+    held_out_only = [sample for sample in gate_slice.samples if sample.sample_id in (2, 3)]
+    assert trainer.gate.decide(Evaluation(held_out_only, trainer.active_version,
+                                          learner_losses=learner, serving_losses=serving)) is None
+    assert trainer.gate.decide(Evaluation(gate_slice.samples, trainer.active_version, weights=gate_slice.weights,
+                                          learner_losses=learner, serving_losses=serving)) == 1
+
+
 def test_held_out_questions_no_sample_taught_weigh_less_in_the_gates_slice(trainer: Trainer) -> None:
     # A learner that learned the taught question and lost a little on one nobody taught is published;
     # with every sample weighing alike it would be held back.
@@ -209,12 +227,13 @@ def test_held_out_questions_no_sample_taught_weigh_less_in_the_gates_slice(train
     intake.accept(TrainSample(2, [*taught, 50], 3, created_at=2.0), held_out=True, loss=3.0)
     intake.accept(TrainSample(3, [*untaught, 60], 3, created_at=3.0), held_out=True, loss=3.0)
     gate_slice = intake.gate_slice()
-    assert [s.sample_id for s in gate_slice.samples] == [2, 3]
-    assert gate_slice.weights == [1.0, trainer.config.heldout_untaught_weight]
+    assert [s.sample_id for s in gate_slice.samples] == [1, 2, 3]  # the newest training sample too
+    assert gate_slice.weights == [1.0, 1.0, trainer.config.heldout_untaught_weight]
 
     def judged(weights: list[float] | None) -> int | None:
         return trainer.gate.decide(Evaluation(gate_slice.samples, trainer.active_version, weights=weights,
-                                              learner_losses={2: 1.0, 3: 4.0}, serving_losses={2: 2.0, 3: 2.5}))
+                                              learner_losses={1: 1.0, 2: 1.0, 3: 6.0},
+                                              serving_losses={1: 2.0, 2: 2.0, 3: 2.5}))
 
     assert judged(None) is None and trainer.active_version == 0
     assert judged(gate_slice.weights) == 1 and trainer.active_version == 1

@@ -108,22 +108,30 @@ class Intake:
             self.replay.add(sample)
 
     def gate_slice(self) -> GateSlice:
-        """What the publish gate judges a candidate on: the held-out slice, or, until the first sample
-        is held out (`heldout_every` of them), the newest training samples. A user who sent one
-        correction is then served it once the learner fits it, rather than never.
+        """What the publish gate judges a candidate on: the held-out slice together with the newest
+        training samples, in arrival order, or, until the first sample is held out, the newest training
+        samples alone. A user who sent one correction is then served it once the learner fits it.
+
+        The held-out slice holds only repeats of answers already taught (train/journal.py), so it says
+        whether a candidate still answers what users taught before; the newest training samples say
+        whether it answers what they taught last, the drift the learner is there to follow. On a
+        drifting trace the held-out slice alone held back every candidate of the last phase (their
+        losses on older users' facts rose as they learned the new ones) and the server answered the
+        old facts all phase long (docs/results/train/compare.md). Half the slice is each, so the gate
+        weighs the two by recency.
 
         A held-out sample whose very question the learner is taught (a training sample in the window
-        answers it) weighs fully; the others weigh `heldout_untaught_weight`. Those ask for answers no
-        sample taught (another user's fact, a fact told once and held out), which no learner can know
-        and whose loss moves by chance as training teaches other answers: on a drifting trace of facts
-        they outnumbered the taught ones and held back learners that answered more of what users
-        asked (docs/results/train/compare.md)."""
-        if self.heldout:
-            samples = self.heldout[-self.config.heldout_size :]
-            untaught = self.config.heldout_untaught_weight
-            weights = [1.0 if self.replay.teaches(sample.prompt_key) else untaught for sample in samples]
-            return GateSlice(samples, held_out=True, weights=weights)
-        return GateSlice(self.replay.newest(self.config.heldout_size), held_out=False)
+        answers it) weighs fully; the others (their training samples have left the window) weigh
+        `heldout_untaught_weight`: their loss moves by chance as training teaches other answers."""
+        size = self.config.heldout_size
+        newest = self.replay.newest(size if not self.heldout else size - size // 2)
+        if not self.heldout:
+            return GateSlice(newest, held_out=False)
+        untaught = self.config.heldout_untaught_weight
+        held_out = [(sample, 1.0 if self.replay.teaches(sample.prompt_key) else untaught)
+                    for sample in self.heldout[-(size // 2) :]]
+        both = sorted([*held_out, *((sample, 1.0) for sample in newest)], key=lambda pair: pair[0].sample_id)
+        return GateSlice([sample for sample, _ in both], held_out=True, weights=[weight for _, weight in both])
 
     def resume(self, window: list[tuple[StoredSample, TrainSample]]) -> None:
         """Rebuild replay and the held-out slice from the lineage's recent window (`SampleReader.window`),
