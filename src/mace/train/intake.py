@@ -124,13 +124,14 @@ class Intake:
         answers it) weighs fully; the others (their training samples have left the window) weigh
         `heldout_untaught_weight`: their loss moves by chance as training teaches other answers."""
         size = self.config.heldout_size
-        newest = self.replay.newest(size if not self.heldout else size - size // 2)
         if not self.heldout:
-            return GateSlice(newest, held_out=False)
+            return GateSlice(self.replay.newest(size), held_out=False)
+        num_held_out = max(1, size // 2)  # a slice of one is its newest held-out sample
         untaught = self.config.heldout_untaught_weight
         held_out = [(sample, 1.0 if self.replay.teaches(sample.prompt_key) else untaught)
-                    for sample in self.heldout[-(size // 2) :]]
-        both = sorted([*held_out, *((sample, 1.0) for sample in newest)], key=lambda pair: pair[0].sample_id)
+                    for sample in self.heldout[len(self.heldout) - num_held_out :]]
+        newest = [(sample, 1.0) for sample in self.replay.newest(size - num_held_out)]
+        both = sorted(held_out + newest, key=lambda pair: pair[0].sample_id)
         return GateSlice([sample for sample, _ in both], held_out=True, weights=[weight for _, weight in both])
 
     def resume(self, window: list[tuple[StoredSample, TrainSample]]) -> None:
