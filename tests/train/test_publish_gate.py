@@ -184,6 +184,28 @@ def test_the_next_evaluation_waits_for_twice_the_last_ones_seconds_of_training(t
     assert gate.is_due()
 
 
+def test_one_lineages_evaluation_makes_every_lineages_gate_wait_for_training(trainer: Trainer) -> None:
+    # The share is the machine's: with one account per gate, 16 tenants' gates each judged after every
+    # optimizer step of theirs, and together took most of training's time.
+    alice = trainer.resident("alice")
+    alice.parked = trainer.learner.initial_state
+    alice.parked.num_optimizer_steps = 1  # alice's learner has a step its gate has not judged
+    alice.gate.last_publish_s -= trainer.config.min_publish_interval_s
+    assert alice.gate.is_due()
+    shared = trainer.gate
+    shared.last_publish_s -= trainer.config.min_publish_interval_s
+    trainer.learner.num_optimizer_steps += 1
+    held_out = GateSlice([TrainSample(1000, [5, 6, 7, 8], 2, created_at=0.0)], held_out=True)
+    requests = shared.open(held_out)
+    assert requests
+    shared.charge_evaluation(3.0)
+    for request in requests:
+        shared.record(LossResult(request, 0.5))  # no better: held back
+    assert not alice.gate.is_due() and alice.gate.is_due(paced=False)
+    alice.gate.charge_training(3.0 * (1 / publish_gate.GATE_SHARE - 1))
+    assert alice.gate.is_due()
+
+
 def test_after_a_publish_the_new_versions_losses_are_the_candidates_not_asked_again(trainer: Trainer) -> None:
     gate = trainer.gate
     first, second = (TrainSample(sample_id, [5, 6, 7, 8], 2, created_at=0.0) for sample_id in (1000, 1001))

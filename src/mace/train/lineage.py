@@ -33,7 +33,7 @@ from mace.train.intake import Intake, SampleReader
 from mace.train.journal import StoredSample
 from mace.train.learner import LEARNER, Learner, LearnerState, read_adapter
 from mace.train.lease import LineageLease
-from mace.train.publish_gate import PublishGate
+from mace.train.publish_gate import GateShare, PublishGate
 from mace.train.replay import ReplayBuffer, TrainSample
 from mace.train.scope import Scope, prompt_words
 from mace.train.writer import DiskWriter
@@ -150,7 +150,8 @@ class Lineage:
 
     @classmethod
     def build(cls, files: LineageFiles, learner: Learner, config: TrainConfig,
-              anchors: Callable[[Scope], list[TrainSample]] = lambda scope: []) -> Lineage:
+              anchors: Callable[[Scope], list[TrainSample]] = lambda scope: [],
+              gate_share: GateShare | None = None) -> Lineage:
         """On the engine thread: the lineage from its files (tensor copies only)."""
         replay = ReplayBuffer(config.replay_window, config.freshness_half_life_s)
         drift = DriftSignal(loss_floor=config.converged_loss)
@@ -159,7 +160,7 @@ class Lineage:
         lineage.learner = learner
         # The retention guard judges the anchors this lineage's scope would give its versions.
         lineage.gate = PublishGate(LineageLearner(learner, lineage), files.store, drift, config,
-                                   lambda: anchors(lineage.scope))
+                                   lambda: anchors(lineage.scope), gate_share)
         lineage.gate.restore(files.active_weights)
         intake.resume(files.window)
         for row, _ in files.window:

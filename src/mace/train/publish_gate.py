@@ -20,6 +20,11 @@ took (`charge_training`, `charge_evaluation`: compute, not the wall clock, which
 under load), or at once while training rests. On a drifting trace with a slice of 16 samples and
 eight anchors, an evaluation every 10 s took three times training's share.
 
+The share is the machine's, not each gate's (`GateShare`, one per trainer): with one account per
+lineage, 16 tenants' gates each waited only for their own last evaluation, so every optimizer step
+of any lineage was followed by an evaluation of its gate (on the tenants trace, 138 publishes for
+141 steps), and the gates took about three quarters of training's time.
+
 Each lineage (train/lineage.py) has its own gate, store and version numbers; the gate sees the learner
 through `GateLearner`, bound to its lineage. One candidate adapter serves every gate, so one
 evaluation is open at a time (`Trainer.upkeep_stages`).
@@ -49,6 +54,23 @@ from mace.train.tasks import LossPurpose, LossRequest, LossResult
 log = structlog.get_logger(__name__)
 
 GATE_SHARE = 1 / 3  # at most this share of the seconds training and the gate's passes spend together
+
+
+class GateShare:
+    """The seconds the publish gates' passes and training have spent, machine-wide (`GATE_SHARE`): one
+    account shared by every lineage's gate, since one evaluation is open at a time, whoever's."""
+
+    def __init__(self) -> None:
+        self.trained_s = 0.0  # training since the last evaluation closed
+        self.evaluation_s = 0.0  # loss passes while the open one was pending
+        self.last_evaluation_s = 0.0  # the same for the last one, once closed
+
+    def allows(self) -> bool:
+        """Training has run for the seconds the last evaluation's passes earned it."""
+        return self.trained_s >= self.last_evaluation_s * (1 / GATE_SHARE - 1)
+
+    def close(self) -> None:
+        self.last_evaluation_s, self.evaluation_s, self.trained_s = self.evaluation_s, 0.0, 0.0
 
 
 def recency_weighted_mean(losses: list[float], half_life: float, weights: list[float] | None = None) -> float:
@@ -127,8 +149,9 @@ class GateLearner(Protocol):
 
 class PublishGate:
     def __init__(self, learner: GateLearner, store: AdapterStore, drift: DriftSignal, config: TrainConfig,
-                 anchors: Callable[[], list[TrainSample]] = list) -> None:
+                 anchors: Callable[[], list[TrainSample]] = list, share: GateShare | None = None) -> None:
         self.learner = learner
+        self.share = share or GateShare()  # the trainer's, shared by every lineage's gate
         self.anchors = anchors  # the retention guard's, read when an evaluation opens (made at warm-up)
         self.store = store
         self.drift = drift
@@ -144,9 +167,6 @@ class PublishGate:
         self._anchor_base_losses: dict[int, float] = {}  # version 0 never changes: measured once
         self._next_version = store.newest() + 1
         self._pending: Evaluation | None = None
-        self._evaluation_s = 0.0  # seconds of loss passes run while the open evaluation was pending
-        self._last_evaluation_s = 0.0  # the same for the last evaluation, once closed
-        self._trained_s = 0.0  # seconds of training since it closed (`GATE_SHARE`)
         self._follow_up: list[LossRequest] = []  # the anchors' passes, asked once the slice would publish
         self._serving_losses: dict[int, float] = {}  # held-out sample id -> loss under `_serving_losses_version`
         self._serving_losses_version = -1
@@ -162,18 +182,18 @@ class PublishGate:
         """Whether a candidate may be judged now: none pending, publishing not held by an operator, optimizer
         steps since the last candidate, `min_publish_interval_s` passed, and (`paced`: training has more to
         do) the gate within its share."""
-        within_share = not paced or self._trained_s >= self._last_evaluation_s * (1 / GATE_SHARE - 1)
+        within_share = not paced or self.share.allows()
         return (self._pending is None and not self.publishing_held and within_share
                 and self.learner.num_optimizer_steps != self.judged_steps
                 and time.monotonic() - self.last_publish_s >= self.config.min_publish_interval_s)
 
     def charge_training(self, seconds: float) -> None:
         """The learner trained for `seconds` (micro-step stages, of any lineage: the share is of the machine)."""
-        self._trained_s += seconds
+        self.share.trained_s += seconds
 
     def charge_evaluation(self, seconds: float) -> None:
-        """Loss passes ran for `seconds` while this gate's evaluation was open (scores joined, counted too)."""
-        self._evaluation_s += seconds
+        """Loss passes ran for `seconds` while an evaluation was open (scores joined, counted too)."""
+        self.share.evaluation_s += seconds
 
     def open(self, gate_slice: GateSlice) -> list[LossRequest]:
         """Freeze the learner as the candidate and ask for the losses on `gate_slice` (none: not now)."""
@@ -237,7 +257,7 @@ class PublishGate:
             if not evaluation.is_complete:
                 return None
         self._pending = None
-        self._last_evaluation_s, self._evaluation_s, self._trained_s = self._evaluation_s, 0.0, 0.0
+        self.share.close()
         return self.decide(evaluation)
 
     def _slice_losses(self, evaluation: Evaluation) -> tuple[float, float]:

@@ -26,6 +26,7 @@ from mace.train.journal import Journal
 from mace.train.learner import AdapterKey, Learner
 from mace.train.lease import holder
 from mace.train.lineage import Lineage, LineageFiles, journal_filter, lineage_of, read_lineage
+from mace.train.publish_gate import GateShare
 from mace.train.rehearsal import AnchorStore, anchor_index
 from mace.train.replay import TrainSample
 from mace.train.scope import PromptStatistics, Scope
@@ -52,6 +53,7 @@ class Residency:
     writer: DiskWriter
     reader: SampleReader
     lineages: dict[str, Lineage]
+    gate_share: GateShare
     focus: Lineage
     on_lineage_read: Callable[[], None]
     _tenants_seen: set[str]
@@ -131,7 +133,8 @@ class Residency:
             if files.lease is not None:
                 files.lease.release()
             files = self.read_files(files.tenant)
-        lineage = self.lineages[files.tenant] = Lineage.build(files, self.learner, self.config, self.anchors_in_scope)
+        lineage = self.lineages[files.tenant] = Lineage.build(files, self.learner, self.config,
+                                                              self.anchors_in_scope, self.gate_share)
         if present is not None and present is self.focus and lineage.is_owned:
             # A follower never trains, so no gradient is half-accumulated: its owner's state takes the learner.
             self.learner.unpark(lineage.parked)

@@ -51,7 +51,7 @@ from mace.train.learner import AdapterKey, Learner
 from mace.train.lease import OwnedElsewhere, holder
 from mace.train.lineage import Lineage, LineageFiles, checkpoint_state
 from mace.train.policy import RetrainPolicy, make_policy
-from mace.train.publish_gate import AdapterCatalog, PublishGate
+from mace.train.publish_gate import AdapterCatalog, GateShare, PublishGate
 from mace.train.rehearsal import AnchorStore, anchor_prompts
 from mace.train.replay import ReplayBuffer, TrainSample
 from mace.train.residency import Residency
@@ -86,6 +86,7 @@ class Trainer(Residency):
         self.train_tokens_total = 0
         self.train_seconds_total = 0.0
         self.lineages: dict[str, Lineage] = {}
+        self.gate_share = GateShare()  # every lineage's gate draws on the machine's one share of training time
         self._tenants_seen: set[str] = set()
         self._lock = threading.Lock()  # `_loading` and `_evictions` are read from the event loop
         self._loading: dict[str, concurrent.futures.Future[LineageFiles]] = {}
@@ -306,10 +307,9 @@ class Trainer(Residency):
         seconds = time.perf_counter() - started
         self.train_seconds_total += seconds
         fair_share.charge(self.focus, job_s)
-        for lineage in self.lineages.values():  # every gate's share is of the machine's training time
-            lineage.gate.charge_training(job_s)
-            if lineage.gate.is_pending:  # one at a time: the loss passes beside the job are its (and scores)
-                lineage.gate.charge_evaluation(seconds - job_s)
+        self.gate_share.trained_s += job_s
+        if any(lineage.gate.is_pending for lineage in self.lineages.values()):
+            self.gate_share.evaluation_s += seconds - job_s  # one at a time: the passes beside the job are its
 
     def after_step(self) -> None:
         for result in self.tasks.take_results():
