@@ -41,10 +41,10 @@ ANSWER_TOKENS = 6
 UNSCORED = 1e9  # a sample's loss before its first micro-step: the replay buffer picks those first
 
 LEVERS: dict[str, dict[str, Any]] = {
-    "shipped (LoRA r 8 on q, v; lr 0.002; batch 4)": {},
+    "shipped (LoRA r 8 on q, v; lr 0.004 easing to 0.002; batch 1)": {},
     "rank 16": {"lora_rank": 16, "lora_alpha": 32},
     "q, k, v, o": {"target_modules": ("q_proj", "k_proj", "v_proj", "o_proj")},
-    "lr 0.004": {"learning_rate": 4e-3},
+    "lr 0.004, constant": {"learning_rate": 4e-3, "fresh_lr_factor": 1.0},
     "batch 8": {"batch_size": 8},
     "MLP (gate, up, down)": {"target_modules": ("gate_proj", "up_proj", "down_proj")},
     "q, v and MLP": {"target_modules": ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")},

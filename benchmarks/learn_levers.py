@@ -47,29 +47,32 @@ UNSCORED = 1e9  # a sample's loss before its first micro-step: the replay buffer
 SAMPLES_PER_QUESTION = 4
 
 # Each lever is a TrainConfig override on top of the shipped defaults (LoRA r 8 on q and v of every
-# layer, lr 0.002, batch 1).
+# layer, lr 0.002 eased from twice that over a lineage's first steps, batch 1). Every other lever's
+# learning rate is constant (`CONSTANT`), as it was measured before the easing.
 EVERY_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-DOWN_TOP_THIRD: dict[str, Any] = {"target_modules": ("down_proj",), "lora_layer_fraction": 0.33, "lora_rank": 16,
-                                  "lora_alpha": 32, "learning_rate": 4e-3}
+CONSTANT: dict[str, Any] = {"fresh_lr_factor": 1.0}
+DOWN_TOP_THIRD: dict[str, Any] = {**CONSTANT, "target_modules": ("down_proj",), "lora_layer_fraction": 0.33,
+                                  "lora_rank": 16, "lora_alpha": 32, "learning_rate": 4e-3}
 LEVERS: dict[str, dict[str, Any]] = {
-    "lr 0.002 (shipped: LoRA r 8 on q, v of every layer; batch 1)": {},
-    "lr 0.001": {"learning_rate": 1e-3},
-    "lr 0.0005": {"learning_rate": 5e-4},
-    "rehearsal, lr 0.002": {"rehearsal": True},
-    "rank 4": {"lora_rank": 4, "lora_alpha": 8},
-    "rank 16": {"lora_rank": 16, "lora_alpha": 32},
-    "lr 0.004": {"learning_rate": 4e-3},
-    "rank 16, lr 0.004": {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 4e-3},
-    "batch 2 (smaller, more frequent steps)": {"batch_size": 2},
-    "q, v of the top half": {"lora_layer_fraction": 0.5},
-    "MLP only (gate, up, down), lr 0.001": {"target_modules": MLP, "learning_rate": 1e-3},
-    "MLP of the top half": {"target_modules": MLP, "lora_layer_fraction": 0.5},
-    "down_proj only, lr 0.002": {"target_modules": ("down_proj",)},
+    "lr 0.004 easing to 0.002 (shipped: LoRA r 8 on q, v of every layer; batch 1)": {},
+    "lr 0.002": CONSTANT,
+    "lr 0.001": {**CONSTANT, "learning_rate": 1e-3},
+    "lr 0.0005": {**CONSTANT, "learning_rate": 5e-4},
+    "rehearsal, lr 0.002": {**CONSTANT, "rehearsal": True},
+    "rank 4": {**CONSTANT, "lora_rank": 4, "lora_alpha": 8},
+    "rank 16": {**CONSTANT, "lora_rank": 16, "lora_alpha": 32},
+    "lr 0.004": {**CONSTANT, "learning_rate": 4e-3},
+    "rank 16, lr 0.004": {**CONSTANT, "lora_rank": 16, "lora_alpha": 32, "learning_rate": 4e-3},
+    "batch 2 (smaller, more frequent steps)": {**CONSTANT, "batch_size": 2},
+    "q, v of the top half": {**CONSTANT, "lora_layer_fraction": 0.5},
+    "MLP only (gate, up, down), lr 0.001": {**CONSTANT, "target_modules": MLP, "learning_rate": 1e-3},
+    "MLP of the top half": {**CONSTANT, "target_modules": MLP, "lora_layer_fraction": 0.5},
+    "down_proj only, lr 0.002": {**CONSTANT, "target_modules": ("down_proj",)},
     "down_proj of the top third, r 16, lr 0.004": DOWN_TOP_THIRD,
     "the same with rehearsal": {**DOWN_TOP_THIRD, "rehearsal": True},
     "down_proj of the top third, r 16, lr 0.002": {**DOWN_TOP_THIRD, "learning_rate": 2e-3},
-    "all linear, lr 0.0005": {"target_modules": EVERY_LINEAR, "learning_rate": 5e-4},
+    "all linear, lr 0.0005": {**CONSTANT, "target_modules": EVERY_LINEAR, "learning_rate": 5e-4},
 }
 
 

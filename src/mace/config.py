@@ -204,7 +204,16 @@ class TrainConfig(_Section):
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     lora_layer_fraction: float = Field(1.0, gt=0, le=1, description="share of the decoder layers, counted "
                                        "from the top, that get LoRA (the backward stops below them); 1: all")
-    learning_rate: float = Field(2e-3, gt=0)
+    learning_rate: float = Field(2e-3, gt=0, description="AdamW's learning rate once a lineage has settled "
+                                 "(`fresh_lr_factor`)")
+    # A lineage's first steps learn its users' first facts, where each step counts most (a tenant gets a
+    # dozen steps in five minutes on a 2-core CPU); later steps, on a lineage that has learned much,
+    # settle: at twice the rate throughout, the shared lineage of the drifting trace collapsed to empty
+    # answers after about 70 steps (docs/results/train/learn.md, "A fresh lineage's learning rate").
+    fresh_lr_factor: float = Field(2.0, ge=1, description="a lineage's first optimizer steps learn at this "
+                                   "times learning_rate, easing to learning_rate over fresh_lr_steps; 1: constant")
+    fresh_lr_steps: float = Field(32.0, gt=0, description="optimizer steps over which a lineage's learning rate "
+                                  "eases (the extra falls by e each this many steps)")
     # One sample per optimizer step: AdamW's step has the same size whatever the batch, so on a machine
     # whose slack trains a few samples a second, smaller steps learn more per token, and a one-sample
     # micro-step fits the slack between serving steps more closely (docs/results/train/compare.md,

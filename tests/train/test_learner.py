@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 
@@ -139,4 +140,30 @@ def test_written_version_loads_with_peft_and_back(tmp_path: Path, tiny_bundle: M
         torch.testing.assert_close(_logits(learner, learner.adapter_for(7)), published)
     finally:
         store.close()
+        learner.peft_model.unload()
+
+
+def test_a_fresh_lineage_learns_at_the_fresh_rate_and_a_settled_one_at_the_configured_rate(
+        tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+    config = tiny_config(tmp_path, train={"learning_rate": 1e-3, "fresh_lr_factor": 3.0, "fresh_lr_steps": 10.0})
+    learner = Learner(tiny_bundle.causal_lm, config.train)
+
+    def step_rate() -> float:
+        """The learning rate the next optimizer step applies."""
+        for param in learner._learner_params():
+            param.grad = torch.full_like(param, 1e-3)
+        assert learner.optimizer_step()
+        return float(learner.optimizer.param_groups[0]["lr"])
+
+    try:
+        assert step_rate() == 3e-3  # the lineage's first step
+        settled = learner.park()
+        settled.num_optimizer_steps = 1000
+        learner.unpark(settled)
+        assert abs(step_rate() - 1e-3) < 1e-12
+        learner.park()
+        learner.unpark(None)  # a new tenant's lineage after the settled one: its own count, from zero
+        assert step_rate() == 3e-3
+        assert abs(step_rate() - 1e-3 * (1 + 2 * math.exp(-0.1))) < 1e-12
+    finally:
         learner.peft_model.unload()

@@ -20,6 +20,7 @@ weights and AdamW moments wait as a `LearnerState` (`park` / `unpark`), a copy o
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -217,6 +218,8 @@ class Learner:
         total_norm = torch.nn.utils.clip_grad_norm_(params, 1.0) if params else torch.tensor(0.0)
         finite = bool(params) and bool(torch.isfinite(total_norm))
         if finite:
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate(self.config, self.num_optimizer_steps)
             self.optimizer.step()
             self.num_optimizer_steps += 1
         else:
@@ -371,6 +374,13 @@ def describe_lora(weights: dict[str, torch.Tensor]) -> str:
         return "with no LoRA weights"
     rank = "/".join(str(r) for r in sorted(ranks))
     return f"rank {rank} on {', '.join(sorted(modules))} of layers {min(layers)}-{max(layers)}"
+
+
+def learning_rate(config: TrainConfig, num_optimizer_steps: int) -> float:
+    """The learning rate of a lineage's next optimizer step: `fresh_lr_factor` times `learning_rate` at
+    its first, easing exponentially to `learning_rate` (the step count is the lineage's, lent with it)."""
+    extra = (config.fresh_lr_factor - 1.0) * math.exp(-num_optimizer_steps / config.fresh_lr_steps)
+    return config.learning_rate * (1.0 + extra)
 
 
 def lora_layers(num_layers: int, fraction: float) -> list[int]:
