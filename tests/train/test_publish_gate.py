@@ -4,6 +4,7 @@ holding back rests, and its retention guard holds back a candidate that forgets 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from mace.train import publish_gate
@@ -113,7 +114,7 @@ def _run_evaluation(trainer: Trainer, held_out: GateSlice, losses: dict[LossPurp
     gate = trainer.gate
     trainer.learner.num_optimizer_steps += 1
     gate.last_publish_s -= trainer.config.min_publish_interval_s
-    gate.charge_training(1e9)  # the gate's share is its own test
+    gate.share.charge_training(1e9)  # the gate's share is its own test
     asked: list[LossPurpose] = []
     requests = gate.open(held_out)
     while requests:
@@ -172,15 +173,15 @@ def test_the_next_evaluation_waits_for_twice_the_last_ones_seconds_of_training(t
     gate.last_publish_s -= trainer.config.min_publish_interval_s
     trainer.learner.num_optimizer_steps += 1
     requests = gate.open(held_out)
-    gate.charge_evaluation(3.0)  # its passes took 3 s of the engine's slack
-    gate.charge_training(1.0)  # training ran beside them: that is not training since it closed
+    gate.share.charge_evaluation(3.0)  # its passes took 3 s of the engine's slack
+    gate.share.charge_training(1.0)  # training ran beside them: that is not training since it closed
     for request in requests:
         gate.record(LossResult(request, 0.5))  # no better: held back
     trainer.learner.num_optimizer_steps += 1
     needed = 3.0 * (1 / publish_gate.GATE_SHARE - 1)
-    gate.charge_training(needed - 0.1)
+    gate.share.charge_training(needed - 0.1)
     assert not gate.is_due() and gate.is_due(paced=False)  # a resting trainer loses nothing to the gate
-    gate.charge_training(0.2)
+    gate.share.charge_training(0.2)
     assert gate.is_due()
 
 
@@ -188,8 +189,8 @@ def test_one_lineages_evaluation_makes_every_lineages_gate_wait_for_training(tra
     # The share is the machine's: with one account per gate, 16 tenants' gates each judged after every
     # optimizer step of theirs, and together took most of training's time.
     alice = trainer.resident("alice")
-    alice.parked = trainer.learner.initial_state
-    alice.parked.num_optimizer_steps = 1  # alice's learner has a step its gate has not judged
+    # alice's learner has a step its gate has not judged
+    alice.parked = dataclasses.replace(trainer.learner.initial_state, num_optimizer_steps=1)
     alice.gate.last_publish_s -= trainer.config.min_publish_interval_s
     assert alice.gate.is_due()
     shared = trainer.gate
@@ -198,11 +199,11 @@ def test_one_lineages_evaluation_makes_every_lineages_gate_wait_for_training(tra
     held_out = GateSlice([TrainSample(1000, [5, 6, 7, 8], 2, created_at=0.0)], held_out=True)
     requests = shared.open(held_out)
     assert requests
-    shared.charge_evaluation(3.0)
+    shared.share.charge_evaluation(3.0)
     for request in requests:
         shared.record(LossResult(request, 0.5))  # no better: held back
     assert not alice.gate.is_due() and alice.gate.is_due(paced=False)
-    alice.gate.charge_training(3.0 * (1 / publish_gate.GATE_SHARE - 1))
+    alice.gate.share.charge_training(3.0 * (1 / publish_gate.GATE_SHARE - 1))
     assert alice.gate.is_due()
 
 

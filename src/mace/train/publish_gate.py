@@ -16,8 +16,8 @@ the slice holds back is not asked: its anchor passes would decide nothing.
 
 The gate's passes take the slack training would use, so it keeps to `GATE_SHARE` of the time both
 spend: the next evaluation opens once training has run for twice the seconds the last one's passes
-took (`charge_training`, `charge_evaluation`: compute, not the wall clock, which stretches both alike
-under load), or at once while training rests. On a drifting trace with a slice of 16 samples and
+took (`GateShare.charge_training`, `GateShare.charge_evaluation`: compute, not the wall clock, which
+stretches both alike under load), or at once while training rests. On a drifting trace with a slice of 16 samples and
 eight anchors, an evaluation every 10 s took three times training's share.
 
 The share is the machine's, not each gate's (`GateShare`, one per trainer): with one account per
@@ -64,6 +64,14 @@ class GateShare:
         self.trained_s = 0.0  # training since the last evaluation closed
         self.evaluation_s = 0.0  # loss passes while the open one was pending
         self.last_evaluation_s = 0.0  # the same for the last one, once closed
+
+    def charge_training(self, seconds: float) -> None:
+        """The learner trained for `seconds` (micro-step stages, of any lineage)."""
+        self.trained_s += seconds
+
+    def charge_evaluation(self, seconds: float) -> None:
+        """Loss passes ran for `seconds` while an evaluation was open (scores joined, counted too)."""
+        self.evaluation_s += seconds
 
     def allows(self) -> bool:
         """Training has run for the seconds the last evaluation's passes earned it."""
@@ -186,14 +194,6 @@ class PublishGate:
         return (self._pending is None and not self.publishing_held and within_share
                 and self.learner.num_optimizer_steps != self.judged_steps
                 and time.monotonic() - self.last_publish_s >= self.config.min_publish_interval_s)
-
-    def charge_training(self, seconds: float) -> None:
-        """The learner trained for `seconds` (micro-step stages, of any lineage: the share is of the machine)."""
-        self.share.trained_s += seconds
-
-    def charge_evaluation(self, seconds: float) -> None:
-        """Loss passes ran for `seconds` while an evaluation was open (scores joined, counted too)."""
-        self.share.evaluation_s += seconds
 
     def open(self, gate_slice: GateSlice) -> list[LossRequest]:
         """Freeze the learner as the candidate and ask for the losses on `gate_slice` (none: not now)."""

@@ -307,9 +307,9 @@ class Trainer(Residency):
         seconds = time.perf_counter() - started
         self.train_seconds_total += seconds
         fair_share.charge(self.focus, job_s)
-        self.gate_share.trained_s += job_s
+        self.gate_share.charge_training(job_s)
         if any(lineage.gate.is_pending for lineage in self.lineages.values()):
-            self.gate_share.evaluation_s += seconds - job_s  # one at a time: the passes beside the job are its
+            self.gate_share.charge_evaluation(seconds - job_s)  # one at a time: the passes beside the job are its
 
     def after_step(self) -> None:
         for result in self.tasks.take_results():
