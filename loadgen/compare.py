@@ -25,6 +25,7 @@ from loadgen.plots import PlotRun, phase_starts_of, write_plots
 from loadgen.progress import Progress
 from loadgen.report import comparison_table, write_records, write_summary
 from loadgen.runner import RunConfig, Runner
+from loadgen.tenants import others_taught, taught_by_all
 from loadgen.traces import TraceItem
 from mace.client import AsyncClient, MaceError
 
@@ -144,10 +145,13 @@ async def final_alignment(url: str, items: list[TraceItem]) -> dict[str, Any]:
         if item.phase == last:
             questions.setdefault((item.tenant or "", json.dumps(item.messages, sort_keys=True)), item)
     gate = asyncio.Semaphore(PROBE_CONCURRENCY)
+    taught = taught_by_all(items)  # after the trace, whatever any tenant taught could have leaked
 
     async def ask(client: AsyncClient, item: TraceItem) -> RequestRecord:
+        others = (None if item.other_answers is None or item.tenant is None
+                  else others_taught(taught, item.messages, item.tenant))
         record = RequestRecord(request_id="", kind="chat", user="final", phase=item.phase, reference=item.reference,
-                               trace_id=item.id, tenant=item.tenant, other_answers=item.other_answers)
+                               trace_id=item.id, tenant=item.tenant, other_answers=others)
         async with gate:
             try:
                 params: dict[str, Any] = {"max_tokens": item.max_tokens, "temperature": 0.0}

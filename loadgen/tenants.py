@@ -4,9 +4,12 @@ Each tenant (`tenant-00`, `tenant-01`, ...) has a cat, a city, a favourite food 
 the same four questions as every other tenant, word for word: the prompt never names the tenant. Only
 the request's `user` field (OpenAI's, set to the tenant's name on the request and on its feedback
 samples) tells the server whose adapter should answer. No two tenants ever share a value, in any
-phase, so an answer that names another tenant's value for the same question, instead of the asker's
-own, is a cross-tenant leak: what one tenant taught reached another (each item lists those values in
-`other_answers`). A server with one shared lineage must leak, since it sees the same prompt for all.
+phase, so an answer that names a value another tenant taught (sent as feedback before the question
+came) for the same question, instead of the asker's own, is a cross-tenant leak: what one tenant taught
+reached another (each item lists those values in `other_answers`). A value nobody has taught yet is not
+one: an adapter that has learned to answer in one word guesses a plausible one ("Risotto" for a food
+nobody had taught), which says nothing about isolation. A server with one shared lineage must leak,
+since it sees the same prompt for all.
 
 At each phase boundary every tenant changes one of its facts (to a value no tenant had before). Within
 a phase, the tenants' questions are dealt from a shuffled deck of every (tenant, fact) pair, so each
@@ -20,7 +23,9 @@ Mixed in, `chatters` users who only chat (`chat-0`, ...): open-ended prompts wit
 
 from __future__ import annotations
 
+import json
 import random
+from collections.abc import Iterable
 
 from loadgen.traces import DriftSpec, TraceItem, sample
 
@@ -109,9 +114,33 @@ def facts(rng: random.Random, tenants: int, phases: int) -> list[Facts]:
     return history
 
 
-def other_answers(history: list[Facts], phase: int, tenant: str, attribute: str) -> list[str]:
-    """What any other tenant has held for `attribute` up to `phase`: answers that would be leaks."""
-    return sorted({facts[other][attribute] for facts in history[: phase + 1] for other in facts if other != tenant})
+Taught = dict[str, dict[str, set[str]]]  # question (its messages' JSON) -> tenant -> answers it taught
+
+
+def question_key(messages: list[dict[str, str]]) -> str:
+    return json.dumps(messages, sort_keys=True)
+
+
+def teach(taught: Taught, item: TraceItem) -> None:
+    """Add the answers `item`'s feedback teaches, under its question and its sample's tenant (`user`)."""
+    for feedback in item.feedback or []:
+        tenant, messages = feedback.get("user"), feedback["messages"]
+        if tenant is not None:
+            taught.setdefault(question_key(messages[:-1]), {}).setdefault(tenant, set()).add(messages[-1]["content"])
+
+
+def taught_by_all(items: Iterable[TraceItem]) -> Taught:
+    """Every answer the trace's feedback teaches, by question and tenant."""
+    taught: Taught = {}
+    for item in items:
+        teach(taught, item)
+    return taught
+
+
+def others_taught(taught: Taught, messages: list[dict[str, str]], tenant: str) -> list[str]:
+    """The answers other tenants taught to this question: an answer naming one would be a leak."""
+    by_tenant = taught.get(question_key(messages), {})
+    return sorted({value for other, values in by_tenant.items() if other != tenant for value in values})
 
 
 def question(attribute: str) -> list[dict[str, str]]:
@@ -128,6 +157,7 @@ def tenants(spec: DriftSpec) -> list[TraceItem]:
     deck: list[tuple[str, str]] = []
     deck_phase = -1
     items = []
+    taught: Taught = {}  # by the items so far: feedback is sent after its answer, so before later arrivals
     for index, time in enumerate(spec.arrivals(rng)):
         phase = spec.phase_of(time)
         if rng.random() < chat_share:
@@ -145,9 +175,11 @@ def tenants(spec: DriftSpec) -> list[TraceItem]:
         messages = question(attribute)
         answer = history[phase][tenant][attribute]
         feedback = [sample(messages, answer, user=tenant)] if rng.random() < spec.feedback_fraction else None
-        items.append(TraceItem(
+        item = TraceItem(
             id=f"n{index}", time=time, messages=messages, max_tokens=spec.max_tokens, phase=phase,
             reference=answer, user=tenant, feedback=feedback, tenant=tenant,
-            other_answers=other_answers(history, phase, tenant, attribute),
-        ))
+            other_answers=others_taught(taught, messages, tenant),
+        )
+        items.append(item)
+        teach(taught, item)
     return items

@@ -80,6 +80,25 @@ def test_a_learner_does_not_rest_while_a_sample_was_never_trained(trainer: Train
     assert trainer.is_converged
 
 
+def test_a_repeat_of_an_answer_already_fit_neither_keeps_a_learner_awake_nor_raises_its_gain(
+        trainer: Trainer) -> None:
+    """A user who repeats an answer the served version already gives sends a sample scored near zero:
+    replay (by loss) would never pick it, so counting it as untrained kept the lineage training on
+    fitted samples at twice its share while other tenants' new facts waited."""
+    config = trainer.config
+    fitted = TrainSample(7, [5, 6, 7, 8], 2, created_at=0.0)
+    trainer.intake.accept(fitted, held_out=False, loss=2.0)
+    fitted.num_trained, fitted.loss = 3, 0.01  # trained and fit
+    repeat = TrainSample(8, [5, 6, 7, 8], 2, created_at=1.0)
+    trainer.intake.accept(repeat, held_out=False, loss=config.converged_loss / 2)  # scored: already fit
+    assert trainer.shared.expected_gain(config) == trainer.shared.drift.ratio  # nothing untrained to gain
+    assert trainer.is_converged and not trainer.shared.is_trainable(config)
+    unfit = TrainSample(9, [5, 6, 9, 9], 2, created_at=2.0)
+    trainer.intake.accept(unfit, held_out=False, loss=config.converged_loss)
+    assert trainer.shared.expected_gain(config) == trainer.shared.drift.ratio * 2.0
+    assert not trainer.is_converged
+
+
 def _anchors(count: int) -> list[TrainSample]:
     return [TrainSample(FIRST_ANCHOR_ID - index, [9, 10, 11, 12, 13], 2, created_at=0.0) for index in range(count)]
 

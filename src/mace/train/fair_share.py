@@ -1,7 +1,7 @@
 """Which lineage the one learner trains next: stride scheduling by expected gain (tensor-free).
 
 Each trainable lineage (samples left, not resting) has a share of training time: its expected gain
-(drift times the weight of its untrained samples, `Lineage.expected_gain`) over all trainable
+(drift times the weight of its samples not trained yet nor fit, `Lineage.expected_gain`) over all trainable
 lineages' gain, but never under half an equal share, so a tenant with pending samples always gets
 some time. Its virtual time is the seconds it trained divided by its share; the one furthest behind
 goes next. A lineage that has just become trainable starts level with the others rather than with the
@@ -26,7 +26,7 @@ def choose(lineages: Iterable[Lineage], current: Lineage, config: TrainConfig) -
     if not trainable:
         return None
     level = min((lineage.virtual_s for lineage in trainable if lineage.was_eligible), default=0.0)
-    gains = [lineage.expected_gain() for lineage in trainable]
+    gains = [lineage.expected_gain(config) for lineage in trainable]
     total = sum(gains)
     floor = 0.5 / len(trainable)
     for lineage, gain in zip(trainable, gains, strict=True):

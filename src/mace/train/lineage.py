@@ -206,9 +206,10 @@ class Lineage:
     def is_converged(self, config: TrainConfig) -> bool:
         """Nothing left to gain from its samples: the learner fits every one, or the gate held it back
         `rest_after_held_back` times in a row with no new sample (`Trainer.is_converged`). Never while a
-        sample in the window has not been trained once: an acknowledged sample is always learned from,
-        and a resting tenant past the resident bound would leave memory with it untrained."""
-        if self.replay.has_untrained():
+        sample in the window that it does not fit yet has not been trained once: an acknowledged sample is
+        always learned from, and a resting tenant past the resident bound would leave memory with it
+        untrained (one scored as fit already, a repeat of a learned answer, has nothing to teach)."""
+        if self.replay.has_unlearned(config.converged_loss):
             return False
         plateau = self.gate.num_held_back >= config.rest_after_held_back
         return plateau or self.replay.all_fit(config.converged_loss)
@@ -216,10 +217,10 @@ class Lineage:
     def is_trainable(self, config: TrainConfig) -> bool:
         return self.is_owned and len(self.replay) > 0 and not self.is_converged(config)
 
-    def expected_gain(self) -> float:
-        """What training it now stands to gain: its drift times the weight of samples not trained yet
-        (plus one, so a lineage replaying samples it has seen still counts)."""
-        return self.drift.ratio * (1.0 + self.replay.untrained_weight())
+    def expected_gain(self, config: TrainConfig) -> float:
+        """What training it now stands to gain: its drift times the weight of samples not trained yet and
+        not fit (plus one, so a lineage replaying samples it has seen still counts)."""
+        return self.drift.ratio * (1.0 + self.replay.unlearned_weight(config.converged_loss))
 
     def is_busy(self, on_learner_too: bool = False) -> bool:
         """Whether it must stay in memory: its learner is on the model (unless `on_learner_too`), loss

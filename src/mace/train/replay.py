@@ -102,12 +102,14 @@ class ReplayBuffer:
         """Whether every sample's latest loss (its score, or its loss when last trained) is under `loss`."""
         return bool(self._samples) and all(sample.loss < loss for sample in self._samples.values())
 
-    def has_untrained(self) -> bool:
-        return any(sample.num_trained == 0 for sample in self._samples.values())
+    def has_unlearned(self, fit_loss: float) -> bool:
+        """Whether a sample never trained is not fit yet (`is_unlearned`)."""
+        return any(is_unlearned(sample, fit_loss) for sample in self._samples.values())
 
-    def untrained_weight(self) -> float:
-        """The summed weight of samples not trained yet: what a lineage stands to learn (train/lineage.py)."""
-        return sum(sample.weight for sample in self._samples.values() if sample.num_trained == 0)
+    def unlearned_weight(self, fit_loss: float) -> float:
+        """The summed weight of the samples never trained and not fit yet: what a lineage stands to learn
+        (train/lineage.py)."""
+        return sum(sample.weight for sample in self._samples.values() if is_unlearned(sample, fit_loss))
 
     def value(self, sample: TrainSample, now_s: float) -> float:
         return sample.loss * sample.weight * half_life_decay(max(0.0, now_s - sample.created_at), self._half_life_s)
@@ -142,6 +144,14 @@ class ReplayBuffer:
         for sample in chosen:
             self._picked[sample.sample_id] = None
             self._picked.move_to_end(sample.sample_id)
+
+
+def is_unlearned(sample: TrainSample, fit_loss: float) -> bool:
+    """Never trained, and its score (its loss under the version served when it came) is `fit_loss` or
+    more. A user who repeats an answer already learned sends a sample scored near zero: it has nothing
+    to teach, and replay, which ranks by loss, would never pick it, so counting it as untrained kept its
+    lineage training on fitted samples, at twice its share, while other tenants' new facts waited."""
+    return sample.num_trained == 0 and not sample.loss < fit_loss
 
 
 def supersedes(newer: TrainSample, older: TrainSample) -> bool:
