@@ -160,7 +160,7 @@ class Lineage:
         lineage.learner = learner
         # The retention guard judges the anchors this lineage's scope would give its versions.
         lineage.gate = PublishGate(LineageLearner(learner, lineage), files.store, drift, config,
-                                   lambda: anchors(lineage.scope), gate_share)
+                                   lambda: anchors(lineage.scope), gate_share, tenant=files.tenant)
         lineage.gate.restore(files.active_weights)
         intake.resume(files.window)
         for row, _ in files.window:

@@ -157,8 +157,11 @@ class GateLearner(Protocol):
 
 class PublishGate:
     def __init__(self, learner: GateLearner, store: AdapterStore, drift: DriftSignal, config: TrainConfig,
-                 anchors: Callable[[], list[TrainSample]] = list, share: GateShare | None = None) -> None:
+                 anchors: Callable[[], list[TrainSample]] = list, share: GateShare | None = None,
+                 tenant: str | None = None) -> None:
         self.learner = learner
+        # With a gate per tenant, a publish or a hold-back in the log says whose.
+        self.log = log if tenant is None else log.bind(tenant=tenant)
         self.share = share or GateShare()  # the trainer's, shared by every lineage's gate
         self.anchors = anchors  # the retention guard's, read when an evaluation opens (made at warm-up)
         self.store = store
@@ -295,13 +298,14 @@ class PublishGate:
         if (better or stale) and evaluation.anchors and not rise <= self.config.retention_guard:
             self.num_held_back += 1
             self.num_held_back_forgetting += 1
-            log.info("publish gate held the learner back: it forgets general answers", anchor_loss_rise=round(rise, 4),
-                     guard=self.config.retention_guard, serving_loss=round(serving, 4), learner_loss=round(learner, 4))
+            self.log.info("publish gate held the learner back: it forgets general answers",
+                          anchor_loss_rise=round(rise, 4), guard=self.config.retention_guard,
+                          serving_loss=round(serving, 4), learner_loss=round(learner, 4))
             return None
         if not (better or stale):
             self.num_held_back += 1
-            log.info("publish gate held the learner back", serving_loss=round(serving, 4),
-                     learner_loss=round(learner, 4), drift=round(self.drift.ratio, 3), judged_on=judged_on)
+            self.log.info("publish gate held the learner back", serving_loss=round(serving, 4),
+                          learner_loss=round(learner, 4), drift=round(self.drift.ratio, 3), judged_on=judged_on)
             return None
         reason = f"better on {judged_on}" if better else f"stale, no worse on {judged_on}"
         version = self.publish(serving, learner, reason, source=CANDIDATE)
@@ -322,8 +326,8 @@ class PublishGate:
         self.last_publish_s = time.monotonic()
         self.num_held_back = 0
         self.drift.on_publish(serving_loss, learner_loss)
-        log.info("adapter published", version=version, serving_loss=serving_loss, learner_loss=learner_loss,
-                 reason=reason)
+        self.log.info("adapter published", version=version, serving_loss=serving_loss, learner_loss=learner_loss,
+                      reason=reason)
         return version
 
     def activate(self, version: int, weights: dict[str, torch.Tensor] | None = None) -> None:
