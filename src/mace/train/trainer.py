@@ -171,10 +171,12 @@ class Trainer(Residency):
         return bool(learning) and all(lineage.is_converged(self.config) for lineage in learning)
 
     def drift_ratio(self) -> float:
-        """The drift of the lineage training serves next (the one on the learner until it switches)."""
-        between_steps = self.learner.num_accumulated == 0
-        chosen = fair_share.choose(self.lineages.values(), self.focus, self.config) if between_steps else None
-        return (chosen or self.focus).drift.ratio
+        """The drift of the lineage training serves next (the one on the learner until it switches); 1.0
+        (aligned) between optimizer steps when no lineage wants training (`fair_share.wants_training`)."""
+        if self.learner.num_accumulated > 0:
+            return self.focus.drift.ratio
+        chosen = fair_share.choose(self.lineages.values(), self.focus, self.config)
+        return 1.0 if chosen is None else chosen.drift.ratio
 
     def upkeep_stages(self) -> list[TrainStage]:
         """Forward-only work waiting. A publish gate opens here when it is due (new optimizer steps,
