@@ -14,6 +14,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from loadgen.plots import PlotRun, phase_starts_of, write_plots
 from loadgen.progress import Progress
 from loadgen.report import comparison_table, write_records, write_summary
 from loadgen.runner import RunConfig, Runner
-from loadgen.tenants import others_taught, taught_by_all
+from loadgen.tenants import Taught, others_taught, question_key, taught_by_all
 from loadgen.traces import TraceItem
 from mace.client import AsyncClient, MaceError
 
@@ -175,8 +176,24 @@ async def final_alignment(url: str, items: list[TraceItem]) -> dict[str, Any]:
                   if answered else math.nan),
     }
     if (tenants := tenant_alignment(records)) is not None:
+        add_taught(tenants, questions.values(), taught)
         final["tenants"] = tenants
     return final
+
+
+def add_taught(tenants: dict[str, Any], asked: Iterable[TraceItem], taught: Taught) -> None:
+    """Each tenant's share of the probe's questions whose answer it taught in the trace (`taught`): what
+    a server that learned every taught sample could answer at best ("taught" per tenant, and their mean
+    and lowest)."""
+    shares: dict[str, list[bool]] = {}
+    for item in asked:
+        if item.tenant is not None:
+            values = taught.get(question_key(item.messages), {}).get(item.tenant, set())
+            shares.setdefault(item.tenant, []).append(item.reference in values)
+    for tenant, stats in tenants["per_tenant"].items():
+        stats["taught"] = sum(shares.get(tenant, [])) / max(1, len(shares.get(tenant, [])))
+    values = [stats["taught"] for stats in tenants["per_tenant"].values()]
+    tenants["mean_taught"], tenants["min_taught"] = sum(values) / len(values), min(values)
 
 
 async def compare(policies: list[str], items: list[TraceItem], spec: ServerSpec, run: RunConfig, out: Path,

@@ -123,6 +123,9 @@ def tenant_rows(during: Mapping[str, Any] | None, after: Mapping[str, Any] | Non
                         f"{_pct(stats['mean_exact'])} / {_pct(stats['min_exact'])} ({stats['min_tenant']})"))
             out.append((f"tenants {label}: cross-tenant leaks (answers / scored)",
                         f"{stats['leaks']} / {stats['scored']}"))
+            if "mean_taught" in stats:
+                out.append((f"tenants {label}: facts taught in the trace, mean / lowest (the most they can answer)",
+                            f"{_pct(stats['mean_taught'])} / {_pct(stats['min_taught'])}"))
     if during:
         per_tenant = during["per_tenant"].values()
         out.append(("tenant adapter publishes seen (tenants / publishes)",
@@ -133,6 +136,8 @@ def tenant_rows(during: Mapping[str, Any] | None, after: Mapping[str, Any] | Non
         later = (after or {}).get("per_tenant", {}).get(tenant)
         value = ("-" if now is None else f"{_pct(now['exact'])} ({int(now['n'])})") + " / " + (
             "-" if later is None else _pct(later["exact"]))
+        if later is not None and "taught" in later:
+            value += f" of {_pct(later['taught'])} taught"
         leaks = [(stats or {}).get("leaks", 0) for stats in (now, later)]
         if any(leaks):
             value += f", leaks {leaks[0]} / {leaks[1]}"

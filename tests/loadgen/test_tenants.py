@@ -11,11 +11,21 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from loadgen.compare import ServerSpec, compare, final_alignment
+from loadgen.compare import ServerSpec, add_taught, compare, final_alignment
 from loadgen.metrics import RequestRecord, contains, leaked, summarize, tenant_alignment
 from loadgen.report import comparison_table
 from loadgen.runner import RunConfig, Runner
-from loadgen.tenants import ATTRIBUTES, CHAT_MAX_TOKENS, QUESTIONS, SYSTEM, facts, max_tenants, tenant_names
+from loadgen.tenants import (
+    ATTRIBUTES,
+    CHAT_MAX_TOKENS,
+    QUESTIONS,
+    SYSTEM,
+    facts,
+    max_tenants,
+    question,
+    question_key,
+    tenant_names,
+)
 from loadgen.traces import DriftSpec, TraceItem, builtin, dumps, read, write
 
 from tests.conftest import serve_app
@@ -218,6 +228,7 @@ async def test_requests_and_feedback_carry_the_tenant_and_nothing_leaks(
     final = await final_alignment(url, items)
     assert final["n"] == 4 * len(ATTRIBUTES) and final["exact"] == 1.0  # every pair was asked and taught
     assert final["tenants"]["leaks"] == 0 and final["tenants"]["min_exact"] == 1.0
+    assert final["tenants"]["min_taught"] == 1.0  # what it answered was all taught
     assert seen["chat"][-16:].count(None) == 0  # the probe asks as each tenant
 
 
@@ -245,3 +256,18 @@ async def test_compare_reports_tenants(tmp_path: Path) -> None:
     assert "| tenants after the trace: cross-tenant leaks (answers / scored) | 0 / 16 | 0 / 16 |" in table
     for tenant in tenant_names(4):
         assert f"| tenant {tenant}: exact during the trace (n) / after |" in table
+
+
+def test_the_probe_counts_per_tenant_the_facts_it_taught() -> None:
+    a, b = "tenant-00", "tenant-01"
+    cat, city = question("cat"), question("city")
+    asked = [TraceItem(id=f"q{i}", time=0.0, messages=messages, max_tokens=8, reference=value, tenant=tenant,
+                       other_answers=[])
+             for i, (tenant, messages, value) in enumerate([(a, cat, "Zorblax"), (a, city, "Graz"),
+                                                            (b, cat, "Pixel"), (b, city, "Porto")])]
+    taught = {question_key(cat): {a: {"Zorblax"}, b: {"Nimbus"}}, question_key(city): {a: {"Graz"}}}
+    tenants = {"per_tenant": {a: {}, b: {}}}
+    add_taught(tenants, asked, taught)
+    # b taught its cat another name (since changed) and never its city: nothing it is asked was taught.
+    assert tenants["per_tenant"][a]["taught"] == 1.0 and tenants["per_tenant"][b]["taught"] == 0.0
+    assert tenants["mean_taught"] == 0.5 and tenants["min_taught"] == 0.0
