@@ -226,6 +226,25 @@ def test_one_lineages_evaluation_makes_every_lineages_gate_wait_for_training(tra
     assert alice.gate.is_due()
 
 
+def test_a_resting_lineages_last_steps_are_judged_whatever_the_gates_share(trainer: Trainer) -> None:
+    # The share grows with training's seconds: once most tenants rest it grows slowly, and a tenant
+    # that had learned its facts kept serving the version before its last steps.
+    alice = trainer.resident("alice")
+    fitted = TrainSample(7, [5, 6, 7, 8], 2, created_at=0.0)
+    alice.intake.accept(fitted, held_out=False, loss=2.0)
+    alice.parked = dataclasses.replace(trainer.learner.initial_state, num_optimizer_steps=1)
+    alice.gate.last_publish_s -= trainer.config.min_publish_interval_s
+    trainer.gate.share.charge_evaluation(3.0)  # another gate's passes, just closed: the share is spent
+    trainer.gate.share.close()
+    assert not alice.gate.is_due()
+    assert not alice.is_converged(trainer.config)  # its sample is not fit yet: training goes first
+    trainer.upkeep_stages()
+    assert not alice.gate.is_pending
+    fitted.num_trained, fitted.loss = 1, trainer.config.converged_loss / 2  # it fits: alice rests
+    trainer.upkeep_stages()
+    assert alice.gate.is_pending
+
+
 def test_after_a_publish_the_new_versions_losses_are_the_candidates_not_asked_again(trainer: Trainer) -> None:
     gate = trainer.gate
     first, second = (TrainSample(sample_id, [5, 6, 7, 8], 2, created_at=0.0) for sample_id in (1000, 1001))

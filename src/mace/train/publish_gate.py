@@ -198,10 +198,11 @@ class PublishGate:
                 and self.learner.num_optimizer_steps != self.judged_steps
                 and time.monotonic() - self.last_publish_s >= self.config.min_publish_interval_s)
 
-    def open(self, gate_slice: GateSlice) -> list[LossRequest]:
-        """Freeze the learner as the candidate and ask for the losses on `gate_slice` (none: not now)."""
+    def open(self, gate_slice: GateSlice, paced: bool = True) -> list[LossRequest]:
+        """Freeze the learner as the candidate and ask for the losses on `gate_slice` (none: not now;
+        `paced` as `is_due`)."""
         heldout = gate_slice.samples
-        if not heldout or not self.is_due():
+        if not heldout or not self.is_due(paced):
             return []
         self.judged_steps = self.learner.num_optimizer_steps
         if self._serving_losses_version != self.active_version:

@@ -185,10 +185,14 @@ class Trainer(Residency):
         every wake, so a learner's last steps before it rests, or before the learner moves to another
         lineage, are judged too."""
         if not any(lineage.gate.is_pending for lineage in self.lineages.values()):
-            paced = not self.is_converged  # resting, the gate takes nothing from training: judge the last steps
-            due = [lineage for lineage in self.lineages.values() if lineage.is_owned and lineage.gate.is_due(paced)]
+            # A lineage that rests has nothing more coming: its last steps are judged now, whatever the
+            # gates' share. The share grows with training's seconds, so once most tenants rest it grows
+            # slowly, and a resting tenant's last steps could wait minutes to be published.
+            paced = {tenant: not lineage.is_converged(self.config) for tenant, lineage in self.lineages.items()}
+            due = [lineage for lineage in self.lineages.values()
+                   if lineage.is_owned and lineage.gate.is_due(paced[lineage.tenant])]
             for lineage in sorted(due, key=lambda lineage: lineage.gate.last_publish_s)[:1]:
-                for request in lineage.gate.open(lineage.intake.gate_slice()):
+                for request in lineage.gate.open(lineage.intake.gate_slice(), paced[lineage.tenant]):
                     self._queue_loss(lineage, request)
         return self.tasks.upkeep_stages()
 
