@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loadgen.metrics import exact_match
 from loadgen.tenants import ATTRIBUTES, facts, question
+
 from mace.config import MaceConfig, ModelConfig, TrainConfig
 from mace.model.loader import load_model
 from mace.train.learner import Learner
