@@ -124,7 +124,7 @@ def tenant_rows(during: Mapping[str, Any] | None, after: Mapping[str, Any] | Non
             out.append((f"tenants {label}: cross-tenant leaks (answers / scored)",
                         f"{stats['leaks']} / {stats['scored']}"))
             if "mean_taught" in stats:
-                out.append((f"tenants {label}: facts taught in the trace, mean / lowest (the most they can answer)",
+                out.append((f"tenants {label}: questions taught in the trace, mean / lowest (the most they can answer)",
                             f"{_pct(stats['mean_taught'])} / {_pct(stats['min_taught'])}"))
     if during:
         per_tenant = during["per_tenant"].values()

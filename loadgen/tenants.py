@@ -122,9 +122,10 @@ def question_key(messages: list[dict[str, str]]) -> str:
 
 
 def teach(taught: Taught, item: TraceItem) -> None:
-    """Add the answers `item`'s feedback teaches, under its question and its sample's tenant (`user`)."""
+    """Add the answers `item`'s feedback teaches, under its question and its sample's tenant (`user`, or the
+    item's tenant, on whose behalf the runner sends it)."""
     for feedback in item.feedback or []:
-        tenant, messages = feedback.get("user"), feedback["messages"]
+        tenant, messages = feedback.get("user") or item.tenant, feedback["messages"]
         if tenant is not None:
             taught.setdefault(question_key(messages[:-1]), {}).setdefault(tenant, set()).add(messages[-1]["content"])
 

@@ -24,6 +24,7 @@ from loadgen.tenants import (
     max_tenants,
     question,
     question_key,
+    taught_by_all,
     tenant_names,
 )
 from loadgen.traces import DriftSpec, TraceItem, builtin, dumps, read, write
@@ -271,3 +272,14 @@ def test_the_probe_counts_per_tenant_the_facts_it_taught() -> None:
     # b taught its cat another name (since changed) and never its city: nothing it is asked was taught.
     assert tenants["per_tenant"][a]["taught"] == 1.0 and tenants["per_tenant"][b]["taught"] == 0.0
     assert tenants["mean_taught"] == 0.5 and tenants["min_taught"] == 0.0
+
+
+def test_a_sample_without_user_teaches_for_its_items_tenant() -> None:
+    # The personalization trace's `--user-tenants` items carry the tenant; the runner sends their samples
+    # with it as `user`, and a sample's own `user` wins.
+    cat = question("cat")
+    items = [TraceItem(id="a", time=0.0, messages=cat, max_tokens=8, reference="Zorblax", tenant="Ana",
+                       feedback=[{"messages": [*cat, {"role": "assistant", "content": "Zorblax"}]}]),
+             TraceItem(id="b", time=1.0, messages=cat, max_tokens=8, reference="Pixel", tenant="Ana",
+                       feedback=[{"user": "Bo", "messages": [*cat, {"role": "assistant", "content": "Pixel"}]}])]
+    assert taught_by_all(items) == {question_key(cat): {"Ana": {"Zorblax"}, "Bo": {"Pixel"}}}
