@@ -76,13 +76,13 @@ def samples(tokenizer: Any, taught: dict[Fact, str]) -> list[TrainSample]:
 
 
 @torch.no_grad()
-def answers(model: Any, tokenizer: Any, prompts: list[list[int]]) -> list[str]:
+def answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_tokens: int = ANSWER_TOKENS) -> list[str]:
     """Greedy answers of one left-padded batch."""
     width = max(map(len, prompts))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=ANSWER_TOKENS, do_sample=False,
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
                          pad_token_id=pad)
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 

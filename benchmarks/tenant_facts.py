@@ -31,9 +31,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen.metrics import exact_match
 from loadgen.tenants import ATTRIBUTES, facts, question
 
+from bind_levers import answers
+from learn_levers import run_micro_step
 from mace.config import MaceConfig, ModelConfig, TrainConfig
 from mace.model.loader import load_model
 from mace.train.learner import Learner
@@ -57,17 +60,6 @@ def render(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-@torch.no_grad()
-def answers(model: Any, tokenizer: Any, prompts: list[list[int]]) -> list[str]:
-    width = max(map(len, prompts))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_ANSWER_TOKENS, do_sample=False,
-                         pad_token_id=pad)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
-
-
 def pick_one(replay: ReplayBuffer, now_s: float) -> list[TrainSample]:
     """The shipped pick: the replay buffer's highest-value sample (batch 1)."""
     batch = replay.pick(512, now_s, 1, at_least_one=True)
@@ -84,8 +76,8 @@ def pick_distinct(replay: ReplayBuffer, now_s: float, most: int = 4) -> list[Tra
 
 
 PICKS = {
-    "one sample a step, by loss (shipped)": (pick_one, {}),
-    "every taught question a step (its highest-loss sample)": (pick_distinct, {}),
+    "one sample a step, by loss (shipped)": pick_one,
+    "every taught question a step (its highest-loss sample)": pick_distinct,
 }
 
 
@@ -118,17 +110,14 @@ def run_tenant(dtype: str, config: TrainConfig, tenant_facts: dict[str, str], pi
                 taught.append(attribute)
         batch = pick(replay, time.time())
         started = time.perf_counter()
-        micro = learner.micro_step(batch)
-        while not micro.is_done:
-            micro.run_next()
-        learner.accumulated(len(batch))
-        for sample, loss in zip(batch, micro.losses, strict=True):
+        for sample, loss in zip(batch, run_micro_step(learner, batch), strict=True):
             sample.loss, sample.num_trained = loss, sample.num_trained + 1
         learner.optimizer_step()
         outcome.seconds += time.perf_counter() - started
         outcome.tokens += sum(sample.num_tokens for sample in batch)
         outcome.steps += 1
-        said = answers(model, tokenizer, [prompts[attribute] for attribute in taught])
+        said = [text.strip() for text in answers(model, tokenizer, [prompts[attribute] for attribute in taught],
+                                                 MAX_ANSWER_TOKENS)]
         hits = [exact_match(text, tenant_facts[attribute]) for text, attribute in zip(said, taught, strict=True)]
         right = sum(hits)
         if len(taught) == len(order) and all(hits) and answered_at is None:
@@ -155,7 +144,7 @@ def main() -> None:
     print("| pick | every fact answered at step, per tenant | facts answered at the end | steps with one answer "
           "to two questions | training tokens per step | seconds per step |\n|---|---|---|---|---|---|")
     picks = {name: PICKS[name] for name in args.only} if args.only else PICKS
-    for name, (pick, _) in picks.items():
+    for name, pick in picks.items():
         outcome = Outcome()
         for tenant in tenants:
             torch.manual_seed(0)

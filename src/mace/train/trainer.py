@@ -188,12 +188,15 @@ class Trainer(Residency):
             # A lineage that rests has nothing more coming: its last steps are judged now, whatever the
             # gates' share. The share grows with training's seconds, so once most tenants rest it grows
             # slowly, and a resting tenant's last steps could wait minutes to be published.
-            paced = {tenant: not lineage.is_converged(self.config) for tenant, lineage in self.lineages.items()}
+            # Whether it rests is asked only of lineages due but for the share (it reads every sample).
             due = [lineage for lineage in self.lineages.values()
-                   if lineage.is_owned and lineage.gate.is_due(paced[lineage.tenant])]
-            for lineage in sorted(due, key=lambda lineage: lineage.gate.last_publish_s)[:1]:
-                for request in lineage.gate.open(lineage.intake.gate_slice(), paced[lineage.tenant]):
-                    self._queue_loss(lineage, request)
+                   if lineage.is_owned and lineage.gate.is_due(paced=False)]
+            for lineage in sorted(due, key=lambda lineage: lineage.gate.last_publish_s):
+                paced = not lineage.is_converged(self.config)
+                if lineage.gate.is_due(paced):
+                    for request in lineage.gate.open(lineage.intake.gate_slice(), paced):
+                        self._queue_loss(lineage, request)
+                    break
         return self.tasks.upkeep_stages()
 
     def job_stages(self, max_job_tokens: int, max_pass_tokens: int = MAX_PASS_TOKENS) -> list[TrainStage]:
