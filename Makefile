@@ -8,7 +8,7 @@ PORT ?= 8000
 CONFIG ?=
 MINUTES ?= 10
 
-.PHONY: install browser serve test lint typecheck pytest bench bench-train bench-learn bench-slo bench-memory soak clean
+.PHONY: install browser serve test lint typecheck pytest bench bench-train bench-train-shared bench-learn bench-slo bench-memory soak clean
 
 install: $(STAMP)
 
@@ -45,10 +45,16 @@ bench: install
 	$(BIN)/python benchmarks/serving.py
 
 # Every retraining policy on the same drifting trace and seed, one server each, on the default model.
+# Each user of the personal assistant is named in OpenAI's `user` field, as a client that knows its users
+# sends it; bench-train-shared replays the same trace with no `user`, one adapter for all of them.
+BENCH_TRAIN = $(BIN)/python -m loadgen compare --policies none,periodic,continuous,mace --trace personalization \
+	--model builtin:smollm2 --arrival replay --seed 0 --trace-rate 1.0 --slo ttft=1.0,tpot=0.2 --no-progress
+
 bench-train: install
-	$(BIN)/python -m loadgen compare --policies none,periodic,continuous,mace --trace personalization \
-		--model builtin:smollm2 --arrival replay --seed 0 --trace-rate 1.0 --slo ttft=1.0,tpot=0.2 --out docs/results/train \
-		--no-progress
+	$(BENCH_TRAIN) --user-tenants --out docs/results/train
+
+bench-train-shared: install
+	$(BENCH_TRAIN) --out docs/results/train/shared
 
 # One new fact taught to `mace serve` as shipped while chat goes on: time to learn it, chat speed, answers kept.
 bench-learn: install

@@ -91,7 +91,7 @@ def rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     versions = summary.get("adapter_versions") or []
     out.append(("adapter versions in answers", ", ".join(map(str, versions)) or "-"))
     publishes = summary.get("adapter_publishes") or []
-    out.append(("adapter publishes (first at s)",
+    out.append(("shared lineage's adapter publishes (first at s)",
                 f"{len(publishes)} ({publishes[0]['time_s']:.1f})" if publishes else "0"))
     training = summary.get("training")
     if training:
