@@ -28,16 +28,12 @@ from pathlib import Path
 
 from loadgen.metrics import exact_match
 from loadgen.personalization import QUESTIONS
-from loadgen.traces import DriftSpec, TraceItem, builtin
+from loadgen.traces import DriftSpec, TraceItem, builtin, question_key
 
 from mace.config import TrainConfig
 from mace.train.journal import Journal, NewSample
 
 ATTRIBUTE_OF = {question: attribute for attribute, questions in QUESTIONS.items() for question in questions}
-
-
-def prompt_key(messages: list[dict[str, str]]) -> str:
-    return json.dumps(messages, sort_keys=True)
 
 
 def fact_key(item: TraceItem, messages: list[dict[str, str]]) -> tuple[str | None, str] | None:
@@ -68,7 +64,7 @@ def _ceilings(items: list[TraceItem], journal: Journal, answers: dict[str, str] 
         counts = by_phase.setdefault(item.phase, Counter())
         counts["asked"] += 1
         fact = fact_key(item, item.messages)
-        if item.reference is not None and taught_answers.get(prompt_key(item.messages)) == item.reference:
+        if item.reference is not None and taught_answers.get(question_key(item.messages)) == item.reference:
             counts["question taught"] += 1
             if answers is not None and item.id in answers:
                 answer = answers[item.id]
@@ -84,10 +80,10 @@ def _ceilings(items: list[TraceItem], journal: Journal, answers: dict[str, str] 
             counts["fact taught"] += 1
         for sample in item.feedback or []:
             *question, answer = sample["messages"]
-            [sample_id] = journal.append([NewSample(prompt_key(question), answer["content"], tenant=item.tenant)])
+            [sample_id] = journal.append([NewSample(question_key(question), answer["content"], tenant=item.tenant)])
             if journal.since(sample_id - 1, limit=1)[0].held_out:
                 continue  # held out: the gate judges on it, training never sees it
-            taught_answers[prompt_key(question)] = answer["content"]
+            taught_answers[question_key(question)] = answer["content"]
             taught_fact = fact_key(item, question)
             if taught_fact is not None:
                 if taught_facts.get(taught_fact, answer["content"]) != answer["content"]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -26,8 +25,8 @@ from loadgen.plots import PlotRun, phase_starts_of, write_plots
 from loadgen.progress import Progress
 from loadgen.report import comparison_table, write_records, write_summary
 from loadgen.runner import RunConfig, Runner
-from loadgen.tenants import Taught, others_taught, question_key, taught_by_all
-from loadgen.traces import TraceItem
+from loadgen.tenants import Taught, others_taught, taught_by_all
+from loadgen.traces import TraceItem, question_key
 from mace.client import AsyncClient, MaceError
 
 POLICIES = ("none", "periodic", "continuous", "mace")
@@ -144,7 +143,7 @@ async def final_alignment(url: str, items: list[TraceItem]) -> dict[str, Any]:
     questions: dict[tuple[str, str], TraceItem] = {}
     for item in with_reference:
         if item.phase == last:
-            questions.setdefault((item.tenant or "", json.dumps(item.messages, sort_keys=True)), item)
+            questions.setdefault((item.tenant or "", question_key(item.messages)), item)
     gate = asyncio.Semaphore(PROBE_CONCURRENCY)
     taught = taught_by_all(items)  # after the trace, whatever any tenant taught could have leaked
 
@@ -191,7 +190,8 @@ def add_taught(tenants: dict[str, Any], asked: Iterable[TraceItem], taught: Taug
             values = taught.get(question_key(item.messages), {}).get(item.tenant, set())
             shares.setdefault(item.tenant, []).append(item.reference in values)
     for tenant, stats in tenants["per_tenant"].items():
-        stats["taught"] = sum(shares.get(tenant, [])) / max(1, len(shares.get(tenant, [])))
+        taught_or_not = shares.get(tenant, [])
+        stats["taught"] = sum(taught_or_not) / max(1, len(taught_or_not))
     values = [stats["taught"] for stats in tenants["per_tenant"].values()]
     tenants["mean_taught"], tenants["min_taught"] = sum(values) / len(values), min(values)
 

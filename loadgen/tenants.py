@@ -23,11 +23,10 @@ Mixed in, `chatters` users who only chat (`chat-0`, ...): open-ended prompts wit
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable
 
-from loadgen.traces import DriftSpec, TraceItem, sample
+from loadgen.traces import DriftSpec, TraceItem, question_key, sample
 
 ATTRIBUTES = ("cat", "city", "food", "job")
 QUESTIONS: dict[str, str] = {
@@ -115,10 +114,6 @@ def facts(rng: random.Random, tenants: int, phases: int) -> list[Facts]:
 
 
 Taught = dict[str, dict[str, set[str]]]  # question (its messages' JSON) -> tenant -> answers it taught
-
-
-def question_key(messages: list[dict[str, str]]) -> str:
-    return json.dumps(messages, sort_keys=True)
 
 
 def teach(taught: Taught, item: TraceItem) -> None:

@@ -149,6 +149,11 @@ def sample(question: Messages, answer: str, request_id: str | None = None,
     return body
 
 
+def question_key(messages: Messages) -> str:
+    """The same question, asked again or taught, always gives the same key."""
+    return orjson.dumps(messages, option=orjson.OPT_SORT_KEYS).decode()
+
+
 def phase_starts(items: Iterable[TraceItem]) -> dict[int, float]:
     """The first arrival time of each phase: where the plots draw phase boundaries."""
     starts: dict[int, float] = {}
